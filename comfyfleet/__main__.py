@@ -1,0 +1,4 @@
+from comfyfleet.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""``comfyfleet``: one command line for the whole fleet.
+
+    comfyfleet serve       the control plane
+    comfyfleet agent       a runner agent (same flags as ``comfyfleet-agent``)
+    comfyfleet simulator   the ComfyUI simulator
+    comfyfleet demo        all three, plus a sample workflow run through them
+    comfyfleet admin token create --account NAME ...
+
+Every flag can also be given as a ``COMFYFLEET_*`` environment variable (``--data-dir`` is
+``COMFYFLEET_DATA_DIR``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from comfyfleet import logs
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get("COMFYFLEET_" + name, default)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the control plane")
+    p.add_argument("--host", default=None, help="listen address [COMFYFLEET_HOST, 127.0.0.1]")
+    p.add_argument("--port", type=int, default=None, help="listen port [COMFYFLEET_PORT, 8080]")
+    p.add_argument("--data-dir", default=None, help="SQLite file and blobs [COMFYFLEET_DATA_DIR, ./data]")
+    p.add_argument("--database-url", default=None, help="e.g. postgresql://… [COMFYFLEET_DATABASE_URL]")
+    p.add_argument("--config", type=Path, default=None, help="TOML settings file [COMFYFLEET_CONFIG]")
+    p.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") == "1")
+
+
+def _add_simulator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("simulator", help="run the ComfyUI simulator")
+    p.add_argument("--host", default=_env("SIMULATOR_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("SIMULATOR_PORT", "8188") or 8188))
+    p.add_argument("--data-dir", default=_env("SIMULATOR_DATA_DIR", "data/simulator"))
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="control plane + simulator + agent, and a sample workflow")
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
+    p.add_argument("--simulator-port", type=int, default=int(_env("SIMULATOR_PORT", "8188") or 8188))
+    p.add_argument("--data-dir", default=_env("DATA_DIR", "data/demo"))
+    p.add_argument("--exit-after-run", action="store_true", help="stop once the sample workflow finished")
+
+
+def _add_admin(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("admin", help="accounts and tokens")
+    admin = p.add_subparsers(dest="admin_cmd", required=True)
+    token = admin.add_parser("token", help="API tokens").add_subparsers(dest="token_cmd", required=True)
+    create = token.add_parser("create", help="create a token (and its account when needed)")
+    create.add_argument("--account", required=True)
+    create.add_argument("--tier", default=None, help="free, pro or enterprise")
+    create.add_argument("--scope", choices=("client", "operator"), default="client")
+    create.add_argument("--expires-in-days", type=float, default=None)
+    create.add_argument("--data-dir", default=None)
+    create.add_argument("--database-url", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comfyfleet", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_serve(sub)
+    sub.add_parser("agent", help="run a runner agent (see comfyfleet agent --help)", add_help=False)
+    _add_simulator(sub)
+    _add_demo(sub)
+    _add_admin(sub)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from control_plane.app import create_app
+    from control_plane.settings import load_settings
+
+    settings = load_settings(
+        {"host": args.host, "port": args.port, "data_dir": args.data_dir, "database_url": args.database_url},
+        config_file=args.config,
+    )
+    logs.configure(json_lines=args.log_json)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    return 0
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from comfyui_sim import SimSettings, create_app
+
+    logs.configure()
+    app = create_app(SimSettings(data_dir=Path(args.data_dir)))
+    print(f"ComfyUI simulator on http://{args.host}:{args.port}", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None)
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from comfyfleet.admin import create_token
+    from control_plane.settings import load_settings
+
+    settings = load_settings({"data_dir": args.data_dir, "database_url": args.database_url})
+    raw = asyncio.run(create_token(settings, args.account, args.tier, args.scope, args.expires_in_days))
+    print(f"created a {args.scope} token for account {args.account!r}; it is shown only once:")
+    print(raw)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agent"]:
+        from runner_agent.__main__ import main as agent_main
+
+        return agent_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "serve":
+            return _serve(args)
+        if args.cmd == "simulator":
+            return _simulator(args)
+        if args.cmd == "admin":
+            return _admin(args)
+        if args.cmd == "demo":
+            from comfyfleet.demo import run_demo
+
+            return run_demo(args)
+    except ValueError as exc:  # settings and arguments that do not validate
+        print(f"comfyfleet: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

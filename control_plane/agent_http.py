@@ -1,0 +1,82 @@
+"""HTTP endpoints for agents: input files down, outputs up. Blobs never travel on the websocket."""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+
+from aiohttp import web
+
+from control_plane.errors import BadRequest, Conflict, NotFound
+from control_plane.services import Services
+from control_plane.store import TERMINAL
+from control_plane.tables import Output
+from control_plane.views import output_view
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+# Outputs can be videos: larger than client uploads, but still bounded.
+MAX_OUTPUT_BYTES = 4 * 1024**3
+
+
+@routes.get("/v1/agent/jobs/{workflow_id}/files/{sha256}")
+async def download_input(request: web.Request) -> web.StreamResponse:
+    svc: Services = request.app[Services.KEY]
+    runner = await svc.auth.runner(request)
+    wf = await svc.store.get_workflow(runner.account_id, request.match_info["workflow_id"])
+    sha = request.match_info["sha256"]
+    # Only the runner holding the job gets its files, and only the files it declares.
+    if wf.runner_id != runner.id or sha not in {
+        f["sha256"] for f in wf.workflow_params.get("files", {}).values()
+    }:
+        raise NotFound("no such file for this job")
+    return web.FileResponse(svc.blobs.path(sha), headers={"Content-Type": "application/octet-stream"})
+
+
+@routes.put("/v1/agent/jobs/{workflow_id}/outputs")
+async def upload_output(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    runner = await svc.auth.runner(request)
+    wf = await svc.store.get_workflow(runner.account_id, request.match_info["workflow_id"])
+    q = request.query
+    try:
+        attempt = int(q["attempt"])
+        node_id, filename = q["node_id"], q["filename"]
+    except (KeyError, ValueError) as exc:
+        raise BadRequest("attempt, node_id and filename are required query parameters") from exc
+    if wf.runner_id != runner.id or wf.attempt != attempt or wf.status in TERMINAL:
+        raise Conflict(f"attempt {attempt} of workflow {wf.id} is not current on this runner")
+    content_type = (
+        request.headers.get("Content-Type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    )
+    stored = await svc.blobs.write(
+        request.content.iter_chunked(64 * 1024),
+        max_bytes=MAX_OUTPUT_BYTES,
+        expected_sha256=request.headers.get("X-Content-SHA256"),
+    )
+    out = await svc.store.add_output(
+        Output(
+            workflow_id=wf.id,
+            account_id=wf.account_id,
+            attempt=attempt,
+            node_id=node_id,
+            filename=filename.rsplit("/", 1)[-1],
+            kind=q.get("kind", "images"),
+            content_type=content_type,
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+        )
+    )
+    log.info(
+        "workflow %s: output %s (%s, %d bytes) from runner %s",
+        wf.id,
+        out.filename,
+        out.kind,
+        out.size_bytes,
+        runner.id,
+    )
+    svc.hub.publish(wf.id, "output", output_view(out))
+    return web.json_response(
+        {"output_id": out.id, "size_bytes": out.size_bytes, "sha256": out.sha256}, status=201
+    )

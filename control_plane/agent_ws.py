@@ -1,0 +1,135 @@
+"""GET /v1/agent/connect: the websocket each runner agent keeps open (DESIGN §5).
+
+Close codes and what the agent should do about them:
+
+    4001 invalid runner token       give up
+    4002 protocol version refused   give up
+    4003 runner deleted             give up
+    4004 replaced by a newer connection of the same runner   retry
+    1001 going away (shutdown)      retry
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from control_plane.auth import bearer_token
+from control_plane.registry import AgentConnection
+from control_plane.services import Services
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    CapacityUpdate,
+    Hello,
+    JobDone,
+    JobUpdate,
+    ProtocolError,
+    Ready,
+    Welcome,
+    parse_message,
+)
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+CLOSE_BAD_TOKEN = 4001
+CLOSE_BAD_PROTOCOL = 4002
+CLOSE_REPLACED = 4004
+HELLO_TIMEOUT_S = 15.0
+
+
+@routes.get("/v1/agent/connect")
+async def agent_connect(request: web.Request) -> web.WebSocketResponse:
+    svc: Services = request.app[Services.KEY]
+    # The websocket's own pings find dead peers; capacity messages keep last_seen fresh.
+    ws = web.WebSocketResponse(heartbeat=svc.settings.heartbeat_s, max_msg_size=16 * 1024 * 1024)
+    await ws.prepare(request)
+    raw = bearer_token(request)
+    runner = await svc.store.runner_by_token(raw) if raw else None
+    if runner is None:
+        await ws.close(code=CLOSE_BAD_TOKEN, message=b"invalid runner token")
+        return ws
+    try:
+        first = await ws.receive(timeout=HELLO_TIMEOUT_S)
+        hello = parse_message(first.data) if first.type == WSMsgType.TEXT else None
+    except (TimeoutError, ProtocolError) as exc:
+        log.info("runner %s: no valid hello: %s", runner.id, exc)
+        await ws.close(code=CLOSE_BAD_PROTOCOL, message=b"expected hello")
+        return ws
+    if not isinstance(hello, Hello) or hello.protocol_version != PROTOCOL_VERSION:
+        await ws.close(
+            code=CLOSE_BAD_PROTOCOL, message=f"protocol version {PROTOCOL_VERSION} required".encode()
+        )
+        return ws
+
+    conn = AgentConnection(
+        runner_id=runner.id,
+        account_id=runner.account_id,
+        name=runner.name,
+        tags=list(runner.tags),
+        status=runner.status,
+        ws=ws,
+        capacity=hello.capacity.model_dump(),
+        comfyui=hello.comfyui.model_dump(),
+    )
+    old = svc.registry.add(conn)
+    if old is not None:
+        await old.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection")
+    log.info(
+        "runner %s (%s) connected, agent %s, holding %d jobs",
+        runner.id,
+        runner.name,
+        hello.agent_version,
+        len(hello.jobs),
+    )
+    try:
+        await svc.store.save_runner_state(runner.id, capacity=conn.capacity, comfyui=conn.comfyui)
+        drop = await svc.fleet.runner_connected(conn, hello.jobs)
+        await conn.send(
+            Welcome(
+                runner_id=runner.id,
+                name=runner.name,
+                tags=runner.tags,
+                status=runner.status,  # type: ignore[arg-type]
+                heartbeat_s=svc.settings.heartbeat_s,
+                drop_jobs=drop,
+            )
+        )
+        await _receive_loop(svc, conn)
+    finally:
+        if svc.registry.remove(conn):
+            svc.fleet.runner_disconnected(conn)
+        log.info("runner %s disconnected (close code %s)", runner.id, ws.close_code)
+    return ws
+
+
+async def _receive_loop(svc: Services, conn: AgentConnection) -> None:
+    async for frame in conn.ws:
+        if frame.type != WSMsgType.TEXT:
+            continue
+        try:
+            msg = parse_message(frame.data)
+        except ProtocolError as exc:
+            log.warning("runner %s: bad message ignored: %s", conn.runner_id, exc)
+            continue
+        try:
+            await _handle(svc, conn, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one bad report must not drop the runner's connection
+            log.exception("runner %s: handling %s failed", conn.runner_id, type(msg).__name__)
+
+
+async def _handle(svc: Services, conn: AgentConnection, msg: object) -> None:
+    if isinstance(msg, Ready):
+        await svc.fleet.runner_ready(conn, msg.free_slots)
+    elif isinstance(msg, JobUpdate):
+        await svc.fleet.job_update(conn, msg)
+    elif isinstance(msg, JobDone):
+        await svc.fleet.job_done(conn, msg)
+    elif isinstance(msg, CapacityUpdate):
+        conn.capacity = msg.capacity.model_dump()
+        await svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity)
+    # Anything else (including types this version does not know) is ignored.

@@ -1,0 +1,110 @@
+"""/v1/runner: create (the runner token is shown once), list, get, update, delete."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from aiohttp import web
+
+from control_plane.errors import BadRequest
+from control_plane.http_util import json_body, paging
+from control_plane.services import Services
+from control_plane.views import runner_view
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+_TAG = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_TAGS = 10
+CLOSE_RUNNER_DELETED = 4003
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 100:
+        raise BadRequest("name must be a non-empty string of at most 100 characters")
+    return value.strip()
+
+
+def _tags(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise BadRequest("tags must be a list of strings or a comma-separated string")
+    tags = list(dict.fromkeys(value))
+    if len(tags) > MAX_TAGS:
+        raise BadRequest(f"at most {MAX_TAGS} tags")
+    for tag in tags:
+        if not _TAG.match(tag):
+            raise BadRequest(f"bad tag {tag!r}: use letters, digits and _ . : - (at most 64)")
+    return tags
+
+
+@routes.post("/v1/runner")
+async def create_runner(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    body = await json_body(request)
+    raw, runner = await svc.store.create_runner(
+        principal.account.id, _name(body.get("name")), _tags(body.get("tags", []))
+    )
+    log.info("runner %s (%s) created for account %s", runner.id, runner.name, principal.account.name)
+    return web.json_response(runner_view(runner, None) | {"token": raw}, status=201)
+
+
+@routes.get("/v1/runner")
+async def list_runners(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    offset, limit = paging(request)
+    rows, total = await svc.store.list_runners(principal.account.id, offset, limit)
+    return web.json_response(
+        {"runners": [runner_view(r, svc.live_runner(r.id)) for r in rows], "total": total}
+    )
+
+
+@routes.get("/v1/runner/{id}")
+async def get_runner(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    runner = await svc.store.get_runner(principal.account.id, request.match_info["id"])
+    return web.json_response(runner_view(runner, svc.live_runner(runner.id)))
+
+
+@routes.put("/v1/runner/{id}")
+async def update_runner(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    body = await json_body(request)
+    unknown = set(body) - {"name", "tags", "status"}
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))} (name, tags, status)")
+    changes: dict[str, Any] = {}
+    if "name" in body:
+        changes["name"] = _name(body["name"])
+    if "tags" in body:
+        changes["tags"] = _tags(body["tags"])
+    if "status" in body:
+        if body["status"] not in ("active", "disabled"):
+            raise BadRequest("status must be 'active' or 'disabled'")
+        changes["status"] = body["status"]
+    runner = await svc.store.update_runner(principal.account.id, request.match_info["id"], changes)
+    conn = svc.registry.get(runner.id)
+    if conn is not None:
+        # A disabled runner drains: what it runs finishes, nothing new is dispatched.
+        conn.name, conn.tags, conn.status = runner.name, runner.tags, runner.status
+    svc.fleet.kick()
+    return web.json_response(runner_view(runner, svc.live_runner(runner.id)))
+
+
+@routes.delete("/v1/runner/{id}")
+async def delete_runner(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    runner_id = request.match_info["id"]
+    await svc.store.delete_runner(principal.account.id, runner_id)
+    conn = svc.registry.get(runner_id)
+    if conn is not None:
+        await conn.ws.close(code=CLOSE_RUNNER_DELETED, message=b"runner deleted")
+    return web.json_response({"id": runner_id, "deleted": True})

@@ -1,0 +1,179 @@
+"""/v1/workflow: submit, read, list, cancel, follow (SSE) and fetch outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import web
+
+from control_plane.errors import BadRequest, Forbidden
+from control_plane.forms import SubmittedForm, discard, read_form
+from control_plane.http_util import paging
+from control_plane.services import Services
+from control_plane.store import TERMINAL, day_ago
+from control_plane.tables import Account, Workflow
+from control_plane.views import output_view, workflow_status_event, workflow_summary, workflow_view
+from protocol.placeholders import ParameterError, PlaceholderError, declared_parameters, validate_values
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+SSE_KEEPALIVE_S = 15.0
+
+
+def services(request: web.Request) -> Services:
+    return request.app[Services.KEY]
+
+
+async def check_tier(svc: Services, account: Account, form: SubmittedForm) -> None:
+    tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
+    if form.parameter_count > tier.max_parameters:
+        raise Forbidden(
+            f"{form.parameter_count} parameters sent; the {tier.name} tier allows {tier.max_parameters}"
+        )
+    used = await svc.store.count_workflows_since(account.id, day_ago())
+    if used >= tier.max_workflows_per_day:
+        raise Forbidden(
+            f"workflow limit of the {tier.name} tier reached ({tier.max_workflows_per_day} a day)"
+        )
+
+
+async def check_runner_available(svc: Services, account: Account, tags: list[str]) -> None:
+    from control_plane.registry import tags_match
+
+    runners = await svc.store.account_runners(account.id)
+    if not any(r.status == "active" and tags_match(r.tags, tags) for r in runners):
+        raise BadRequest(f"no runner available with matching tags {tags}")
+
+
+@routes.post("/v1/workflow")
+async def create_workflow(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    form = await read_form(request, svc.blobs, svc.settings.max_request_bytes)
+    try:
+        workflow_json = form.workflow()
+        try:
+            parameters = declared_parameters(workflow_json)
+            values = validate_values(parameters, form.texts, form.choices, form.files.keys())
+        except (PlaceholderError, ParameterError) as exc:
+            raise BadRequest(str(exc)) from exc
+        await check_tier(svc, principal.account, form)
+        tags = form.tags()
+        await check_runner_available(svc, principal.account, tags)
+        wf = await svc.store.add_workflow(
+            Workflow(
+                account_id=principal.account.id,
+                name=form.fields.get("name", "").strip() or "untitled",
+                tags=tags,
+                workflow_json=workflow_json,
+                workflow_params={
+                    "values": values,
+                    "files": {n: form.files[n].to_param() for n in parameters if n in form.files},
+                },
+                correlation_id=form.fields.get("correlation_id") or None,
+            )
+        )
+    except BaseException:
+        await discard(form, svc.blobs)
+        raise
+    log.info("workflow %s accepted for account %s", wf.id, principal.account.name)
+    svc.fleet.kick()
+    return web.json_response(workflow_view(wf), status=201)
+
+
+@routes.get("/v1/workflow")
+async def list_workflows(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    offset, limit = paging(request)
+    filters = {k: request.query[k] for k in ("status", "parent_id", "correlation_id") if k in request.query}
+    rows, total = await svc.store.list_workflows(principal.account.id, offset, limit, filters)
+    return web.json_response(
+        {"workflows": [workflow_summary(w) | {"parent_id": w.parent_id} for w in rows], "total": total}
+    )
+
+
+@routes.get("/v1/workflow/{id}")
+async def get_workflow(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+    queue_number = await svc.queue_position(wf)
+    children = await svc.store.child_ids(wf.id)
+    tasks = await svc.store.tasks(wf.id, wf.attempt)
+    return web.json_response(workflow_view(wf, queue_number=queue_number, children=children, tasks=tasks))
+
+
+@routes.post("/v1/workflow/{id}/cancel")
+async def cancel_workflow(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+    if wf.status in TERMINAL:
+        raise BadRequest(f"workflow {wf.id} is already {wf.status}")
+    cancelled = await svc.fleet.cancel(wf)
+    if cancelled is None:  # it finished while we were looking
+        current = await svc.store.get_workflow(principal.account.id, wf.id)
+        raise BadRequest(f"workflow {wf.id} is already {current.status}")
+    return web.json_response(workflow_view(cancelled))
+
+
+@routes.get("/v1/workflow/{id}/outputs")
+async def list_outputs(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+    outputs = [output_view(o) for o in await svc.store.outputs(wf.id, wf.attempt)]
+    return web.json_response({"outputs": outputs, "total": len(outputs)})
+
+
+@routes.get("/v1/output/{id}")
+async def download_output(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    out = await svc.store.get_output(principal.account.id, request.match_info["id"])
+    return web.FileResponse(
+        svc.blobs.path(out.sha256),
+        headers={
+            "Content-Type": out.content_type,
+            "Content-Disposition": f'attachment; filename="{out.filename}"',
+        },
+    )
+
+
+def _sse(event: str, data: dict[str, object]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+@routes.get("/v1/workflow/{id}/subscribe")
+async def subscribe(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: the current status first, then every change; closes once the
+    workflow reaches a terminal state."""
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await resp.prepare(request)
+    # Subscribe before reading the snapshot so that no change falls between the two.
+    with svc.hub.subscribe(wf.id) as queue:
+        wf = await svc.store.get_workflow(principal.account.id, wf.id)
+        snapshot = workflow_status_event(wf) | {"queue_number": await svc.queue_position(wf)}
+        await resp.write(_sse("status", snapshot))
+        last_status = wf.status
+        while last_status not in TERMINAL:
+            try:
+                event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
+            except TimeoutError:
+                await resp.write(b": keepalive\n\n")
+                continue
+            if event.name == "status":
+                if event.data["status"] == last_status and event.data.get("queue_number") is None:
+                    continue
+                last_status = str(event.data["status"])
+            await resp.write(_sse(event.name, event.data))
+    await resp.write_eof()
+    return resp

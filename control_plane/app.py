@@ -1,0 +1,58 @@
+"""The control plane's aiohttp application: ``create_app(settings)``, no side effects at import."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import WSCloseCode, web
+
+from control_plane import agent_http, agent_ws, api_misc, api_runners, api_workflows
+from control_plane.auth import Authenticator
+from control_plane.blobs import BlobStore
+from control_plane.db import create_schema, make_engine
+from control_plane.errors import error_middleware
+from control_plane.events import EventHub
+from control_plane.fleet import Fleet
+from control_plane.registry import Registry
+from control_plane.services import Services
+from control_plane.settings import Settings
+from control_plane.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    # The 50 MB cap is enforced while streaming (forms.py); this only bounds aiohttp's own
+    # buffered reads, which we do not use for uploads.
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
+    for module in (api_workflows, api_runners, api_misc, agent_ws, agent_http):
+        app.router.add_routes(module.routes)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url)
+        await create_schema(engine)
+        store = Store(engine)
+        blobs = BlobStore(settings.blob_dir)
+        await asyncio.to_thread(blobs.setup)
+        hub, registry = EventHub(), Registry()
+        fleet = Fleet(settings, store, registry, hub)
+        app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
+        await fleet.start()
+        log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))
+        yield
+        await fleet.stop()
+        await engine.dispose()
+
+    async def close_agents(app: web.Application) -> None:
+        # Agents see GOING_AWAY and reconnect to whoever serves next.
+        svc = app.get(Services.KEY)
+        if svc is not None:
+            for conn in svc.registry.all():
+                await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"control plane shutting down")
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(close_agents)
+    return app

@@ -1,0 +1,69 @@
+"""Bearer tokens: ``Authorization: Bearer cf_…`` or ``X-Authorization: <token>``.
+
+Client and operator tokens belong to an account; runner tokens (``cfr_…``) belong to one
+runner and open nothing but the agent endpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from control_plane.errors import Unauthorized
+from control_plane.store import Store
+from control_plane.tables import Account, Runner, as_utc, utcnow
+
+# last_used_at is written at most this often per token, not on every request.
+_TOUCH_EVERY_S = 60.0
+
+
+@dataclass(frozen=True)
+class Principal:
+    account: Account
+    scope: str
+    token_id: str
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    alt = request.headers.get("X-Authorization", "").strip()
+    if alt.lower().startswith("bearer "):
+        alt = alt[7:].strip()
+    return alt or None
+
+
+class Authenticator:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._touched: dict[str, float] = {}
+
+    async def client(self, request: web.Request, scope: str | None = None) -> Principal:
+        raw = bearer_token(request)
+        if raw is None:
+            raise Unauthorized("missing token: send 'Authorization: Bearer <token>'")
+        found = await self.store.resolve_token(raw)
+        if found is None:
+            raise Unauthorized("invalid token")
+        token, account = found
+        if token.expires_at is not None and as_utc(token.expires_at) <= utcnow():
+            raise Unauthorized("token expired")
+        if scope == "operator" and token.scope != "operator":
+            raise Unauthorized("this needs an operator token")
+        now = time.monotonic()
+        if now - self._touched.get(token.id, -_TOUCH_EVERY_S) >= _TOUCH_EVERY_S:
+            self._touched[token.id] = now
+            await self.store.touch_token(token.id)
+        return Principal(account=account, scope=token.scope, token_id=token.id)
+
+    async def runner(self, request: web.Request) -> Runner:
+        raw = bearer_token(request)
+        if raw is None:
+            raise Unauthorized("missing runner token")
+        runner = await self.store.runner_by_token(raw)
+        if runner is None:
+            raise Unauthorized("invalid runner token")
+        return runner

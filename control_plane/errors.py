@@ -1,0 +1,81 @@
+"""Domain errors, turned into JSON HTTP answers in one middleware.
+
+    DomainError
+     ├── BadRequest        400
+     │    └── TooLarge     400 (the request is over the size cap)
+     ├── Unauthorized      401
+     ├── Forbidden         403 (tier limits)
+     ├── NotFound          404 (also for other accounts' objects: never 403)
+     ├── Conflict          409
+     └── Unprocessable     422 (an idempotency key reused with another body)
+
+Nothing below the API layer raises ``web.HTTP*``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+class DomainError(Exception):
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(DomainError):
+    status = 400
+
+
+class TooLarge(BadRequest):
+    pass
+
+
+class Unauthorized(DomainError):
+    status = 401
+
+
+class Forbidden(DomainError):
+    status = 403
+
+
+class NotFound(DomainError):
+    status = 404
+
+
+class Conflict(DomainError):
+    status = 409
+
+
+class Unprocessable(DomainError):
+    status = 422
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"status": status, "message": message}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    try:
+        return await handler(request)
+    except DomainError as exc:
+        return error_response(exc.status, exc.message)
+    except web.HTTPException as exc:
+        # aiohttp's own answers (unknown route, wrong method) in the same JSON shape.
+        if exc.status >= 400 and not isinstance(exc, web.HTTPSuccessful):
+            resp = error_response(exc.status, exc.reason or "error")
+            for key in ("Allow",):
+                if key in exc.headers:
+                    resp.headers[key] = exc.headers[key]
+            return resp
+        raise
+    except json.JSONDecodeError as exc:
+        return error_response(400, f"request body is not valid JSON: {exc.msg}")

@@ -1,0 +1,281 @@
+"""The fleet: hands waiting workflows to connected runners and applies what runners report.
+
+One Fleet per control-plane process. Dispatch runs in a single background task woken by
+``kick()``, so two dispatches never race for the same free slot; the store's conditional
+claim keeps a workflow from being given out twice all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from control_plane.events import EventHub
+from control_plane.registry import AgentConnection, Registry
+from control_plane.settings import Settings
+from control_plane.store import TERMINAL, Store
+from control_plane.tables import Workflow, utcnow
+from control_plane.views import workflow_status_event
+from protocol.messages import Cancel, HeldJob, Job, JobDone, JobFile, JobUpdate
+
+log = logging.getLogger(__name__)
+
+
+def agent_file_url(workflow_id: str, sha256: str) -> str:
+    return f"/v1/agent/jobs/{workflow_id}/files/{sha256}"
+
+
+def build_job(wf: Workflow) -> Job:
+    params = wf.workflow_params
+    files = [
+        JobFile(
+            name=name,
+            filename=ref["filename"],
+            url=agent_file_url(wf.id, ref["sha256"]),
+            sha256=ref["sha256"],
+            size_bytes=ref["size_bytes"],
+        )
+        for name, ref in params.get("files", {}).items()
+    ]
+    return Job(
+        workflow_id=wf.id,
+        attempt=wf.attempt,
+        workflow_json=wf.workflow_json,
+        params=dict(params.get("values", {})),
+        files=files,
+    )
+
+
+class Fleet:
+    def __init__(self, settings: Settings, store: Store, registry: Registry, hub: EventHub) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.hub = hub
+        self._wake = asyncio.Event()
+        self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """After a restart no runner is connected yet: every runner holding work gets its
+        grace period to come back before that work is requeued."""
+        held = await self.store.inflight_workflows()
+        for runner_id in {wf.runner_id for wf in held if wf.runner_id}:
+            self._start_grace(runner_id)
+        self._spawn(self._dispatch_loop())
+        self.kick()
+
+    async def stop(self) -> None:
+        for handle in self._grace.values():
+            handle.cancel()
+        self._grace.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.dispatch_waiting()
+            except Exception:  # a loop boundary: log and keep dispatching
+                log.exception("dispatch round failed")
+
+    async def dispatch_waiting(self) -> None:
+        waiting = await self.store.waiting_workflows()
+        position: dict[str, int] = {}
+        for wf in waiting:
+            conn = self._pick_runner(wf)
+            if conn is None:
+                # Its place in the line of workflows of the same account still waiting.
+                position[wf.account_id] = position.get(wf.account_id, 0) + 1
+                continue
+            if not await self.store.claim_workflow(wf.id, wf.attempt, conn.runner_id):
+                continue
+            conn.free_slots -= 1
+            conn.jobs.add(wf.id)
+            if await conn.send(build_job(wf)):
+                log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
+            else:
+                conn.jobs.discard(wf.id)
+                await self.store.unclaim_workflow(wf.id, wf.attempt, conn.runner_id)
+
+    def _pick_runner(self, wf: Workflow) -> AgentConnection | None:
+        candidates = [
+            c
+            for c in self.registry.all()
+            if c.account_id == wf.account_id and c.free_slots > 0 and c.accepts(wf.tags)
+        ]
+        if not candidates:
+            return None
+        # Most free slots first, then fewest jobs held, then the longest-connected (stable).
+        return min(candidates, key=lambda c: (-c.free_slots, len(c.jobs), c.connected_at))
+
+    # -- what runners report -------------------------------------------------------------
+
+    async def runner_connected(self, conn: AgentConnection, held: list[HeldJob]) -> list[HeldJob]:
+        """Reconcile what a (re)connecting runner holds with what we think it holds.
+        Returns the held jobs it must drop."""
+        handle = self._grace.pop(conn.runner_id, None)
+        if handle is not None:
+            handle.cancel()
+        ours = {wf.id: wf for wf in await self.store.inflight_workflows(conn.runner_id)}
+        held_current = {
+            h.workflow_id for h in held if h.workflow_id in ours and ours[h.workflow_id].attempt == h.attempt
+        }
+        drop = [h for h in held if h.workflow_id not in held_current]
+        for wf in ours.values():
+            if wf.id in held_current:
+                conn.jobs.add(wf.id)
+            else:
+                # We gave it this job but the runner no longer has it: run it again.
+                await self._requeue(wf, f"runner {conn.name} lost the job")
+        return drop
+
+    async def runner_ready(self, conn: AgentConnection, free_slots: int) -> None:
+        conn.free_slots = max(0, free_slots)
+        self.kick()
+
+    def runner_disconnected(self, conn: AgentConnection) -> None:
+        if conn.jobs:
+            self._start_grace(conn.runner_id)
+
+    def _start_grace(self, runner_id: str) -> None:
+        if runner_id in self._grace:
+            return
+        loop = asyncio.get_running_loop()
+        self._grace[runner_id] = loop.call_later(
+            self.settings.runner_grace_s, lambda: self._spawn(self._grace_expired(runner_id))
+        )
+
+    async def _grace_expired(self, runner_id: str) -> None:
+        self._grace.pop(runner_id, None)
+        if self.registry.get(runner_id) is not None:
+            return
+        for wf in await self.store.inflight_workflows(runner_id):
+            await self._requeue(
+                wf, f"runner {runner_id} did not come back within {self.settings.runner_grace_s:g} s"
+            )
+
+    async def _requeue(self, wf: Workflow, reason: str) -> None:
+        updated = await self.store.requeue(wf.id, wf.attempt, self.settings.max_attempts, reason)
+        if updated is None:
+            return
+        log.warning("workflow %s attempt %d requeued: %s", wf.id, wf.attempt, reason)
+        if updated.status == "failed":
+            self.hub.publish(wf.id, "cause", {"exception_message": updated.exception_message})
+        self.hub.publish(wf.id, "status", workflow_status_event(updated))
+        self.kick()
+
+    async def job_update(self, conn: AgentConnection, msg: JobUpdate) -> None:
+        changes: dict[str, Any] = {}
+        if msg.prompt_id is not None:
+            changes["prompt_id"] = msg.prompt_id
+        if msg.queue_number is not None:
+            changes["queue_number"] = msg.queue_number
+        if msg.progress is not None:
+            changes["progress"] = msg.progress
+        if msg.status is not None and msg.status != "completed":
+            changes["status"] = msg.status
+            if msg.status == "running":
+                changes["started_at"] = utcnow()
+            if msg.status in TERMINAL:
+                changes["completed_at"] = utcnow()
+        if msg.error is not None:
+            changes.update(
+                error_node=msg.error.node_id,
+                exception_type=msg.error.exception_type,
+                exception_message=msg.error.message,
+                node_errors=msg.error.node_errors,
+            )
+        if msg.resolved_params is not None:
+            current = await self.store.get_workflow(None, msg.workflow_id)
+            changes["workflow_params"] = {**current.workflow_params, "resolved": msg.resolved_params}
+        wf = None
+        if changes:
+            wf = await self.store.update_current(msg.workflow_id, msg.attempt, conn.runner_id, changes)
+            if wf is None:
+                log.info("workflow %s: dropped stale update for attempt %d", msg.workflow_id, msg.attempt)
+                return
+        if msg.node is not None:
+            if wf is None:
+                current = await self.store.get_workflow(None, msg.workflow_id)
+                if (
+                    current.attempt != msg.attempt
+                    or current.runner_id != conn.runner_id
+                    or current.status in TERMINAL
+                ):
+                    return
+            await self.store.record_node_event(
+                msg.workflow_id, msg.attempt, msg.node.node_id, msg.node.class_type, msg.node.event
+            )
+            self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})
+        if wf is None:
+            return
+        if msg.error is not None:
+            self.hub.publish(
+                wf.id,
+                "cause",
+                {
+                    "error_node": wf.error_node,
+                    "exception_type": wf.exception_type,
+                    "exception_message": wf.exception_message,
+                    "node_errors": wf.node_errors,
+                },
+            )
+        if "status" in changes or "queue_number" in changes:
+            self.hub.publish(wf.id, "status", workflow_status_event(wf))
+        if wf.status in TERMINAL:
+            await self._job_finished(conn, wf, "FAILED" if wf.status != "cancelled" else "CANCELED")
+
+    async def job_done(self, conn: AgentConnection, msg: JobDone) -> None:
+        now = utcnow()
+        wf = await self.store.update_current(
+            msg.workflow_id,
+            msg.attempt,
+            conn.runner_id,
+            {"status": "completed", "completed_at": now, "progress": 1.0, "queue_number": None},
+        )
+        if wf is None:
+            log.info("workflow %s: dropped stale completion of attempt %d", msg.workflow_id, msg.attempt)
+            return
+        if msg.texts:
+            await self.store.set_params(wf.id, {**wf.workflow_params, "texts": msg.texts})
+        log.info("workflow %s completed on runner %s (%d outputs)", wf.id, conn.runner_id, len(msg.outputs))
+        self.hub.publish(wf.id, "status", workflow_status_event(wf))
+        await self._job_finished(conn, wf, "COMPLETED")
+
+    async def _job_finished(self, conn: AgentConnection, wf: Workflow, open_task_status: str) -> None:
+        conn.jobs.discard(wf.id)
+        await self.store.finish_tasks(wf.id, wf.attempt, open_task_status)
+
+    # -- what clients ask ----------------------------------------------------------------
+
+    async def cancel(self, wf: Workflow) -> Workflow | None:
+        """Cancel a workflow that has not finished; ``None`` if it already had."""
+        cancelled = await self.store.cancel_workflow(wf.id)
+        if cancelled is None:
+            return None
+        await self.store.finish_tasks(wf.id, wf.attempt, "CANCELED")
+        if wf.runner_id is not None:
+            conn = self.registry.get(wf.runner_id)
+            if conn is not None:
+                conn.jobs.discard(wf.id)
+                await conn.send(Cancel(workflow_id=wf.id, attempt=wf.attempt))
+        log.info("workflow %s cancelled (was %s)", wf.id, wf.status)
+        self.hub.publish(wf.id, "status", workflow_status_event(cancelled))
+        return cancelled

@@ -1,0 +1,150 @@
+"""Streaming multipart parsing for workflow submissions and reruns.
+
+Field names follow the fleet product: ``$name`` text fields and file parts, ``#name`` choice
+fields, plus plain fields (``name``, ``tags``, ``workflow_json``). File parts stream straight
+into the blob store; the whole request is capped while it is read, and a request refused
+for its size is refused before its body is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from control_plane.blobs import BlobStore
+from control_plane.errors import BadRequest, TooLarge
+
+_CHUNK = 64 * 1024
+# Plain fields are read into memory; none of them needs to be big.
+_MAX_FIELD_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class UploadedFile:
+    sha256: str
+    filename: str
+    size_bytes: int
+    content_type: str
+
+    def to_param(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "filename": self.filename,
+            "size_bytes": self.size_bytes,
+            "content_type": self.content_type,
+        }
+
+
+@dataclass
+class SubmittedForm:
+    fields: dict[str, str] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)
+    files: dict[str, UploadedFile] = field(default_factory=dict)
+    workflow_json: bytes | None = None
+    # Blobs this request added to the store: removed again if the request fails.
+    new_blobs: list[str] = field(default_factory=list)
+
+    @property
+    def parameter_count(self) -> int:
+        return len(self.texts) + len(self.choices) + len(self.files)
+
+    def workflow(self) -> dict[str, Any]:
+        if self.workflow_json is None:
+            raise BadRequest("workflow_json is required (a file part or a field)")
+        try:
+            data = json.loads(self.workflow_json)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"workflow_json is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or not data:
+            raise BadRequest("workflow_json must be a non-empty object of nodes (ComfyUI API format)")
+        return data
+
+    def tags(self) -> list[str]:
+        raw = self.fields.get("tags", "")
+        tags = [t.strip() for t in raw.split(",") if t.strip()]
+        return list(dict.fromkeys(tags))
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise TooLarge(f"request exceeds the limit of {self.limit // (1024 * 1024)} MB")
+
+
+async def _chunks(part: BodyPartReader, budget: _Budget) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(_CHUNK):
+        budget.take(len(chunk))
+        yield chunk
+
+
+async def _read_small(part: BodyPartReader, budget: _Budget) -> bytes:
+    buf = bytearray()
+    async for chunk in _chunks(part, budget):
+        buf += chunk
+        if len(buf) > _MAX_FIELD_BYTES:
+            raise BadRequest(f"field {part.name!r} is larger than {_MAX_FIELD_BYTES} bytes")
+    return bytes(buf)
+
+
+def check_declared_length(request: web.Request, limit: int) -> None:
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"request exceeds the limit of {limit // (1024 * 1024)} MB")
+
+
+async def read_form(request: web.Request, blobs: BlobStore, limit: int) -> SubmittedForm:
+    check_declared_length(request, limit)
+    if not request.content_type.startswith("multipart/"):
+        raise BadRequest("send multipart/form-data (curl -F)")
+    budget = _Budget(limit)
+    form = SubmittedForm()
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("nested multipart is not supported")
+            name = part.name or ""
+            if name.startswith("$") and part.filename is not None:
+                stored = await blobs.write(_chunks(part, budget), max_bytes=limit)
+                if stored.created:
+                    form.new_blobs.append(stored.sha256)
+                form.files[name[1:]] = UploadedFile(
+                    sha256=stored.sha256,
+                    filename=part.filename,
+                    size_bytes=stored.size_bytes,
+                    content_type=part.headers.get("Content-Type", "application/octet-stream"),
+                )
+                continue
+            data = await _read_small(part, budget)
+            if name == "workflow_json":
+                form.workflow_json = data
+                continue
+            try:
+                text = data.decode()
+            except UnicodeDecodeError as exc:
+                raise BadRequest(f"field {name!r} is not UTF-8 text") from exc
+            if name.startswith("$"):
+                form.texts[name[1:]] = text
+            elif name.startswith("#"):
+                form.choices[name[1:]] = text
+            else:
+                form.fields[name] = text
+    except BaseException:
+        await discard(form, blobs)
+        raise
+    return form
+
+
+async def discard(form: SubmittedForm, blobs: BlobStore) -> None:
+    for sha in form.new_blobs:
+        await blobs.delete(sha)
+    form.new_blobs.clear()

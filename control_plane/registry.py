@@ -1,0 +1,75 @@
+"""Who is connected: one AgentConnection per runner, held in the Registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from protocol.messages import dump_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class AgentConnection:
+    runner_id: str
+    account_id: str
+    name: str
+    tags: list[str]
+    status: str
+    ws: web.WebSocketResponse
+    capacity: dict[str, Any] = field(default_factory=dict)
+    comfyui: dict[str, Any] = field(default_factory=dict)
+    free_slots: int = 0
+    jobs: set[str] = field(default_factory=set)  # workflow ids this runner holds
+    connected_at: float = field(default_factory=time.time)
+    last_seen_at: float = field(default_factory=time.time)
+    _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, message: Any) -> bool:
+        """Send one protocol message; false when the socket is gone."""
+        if self.ws.closed:
+            return False
+        async with self._send_lock:
+            try:
+                await self.ws.send_str(dump_message(message))
+            except (ConnectionError, RuntimeError) as exc:
+                log.info("runner %s: send failed: %s", self.runner_id, exc)
+                return False
+        return True
+
+    def accepts(self, workflow_tags: list[str]) -> bool:
+        """DESIGN §6: untagged runners take anything; tagged ones need every workflow tag."""
+        return self.status == "active" and tags_match(self.tags, workflow_tags)
+
+
+def tags_match(runner_tags: list[str], workflow_tags: list[str]) -> bool:
+    return not runner_tags or set(workflow_tags) <= set(runner_tags)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._conns: dict[str, AgentConnection] = {}
+
+    def add(self, conn: AgentConnection) -> AgentConnection | None:
+        """Register ``conn``; returns the connection it replaces, if any."""
+        old = self._conns.get(conn.runner_id)
+        self._conns[conn.runner_id] = conn
+        return old
+
+    def remove(self, conn: AgentConnection) -> bool:
+        if self._conns.get(conn.runner_id) is conn:
+            del self._conns[conn.runner_id]
+            return True
+        return False
+
+    def get(self, runner_id: str) -> AgentConnection | None:
+        return self._conns.get(runner_id)
+
+    def all(self) -> list[AgentConnection]:
+        return list(self._conns.values())

@@ -1,0 +1,59 @@
+"""Everything a request handler needs, built once per app and kept under one AppKey."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from aiohttp import web
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from control_plane.auth import Authenticator
+from control_plane.blobs import BlobStore
+from control_plane.events import EventHub
+from control_plane.fleet import Fleet
+from control_plane.registry import Registry
+from control_plane.settings import Settings
+from control_plane.store import Store
+from control_plane.tables import Workflow
+
+
+@dataclass
+class Services:
+    KEY: ClassVar[web.AppKey[Services]]
+
+    settings: Settings
+    store: Store
+    blobs: BlobStore
+    hub: EventHub
+    registry: Registry
+    fleet: Fleet
+    auth: Authenticator
+
+    def live_runner(self, runner_id: str) -> dict[str, object] | None:
+        conn = self.registry.get(runner_id)
+        if conn is None:
+            return None
+        return {"capacity": conn.capacity, "comfyui": conn.comfyui, "jobs": sorted(conn.jobs)}
+
+    async def queue_position(self, wf: Workflow) -> int | None:
+        """A waiting workflow's place (from 1) among its account's waiting workflows; in a
+        runner's ComfyUI queue, what the runner reported."""
+        if wf.status != "accepted" or wf.runner_id is not None:
+            return wf.queue_number
+        async with self.store.session() as s:
+            ahead = await s.exec(
+                select(func.count())
+                .select_from(Workflow)
+                .where(
+                    Workflow.account_id == wf.account_id,
+                    Workflow.status == "accepted",
+                    col(Workflow.runner_id).is_(None),
+                    col(Workflow.created_at) < wf.created_at,
+                )
+            )
+            return int(ahead.one()) + 1
+
+
+Services.KEY = web.AppKey("services", Services)

@@ -1,0 +1,104 @@
+"""Control-plane settings: one object per process, validated at start, passed in."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "COMFYFLEET_"
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    max_parameters: int  # dynamic parameters one request may send
+    max_workflows_per_day: int  # submissions and reruns in the last 24 h
+
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    "free": Tier("free", max_parameters=20, max_workflows_per_day=500),
+    "pro": Tier("pro", max_parameters=100, max_workflows_per_day=20_000),
+    "enterprise": Tier("enterprise", max_parameters=500, max_workflows_per_day=1_000_000),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("data")
+    # Empty means a SQLite file under data_dir.
+    database_url: str = ""
+    max_request_bytes: int = 50 * 1024 * 1024
+    heartbeat_s: float = 10.0
+    # A runner whose connection dropped keeps its jobs this long before they are requeued.
+    runner_grace_s: float = 30.0
+    max_attempts: int = 3
+    tiers: dict[str, Tier] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'comfyfleet.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    def validate(self) -> Settings:
+        if self.max_request_bytes <= 0:
+            raise ValueError("max_request_bytes must be positive")
+        if self.heartbeat_s <= 0 or self.runner_grace_s < 0:
+            raise ValueError("heartbeat_s must be positive and runner_grace_s not negative")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        return self
+
+
+_SCALARS = {f.name: f for f in fields(Settings) if f.name != "tiers"}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = _SCALARS[name].type
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"setting {name}: {raw!r} is not a valid {kind}") from exc
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Defaults < TOML file < COMFYFLEET_* environment < explicit overrides (command-line flags)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = config_file or (
+        Path(env[f"{ENV_PREFIX}CONFIG"]) if env.get(f"{ENV_PREFIX}CONFIG") else None
+    )
+    if config_file is not None:
+        with open(config_file, "rb") as fh:
+            for key, raw in tomllib.load(fh).items():
+                if key not in _SCALARS:
+                    raise ValueError(f"{config_file}: unknown setting {key!r}")
+                values[key] = _coerce(key, raw)
+    for name in _SCALARS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw:
+            values[name] = _coerce(name, raw)
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            values[key] = _coerce(key, raw)
+    return Settings(**values).validate()

@@ -1,0 +1,440 @@
+"""The store: one method per query, short sessions, no network calls inside a transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from control_plane.errors import NotFound
+from control_plane.tables import (
+    Account,
+    ApiToken,
+    IdempotencyRecord,
+    Output,
+    Runner,
+    Task,
+    Workflow,
+    utcnow,
+)
+
+TERMINAL = frozenset({"completed", "failed", "cancelled", "invalid"})
+CLIENT_TOKEN_PREFIX = "cf_"
+RUNNER_TOKEN_PREFIX = "cfr_"
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(self.engine, expire_on_commit=False) as s:
+            yield s
+
+    # -- accounts and tokens -------------------------------------------------------------
+
+    async def get_or_create_account(self, name: str, tier: str | None = None) -> Account:
+        async with self.session() as s:
+            account = (await s.exec(select(Account).where(Account.name == name))).first()
+            if account is None:
+                account = Account(name=name, tier=tier or "free")
+                s.add(account)
+            elif tier is not None:
+                account.tier = tier
+                s.add(account)
+            await s.commit()
+            return account
+
+    async def create_token(
+        self, account_id: str, scope: str, expires_at: datetime | None = None
+    ) -> tuple[str, ApiToken]:
+        raw = new_token(CLIENT_TOKEN_PREFIX)
+        token = ApiToken(
+            account_id=account_id, token_hash=hash_token(raw), scope=scope, expires_at=expires_at
+        )
+        async with self.session() as s:
+            s.add(token)
+            await s.commit()
+        return raw, token
+
+    async def resolve_token(self, raw: str) -> tuple[ApiToken, Account] | None:
+        async with self.session() as s:
+            row = (
+                await s.exec(
+                    select(ApiToken, Account)
+                    .join(Account, col(Account.id) == col(ApiToken.account_id))
+                    .where(ApiToken.token_hash == hash_token(raw))
+                )
+            ).first()
+            return None if row is None else (row[0], row[1])
+
+    async def touch_token(self, token_id: str) -> None:
+        async with self.session() as s:
+            await s.exec(update(ApiToken).where(col(ApiToken.id) == token_id).values(last_used_at=utcnow()))  # type: ignore[call-overload]
+            await s.commit()
+
+    async def get_account(self, account_id: str) -> Account:
+        async with self.session() as s:
+            account = await s.get(Account, account_id)
+            if account is None:
+                raise NotFound("account not found")
+            return account
+
+    # -- runners -------------------------------------------------------------------------
+
+    async def create_runner(self, account_id: str, name: str, tags: list[str]) -> tuple[str, Runner]:
+        raw = new_token(RUNNER_TOKEN_PREFIX)
+        runner = Runner(account_id=account_id, name=name, tags=tags, token_hash=hash_token(raw))
+        async with self.session() as s:
+            s.add(runner)
+            await s.commit()
+        return raw, runner
+
+    async def list_runners(self, account_id: str, offset: int, limit: int) -> tuple[list[Runner], int]:
+        async with self.session() as s:
+            where = Runner.account_id == account_id
+            total = (await s.exec(select(func.count()).select_from(Runner).where(where))).one()
+            rows = await s.exec(
+                select(Runner)
+                .where(where)
+                .order_by(col(Runner.created_at).desc())
+                .offset(offset)
+                .limit(limit)
+            )
+            return list(rows), int(total)
+
+    async def account_runners(self, account_id: str) -> list[Runner]:
+        async with self.session() as s:
+            return list(await s.exec(select(Runner).where(Runner.account_id == account_id)))
+
+    async def get_runner(self, account_id: str | None, runner_id: str) -> Runner:
+        async with self.session() as s:
+            runner = await s.get(Runner, runner_id)
+            if runner is None or (account_id is not None and runner.account_id != account_id):
+                raise NotFound(f"runner {runner_id} not found")
+            return runner
+
+    async def update_runner(self, account_id: str, runner_id: str, changes: dict[str, Any]) -> Runner:
+        async with self.session() as s:
+            runner = await s.get(Runner, runner_id)
+            if runner is None or runner.account_id != account_id:
+                raise NotFound(f"runner {runner_id} not found")
+            for key, value in changes.items():
+                setattr(runner, key, value)
+            runner.updated_at = utcnow()
+            s.add(runner)
+            await s.commit()
+            return runner
+
+    async def delete_runner(self, account_id: str, runner_id: str) -> None:
+        async with self.session() as s:
+            runner = await s.get(Runner, runner_id)
+            if runner is None or runner.account_id != account_id:
+                raise NotFound(f"runner {runner_id} not found")
+            await s.delete(runner)
+            await s.commit()
+
+    async def runner_by_token(self, raw: str) -> Runner | None:
+        async with self.session() as s:
+            return (await s.exec(select(Runner).where(Runner.token_hash == hash_token(raw)))).first()
+
+    async def save_runner_state(
+        self,
+        runner_id: str,
+        *,
+        capacity: dict[str, Any] | None = None,
+        comfyui: dict[str, Any] | None = None,
+    ) -> None:
+        """A heartbeat: its own short transaction."""
+        values: dict[str, Any] = {"last_seen_at": utcnow()}
+        if capacity is not None:
+            values["capacity"] = capacity
+        if comfyui is not None:
+            values["comfyui"] = comfyui
+        async with self.session() as s:
+            await s.exec(update(Runner).where(col(Runner.id) == runner_id).values(**values))  # type: ignore[call-overload]
+            await s.commit()
+
+    # -- workflows -----------------------------------------------------------------------
+
+    async def add_workflow(self, workflow: Workflow) -> Workflow:
+        async with self.session() as s:
+            s.add(workflow)
+            await s.commit()
+            return workflow
+
+    async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
+        async with self.session() as s:
+            wf = await s.get(Workflow, workflow_id)
+            if wf is None or (account_id is not None and wf.account_id != account_id):
+                raise NotFound(f"workflow {workflow_id} not found")
+            return wf
+
+    async def list_workflows(
+        self, account_id: str, offset: int, limit: int, filters: dict[str, str]
+    ) -> tuple[list[Workflow], int]:
+        conds = [Workflow.account_id == account_id]
+        for key in ("status", "parent_id", "correlation_id"):
+            if key in filters:
+                conds.append(getattr(Workflow, key) == filters[key])
+        async with self.session() as s:
+            total = (await s.exec(select(func.count()).select_from(Workflow).where(*conds))).one()
+            rows = await s.exec(
+                select(Workflow)
+                .where(*conds)
+                .order_by(col(Workflow.created_at).desc())
+                .offset(offset)
+                .limit(limit)
+            )
+            return list(rows), int(total)
+
+    async def child_ids(self, workflow_id: str) -> list[str]:
+        async with self.session() as s:
+            rows = await s.exec(
+                select(Workflow.id)
+                .where(Workflow.parent_id == workflow_id)
+                .order_by(col(Workflow.created_at))
+            )
+            return list(rows)
+
+    async def count_workflows_since(self, account_id: str, since: datetime) -> int:
+        async with self.session() as s:
+            n = await s.exec(
+                select(func.count())
+                .select_from(Workflow)
+                .where(Workflow.account_id == account_id, col(Workflow.created_at) >= since)
+            )
+            return int(n.one())
+
+    async def waiting_workflows(self) -> list[Workflow]:
+        """Accepted workflows no runner holds, oldest first."""
+        async with self.session() as s:
+            rows = await s.exec(
+                select(Workflow)
+                .where(Workflow.status == "accepted", col(Workflow.runner_id).is_(None))
+                .order_by(col(Workflow.created_at))
+            )
+            return list(rows)
+
+    async def claim_workflow(self, workflow_id: str, attempt: int, runner_id: str) -> bool:
+        """Give a waiting workflow to a runner; false if someone else changed it meanwhile."""
+        now = utcnow()
+        async with self.session() as s:
+            result = await s.exec(
+                update(Workflow)
+                .where(
+                    col(Workflow.id) == workflow_id,
+                    col(Workflow.attempt) == attempt,
+                    col(Workflow.status) == "accepted",
+                    col(Workflow.runner_id).is_(None),
+                )
+                .values(runner_id=runner_id, dispatched_at=now, updated_at=now, queue_number=None)
+            )  # type: ignore[call-overload]
+            await s.commit()
+            return bool(result.rowcount)
+
+    async def unclaim_workflow(self, workflow_id: str, attempt: int, runner_id: str) -> None:
+        async with self.session() as s:
+            await s.exec(
+                update(Workflow)
+                .where(
+                    col(Workflow.id) == workflow_id,
+                    col(Workflow.attempt) == attempt,
+                    col(Workflow.runner_id) == runner_id,
+                    col(Workflow.status) == "accepted",
+                )
+                .values(runner_id=None, dispatched_at=None)
+            )  # type: ignore[call-overload]
+            await s.commit()
+
+    async def update_current(
+        self, workflow_id: str, attempt: int, runner_id: str, changes: dict[str, Any]
+    ) -> Workflow | None:
+        """Apply an agent's report, fenced: only the runner holding the current attempt of a
+        workflow that is not finished may change it. ``None`` when the report is stale."""
+        async with self.session() as s:
+            wf = await s.get(Workflow, workflow_id)
+            if wf is None or wf.attempt != attempt or wf.runner_id != runner_id or wf.status in TERMINAL:
+                return None
+            for key, value in changes.items():
+                setattr(wf, key, value)
+            wf.updated_at = utcnow()
+            s.add(wf)
+            await s.commit()
+            return wf
+
+    async def set_params(self, workflow_id: str, params: dict[str, Any]) -> None:
+        async with self.session() as s:
+            await s.exec(
+                update(Workflow).where(col(Workflow.id) == workflow_id).values(workflow_params=params)
+            )  # type: ignore[call-overload]
+            await s.commit()
+
+    async def cancel_workflow(self, workflow_id: str) -> Workflow | None:
+        """Mark a workflow cancelled unless it already finished (then ``None``)."""
+        now = utcnow()
+        async with self.session() as s:
+            wf = await s.get(Workflow, workflow_id)
+            if wf is None or wf.status in TERMINAL:
+                return None
+            wf.status, wf.completed_at, wf.updated_at = "cancelled", now, now
+            s.add(wf)
+            await s.commit()
+            return wf
+
+    async def inflight_workflows(self, runner_id: str | None = None) -> list[Workflow]:
+        """Workflows held by a runner (one, or any) that have not finished."""
+        conds = [col(Workflow.runner_id).is_not(None), col(Workflow.status).not_in(TERMINAL)]
+        if runner_id is not None:
+            conds.append(col(Workflow.runner_id) == runner_id)
+        async with self.session() as s:
+            return list(await s.exec(select(Workflow).where(*conds)))
+
+    async def requeue(
+        self, workflow_id: str, attempt: int, max_attempts: int, reason: str
+    ) -> Workflow | None:
+        """Take a workflow back from a lost runner: attempt + 1 and waiting again, or failed
+        with the reason once it has had ``max_attempts``."""
+        now = utcnow()
+        async with self.session() as s:
+            wf = await s.get(Workflow, workflow_id)
+            if wf is None or wf.attempt != attempt or wf.status in TERMINAL:
+                return None
+            if wf.attempt >= max_attempts:
+                wf.status = "failed"
+                wf.exception_message = f"{reason}; gave up after {wf.attempt} attempts"
+                wf.completed_at = now
+            else:
+                wf.attempt += 1
+                wf.status = "accepted"
+                wf.runner_id = None
+                wf.dispatched_at = None
+                wf.prompt_id = None
+                wf.queue_number = None
+                wf.progress = None
+            wf.updated_at = now
+            s.add(wf)
+            await s.commit()
+            return wf
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def record_node_event(
+        self, workflow_id: str, attempt: int, node_id: str, class_type: str | None, event: str
+    ) -> Task:
+        now = utcnow()
+        async with self.session() as s:
+            task = (
+                await s.exec(
+                    select(Task).where(
+                        Task.workflow_id == workflow_id, Task.attempt == attempt, Task.node_id == node_id
+                    )
+                )
+            ).first()
+            if task is None:
+                task = Task(workflow_id=workflow_id, attempt=attempt, node_id=node_id, class_type=class_type)
+            if event in ("executing", "progress") and task.status == "SCHEDULED":
+                task.status, task.started_at = "IN_PROGRESS", now
+            elif event == "cached":
+                task.status, task.cached, task.ended_at = "COMPLETED", True, now
+            elif event == "executed":
+                task.status, task.ended_at = "COMPLETED", now
+                task.started_at = task.started_at or now
+            elif event == "error":
+                task.status, task.ended_at = "FAILED", now
+            elif event == "interrupted":
+                task.status, task.ended_at = "CANCELED", now
+            s.add(task)
+            await s.commit()
+            return task
+
+    async def finish_tasks(self, workflow_id: str, attempt: int, status: str) -> None:
+        """Close the attempt's open tasks: a node that started and got no later event finished
+        when the prompt did (ComfyUI sends ``executed`` for output nodes only)."""
+        now = utcnow()
+        async with self.session() as s:
+            await s.exec(
+                update(Task)
+                .where(
+                    col(Task.workflow_id) == workflow_id,
+                    col(Task.attempt) == attempt,
+                    col(Task.status).in_(("SCHEDULED", "IN_PROGRESS")),
+                )
+                .values(status=status, ended_at=now)
+            )  # type: ignore[call-overload]
+            await s.commit()
+
+    async def tasks(self, workflow_id: str, attempt: int | None = None) -> list[Task]:
+        conds = [Task.workflow_id == workflow_id]
+        if attempt is not None:
+            conds.append(Task.attempt == attempt)
+        async with self.session() as s:
+            rows = await s.exec(
+                select(Task).where(*conds).order_by(col(Task.attempt).desc(), col(Task.started_at))
+            )
+            return list(rows)
+
+    # -- outputs -------------------------------------------------------------------------
+
+    async def add_output(self, output: Output) -> Output:
+        async with self.session() as s:
+            s.add(output)
+            await s.commit()
+            return output
+
+    async def outputs(self, workflow_id: str, attempt: int | None = None) -> list[Output]:
+        conds = [Output.workflow_id == workflow_id]
+        if attempt is not None:
+            conds.append(Output.attempt == attempt)
+        async with self.session() as s:
+            rows = await s.exec(select(Output).where(*conds).order_by(col(Output.created_at)))
+            return list(rows)
+
+    async def get_output(self, account_id: str, output_id: str) -> Output:
+        async with self.session() as s:
+            out = await s.get(Output, output_id)
+            if out is None or out.account_id != account_id:
+                raise NotFound(f"output {output_id} not found")
+            return out
+
+    # -- idempotency ---------------------------------------------------------------------
+
+    async def get_idempotent(self, account_id: str, key: str) -> IdempotencyRecord | None:
+        async with self.session() as s:
+            return await s.get(IdempotencyRecord, (account_id, key))
+
+    async def put_idempotent(self, record: IdempotencyRecord) -> None:
+        async with self.session() as s:
+            s.add(record)
+            await s.commit()
+
+    async def forget_idempotent_before(self, cutoff: datetime) -> None:
+        async with self.session() as s:
+            rows = await s.exec(select(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff))
+            for row in rows:
+                await s.delete(row)
+            await s.commit()
+
+
+def day_ago() -> datetime:
+    return utcnow() - timedelta(days=1)
+
+
+__all__: Sequence[str] = ("TERMINAL", "Store", "day_ago", "hash_token", "new_token")

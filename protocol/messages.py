@@ -1,0 +1,187 @@
+"""Websocket messages between a runner agent and the control plane (DESIGN §5).
+
+One discriminated union on ``type``; both sides parse with :func:`parse_message` and
+serialise with :func:`dump_message`. Unknown types are not an error: they come back as
+``None`` so that a newer peer can talk to an older one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from protocol.capacity import Capacity
+
+PROTOCOL_VERSION = 1
+
+JobStatus = Literal["uploaded", "queued", "running", "completed", "failed", "cancelled", "invalid"]
+
+
+class _Message(BaseModel):
+    # Extra fields are kept rather than rejected so a newer peer may add fields.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ComfyUIInfo(BaseModel):
+    """What the agent's ComfyUI can run, sent at hello."""
+
+    url: str
+    version: str | None = None
+    node_classes: list[str] = Field(default_factory=list)
+    # loader input name (e.g. "ckpt_name") -> offered model files
+    models: dict[str, list[str]] = Field(default_factory=dict)
+    devices: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class HeldJob(BaseModel):
+    workflow_id: str
+    attempt: int
+
+
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    protocol_version: int = PROTOCOL_VERSION
+    agent_version: str
+    capacity: Capacity
+    comfyui: ComfyUIInfo
+    jobs: list[HeldJob] = Field(default_factory=list)
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    protocol_version: int = PROTOCOL_VERSION
+    runner_id: str
+    name: str
+    tags: list[str]
+    status: Literal["active", "disabled"]
+    heartbeat_s: float
+    # Held jobs the control plane no longer wants run (cancelled, reassigned): drop them.
+    drop_jobs: list[HeldJob] = Field(default_factory=list)
+
+
+class Ready(_Message):
+    type: Literal["ready"] = "ready"
+    free_slots: int
+
+
+class JobFile(BaseModel):
+    """An input file of a job; the agent downloads it from ``url`` with its runner token."""
+
+    name: str  # the $file parameter's name
+    filename: str  # the name the client uploaded it under
+    url: str
+    sha256: str
+    size_bytes: int
+
+
+class Job(_Message):
+    type: Literal["job"] = "job"
+    workflow_id: str
+    attempt: int
+    workflow_json: dict[str, Any]
+    # text and choice values by parameter name; files are in ``files``
+    params: dict[str, str] = Field(default_factory=dict)
+    files: list[JobFile] = Field(default_factory=list)
+    rerun_from: str | None = None
+
+
+class JobError(BaseModel):
+    message: str
+    node_id: str | None = None
+    node_type: str | None = None
+    exception_type: str | None = None
+    # ComfyUI's node_errors for an invalid prompt, kept verbatim
+    node_errors: dict[str, Any] | None = None
+
+
+class NodeEvent(BaseModel):
+    """One ComfyUI node event, the raw material of task records."""
+
+    node_id: str
+    class_type: str | None = None
+    event: Literal["executing", "cached", "executed", "progress", "error", "interrupted"]
+    value: float | None = None
+    max: float | None = None
+    at_ms: int | None = None
+
+
+class JobUpdate(_Message):
+    type: Literal["job_update"] = "job_update"
+    workflow_id: str
+    attempt: int
+    status: JobStatus | None = None
+    prompt_id: str | None = None
+    queue_number: int | None = None
+    node: NodeEvent | None = None
+    progress: float | None = None  # 0..1 over the whole prompt
+    resolved_params: dict[str, Any] | None = None
+    error: JobError | None = None
+
+
+class OutputRef(BaseModel):
+    """An output already uploaded over HTTP (``PUT /v1/agent/jobs/{id}/outputs/...``)."""
+
+    output_id: str
+    node_id: str
+    filename: str
+    kind: str  # images, gifs, video, audio, text ...
+    content_type: str
+    size_bytes: int
+    sha256: str
+
+
+class JobDone(_Message):
+    type: Literal["job_done"] = "job_done"
+    workflow_id: str
+    attempt: int
+    outputs: list[OutputRef] = Field(default_factory=list)
+    # text outputs (ComfyUI "text" entries) by node id
+    texts: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class Cancel(_Message):
+    type: Literal["cancel"] = "cancel"
+    workflow_id: str
+    attempt: int
+
+
+class CapacityUpdate(_Message):
+    type: Literal["capacity"] = "capacity"
+    capacity: Capacity
+
+
+Message = Annotated[
+    Hello | Welcome | Ready | Job | JobUpdate | JobDone | Cancel | CapacityUpdate,
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+KNOWN_TYPES = frozenset(
+    m.model_fields["type"].default
+    for m in (Hello, Welcome, Ready, Job, JobUpdate, JobDone, Cancel, CapacityUpdate)
+)
+
+
+class ProtocolError(ValueError):
+    """A frame that claims a known type but does not fit it, or is not JSON at all."""
+
+
+def parse_message(raw: str | bytes) -> Message | None:
+    """Parse one frame; ``None`` for a well-formed message of a type this side does not know."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ProtocolError(f"frame is not JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ProtocolError("frame is not an object with a string 'type'")
+    if data["type"] not in KNOWN_TYPES:
+        return None
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError(f"bad {data['type']!r} message: {exc}") from exc
+
+
+def dump_message(message: _Message) -> str:
+    return message.model_dump_json()

@@ -1,0 +1,158 @@
+"""Shared fixtures: a real control plane, the ComfyUI simulator and real agents, all on
+127.0.0.1 with ports picked by the OS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from comfyfleet.admin import create_token
+from control_plane.app import create_app
+from control_plane.services import Services
+from control_plane.settings import Settings
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@dataclass
+class ControlPlane:
+    base: str
+    settings: Settings
+    app: web.Application
+    runner: web.AppRunner
+    http: aiohttp.ClientSession
+    _tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def services(self) -> Services:
+        return self.app[Services.KEY]
+
+    async def token(self, account: str = "alice", *, tier: str | None = None, scope: str = "client", expires_in_days: float | None = None) -> str:
+        return await create_token(self.settings, account, tier, scope, expires_in_days)
+
+    async def headers(self, account: str = "alice") -> dict[str, str]:
+        if account not in self._tokens:
+            self._tokens[account] = await self.token(account)
+        return {"Authorization": f"Bearer {self._tokens[account]}"}
+
+    async def create_runner(self, account: str = "alice", name: str = "r1", tags: list[str] | None = None) -> dict[str, Any]:
+        async with self.http.post(
+            f"{self.base}/v1/runner", json={"name": name, "tags": tags or []}, headers=await self.headers(account)
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+            return await resp.json()
+
+    async def request(self, method: str, path: str, account: str | None = "alice", **kwargs: Any) -> tuple[int, Any]:
+        headers = kwargs.pop("headers", None)
+        if headers is None and account is not None:
+            headers = await self.headers(account)
+        async with self.http.request(method, self.base + path, headers=headers, **kwargs) as resp:
+            body = await resp.json() if resp.content_type == "application/json" else await resp.read()
+            return resp.status, body
+
+    async def wait_for_status(self, wf_id: str, statuses: set[str], account: str = "alice", timeout_s: float = 20) -> dict[str, Any]:
+        """Follow the workflow's SSE stream until it reports one of ``statuses``."""
+        async with asyncio.timeout(timeout_s):
+            async for event, data in self.events(wf_id, account):
+                if event == "status" and data["status"] in statuses:
+                    break
+        _, body = await self.request("GET", f"/v1/workflow/{wf_id}", account)
+        return body
+
+    async def events(self, wf_id: str, account: str = "alice") -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        async with self.http.get(f"{self.base}/v1/workflow/{wf_id}/subscribe", headers=await self.headers(account)) as resp:
+            assert resp.status == 200, await resp.text()
+            event = ""
+            async for raw in resp.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    yield event, json.loads(line[6:])
+
+
+async def start_control_plane(tmp_path: Path, **overrides: Any) -> tuple[web.AppRunner, str, web.Application, Settings]:
+    port = overrides.pop("port", 0)
+    settings = Settings(data_dir=tmp_path / "cp", **overrides).validate()
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    sock_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{sock_port}", app, settings
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def cp(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[ControlPlane]:
+    runner, base, app, settings = await start_control_plane(tmp_path, runner_grace_s=2.0, heartbeat_s=1.0)
+    yield ControlPlane(base, settings, app, runner, http)
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sim(tmp_path: Path) -> AsyncIterator[str]:
+    from comfyui_sim import SimSettings, start_simulator
+
+    runner, url = await start_simulator(SimSettings(data_dir=tmp_path / "comfyui"), port=0)
+    yield url
+    await runner.cleanup()
+
+
+AgentFactory = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def start_agent(tmp_path: Path) -> AsyncIterator[AgentFactory]:
+    """Start real agents; each is stopped at the end of the test."""
+    from runner_agent.agent import Agent
+    from runner_agent.config import AgentSettings
+
+    running: list[tuple[Any, asyncio.Task[Any]]] = []
+
+    async def start(server: str, token: str, comfyui: str, **kw: Any) -> Any:
+        settings = AgentSettings(
+            server_url=server,
+            token=token,
+            comfyui_url=comfyui,
+            data_dir=tmp_path / f"agent{len(running)}",
+            reconnect_initial_s=0.05,
+            reconnect_max_s=0.5,
+            **kw,
+        )
+        agent = Agent(settings)
+        running.append((agent, asyncio.create_task(agent.run())))
+        return agent
+
+    yield start
+    for agent, task in running:
+        await agent.stop()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, 10)
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_png(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
