@@ -38,7 +38,14 @@ class ControlPlane:
     def services(self) -> Services:
         return self.app[Services.KEY]
 
-    async def token(self, account: str = "alice", *, tier: str | None = None, scope: str = "client", expires_in_days: float | None = None) -> str:
+    async def token(
+        self,
+        account: str = "alice",
+        *,
+        tier: str | None = None,
+        scope: str = "client",
+        expires_in_days: float | None = None,
+    ) -> str:
         return await create_token(self.settings, account, tier, scope, expires_in_days)
 
     async def headers(self, account: str = "alice") -> dict[str, str]:
@@ -46,14 +53,20 @@ class ControlPlane:
             self._tokens[account] = await self.token(account)
         return {"Authorization": f"Bearer {self._tokens[account]}"}
 
-    async def create_runner(self, account: str = "alice", name: str = "r1", tags: list[str] | None = None) -> dict[str, Any]:
+    async def create_runner(
+        self, account: str = "alice", name: str = "r1", tags: list[str] | None = None
+    ) -> dict[str, Any]:
         async with self.http.post(
-            f"{self.base}/v1/runner", json={"name": name, "tags": tags or []}, headers=await self.headers(account)
+            f"{self.base}/v1/runner",
+            json={"name": name, "tags": tags or []},
+            headers=await self.headers(account),
         ) as resp:
             assert resp.status == 201, await resp.text()
             return await resp.json()
 
-    async def request(self, method: str, path: str, account: str | None = "alice", **kwargs: Any) -> tuple[int, Any]:
+    async def request(
+        self, method: str, path: str, account: str | None = "alice", **kwargs: Any
+    ) -> tuple[int, Any]:
         headers = kwargs.pop("headers", None)
         if headers is None and account is not None:
             headers = await self.headers(account)
@@ -61,7 +74,9 @@ class ControlPlane:
             body = await resp.json() if resp.content_type == "application/json" else await resp.read()
             return resp.status, body
 
-    async def wait_for_status(self, wf_id: str, statuses: set[str], account: str = "alice", timeout_s: float = 20) -> dict[str, Any]:
+    async def wait_for_status(
+        self, wf_id: str, statuses: set[str], account: str = "alice", timeout_s: float = 20
+    ) -> dict[str, Any]:
         """Follow the workflow's SSE stream until it reports one of ``statuses``."""
         async with asyncio.timeout(timeout_s):
             async for event, data in self.events(wf_id, account):
@@ -71,7 +86,9 @@ class ControlPlane:
         return body
 
     async def events(self, wf_id: str, account: str = "alice") -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        async with self.http.get(f"{self.base}/v1/workflow/{wf_id}/subscribe", headers=await self.headers(account)) as resp:
+        async with self.http.get(
+            f"{self.base}/v1/workflow/{wf_id}/subscribe", headers=await self.headers(account)
+        ) as resp:
             assert resp.status == 200, await resp.text()
             event = ""
             async for raw in resp.content:
@@ -82,11 +99,15 @@ class ControlPlane:
                     yield event, json.loads(line[6:])
 
 
-async def start_control_plane(tmp_path: Path, **overrides: Any) -> tuple[web.AppRunner, str, web.Application, Settings]:
+async def start_control_plane(
+    tmp_path: Path, **overrides: Any
+) -> tuple[web.AppRunner, str, web.Application, Settings]:
     port = overrides.pop("port", 0)
     settings = Settings(data_dir=tmp_path / "cp", **overrides).validate()
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None)
+    # A refused upload is drained for lingering_time so the client reads its 400; a short
+    # one keeps the test server's shutdown quick.
+    runner = web.AppRunner(app, access_log=None, lingering_time=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -123,6 +144,7 @@ AgentFactory = Callable[..., Awaitable[Any]]
 async def start_agent(tmp_path: Path) -> AsyncIterator[AgentFactory]:
     """Start real agents; each is stopped at the end of the test."""
     from runner_agent.agent import Agent
+
     from runner_agent.config import AgentSettings
 
     running: list[tuple[Any, asyncio.Task[Any]]] = []

@@ -31,7 +31,9 @@ async def test_x_authorization_header_is_accepted(cp: ControlPlane) -> None:
 
 async def test_runner_token_cannot_act_as_a_client(cp: ControlPlane) -> None:
     runner = await cp.create_runner()
-    status, _ = await cp.request("GET", "/v1/workflow", headers={"Authorization": f"Bearer {runner['token']}"})
+    status, _ = await cp.request(
+        "GET", "/v1/workflow", headers={"Authorization": f"Bearer {runner['token']}"}
+    )
     assert status == 401
 
 

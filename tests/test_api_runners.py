@@ -45,9 +45,16 @@ async def test_update_and_delete(cp: ControlPlane) -> None:
 async def test_bad_runner_input_is_400_with_message(cp: ControlPlane) -> None:
     status, body = await cp.request("POST", "/v1/runner", json={"name": ""})
     assert status == 400 and "name" in body["message"]
-    status, body = await cp.request("POST", "/v1/runner", json={"name": "x", "tags": [f"t{i}" for i in range(11)]})
+    status, body = await cp.request(
+        "POST", "/v1/runner", json={"name": "x", "tags": [f"t{i}" for i in range(11)]}
+    )
     assert status == 400 and "at most 10 tags" in body["message"]
-    status, body = await cp.request("POST", "/v1/runner", data=b"{nope", headers={**await cp.headers(), "Content-Type": "application/json"})
+    status, body = await cp.request(
+        "POST",
+        "/v1/runner",
+        data=b"{nope",
+        headers={**await cp.headers(), "Content-Type": "application/json"},
+    )
     assert status == 400 and "JSON" in body["message"]
     created = await cp.create_runner()
     status, body = await cp.request("PUT", f"/v1/runner/{created['id']}", json={"status": "paused"})
