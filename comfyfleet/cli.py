@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,14 +39,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def _add_simulator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("simulator", help="run the ComfyUI simulator")
     p.add_argument("--host", default=_env("SIMULATOR_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env("SIMULATOR_PORT", "8188") or 8188))
+    p.add_argument("--port", type=int, default=_env("SIMULATOR_PORT", "8188"))
     p.add_argument("--data-dir", default=_env("SIMULATOR_DATA_DIR", "data/simulator"))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="control plane + simulator + agent, and a sample workflow")
-    p.add_argument("--port", type=int, default=int(_env("PORT", "8080") or 8080))
-    p.add_argument("--simulator-port", type=int, default=int(_env("SIMULATOR_PORT", "8188") or 8188))
+    p.add_argument("--port", type=int, default=_env("PORT", "8080"))
+    p.add_argument("--simulator-port", type=int, default=_env("SIMULATOR_PORT", "8188"))
     p.add_argument("--data-dir", default=_env("DATA_DIR", "data/demo"))
     p.add_argument("--exit-after-run", action="store_true", help="stop once the sample workflow finished")
 
@@ -85,7 +86,14 @@ def _serve(args: argparse.Namespace) -> int:
         config_file=args.config,
     )
     logs.configure(json_lines=args.log_json)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    log = logging.getLogger("comfyfleet.serve")
+    # run_app calls ``print`` once its sockets listen: the moment to say where we are.
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=lambda _: log.info("control plane listening on http://%s:%d", settings.host, settings.port),
+    )
     return 0
 
 

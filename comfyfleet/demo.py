@@ -44,7 +44,9 @@ async def submit_sample(http: aiohttp.ClientSession, base: str, headers: dict[st
     form = aiohttp.FormData()
     form.add_field("name", "demo: invert and scale")
     form.add_field("tags", "demo")
-    form.add_field("workflow_json", sample_workflow(), filename="invert_scale.json", content_type="application/json")
+    form.add_field(
+        "workflow_json", sample_workflow(), filename="invert_scale.json", content_type="application/json"
+    )
     form.add_field("$input_image", sample_image(), filename="gradient.png", content_type="image/png")
     form.add_field("$prefix", "demo")
     form.add_field("$width", "128")
@@ -72,7 +74,10 @@ async def follow(http: aiohttp.ClientSession, base: str, headers: dict[str, str]
                     extra = f" (queue position {data['queue_number']})" if data.get("queue_number") else ""
                     print(f"  status: {status}{extra}", flush=True)
                 elif event == "node" and data["event"] in ("executing", "cached"):
-                    print(f"    node {data['node_id']} {data.get('class_type') or ''}: {data['event']}", flush=True)
+                    print(
+                        f"    node {data['node_id']} {data.get('class_type') or ''}: {data['event']}",
+                        flush=True,
+                    )
                 elif event == "cause":
                     print(f"  error: {data}", flush=True)
     return status
@@ -81,7 +86,9 @@ async def follow(http: aiohttp.ClientSession, base: str, headers: dict[str, str]
 async def _demo(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
     settings = load_settings({"data_dir": str(data_dir / "control-plane"), "port": args.port})
-    sim_runner, sim_url = await start_simulator(SimSettings(data_dir=data_dir / "comfyui"), port=args.simulator_port)
+    sim_runner, sim_url = await start_simulator(
+        SimSettings(data_dir=data_dir / "comfyui"), port=args.simulator_port
+    )
     cp_runner = web.AppRunner(create_app(settings), access_log=None)
     await cp_runner.setup()
     await web.TCPSite(cp_runner, "127.0.0.1", args.port).start()
@@ -92,7 +99,9 @@ async def _demo(args: argparse.Namespace) -> int:
     agent_task: asyncio.Task[Any] | None = None
     try:
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{base}/v1/runner", json={"name": "demo-runner", "tags": ["demo"]}, headers=headers) as r:
+            async with http.post(
+                f"{base}/v1/runner", json={"name": "demo-runner", "tags": ["demo"]}, headers=headers
+            ) as r:
                 runner = await r.json()
             agent = Agent(
                 AgentSettings(
