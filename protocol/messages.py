@@ -85,6 +85,11 @@ class Job(_Message):
     params: dict[str, str] = Field(default_factory=dict)
     files: list[JobFile] = Field(default_factory=list)
     rerun_from: str | None = None
+    # A rerun from a node keeps the previous attempt's seeds ("node.input" -> value) and
+    # timestamp, so the unchanged upstream nodes see the same inputs and ComfyUI's cache
+    # serves them.
+    fixed_random: dict[str, int] = Field(default_factory=dict)
+    timestamp_ms: int | None = None
 
 
 class JobError(BaseModel):

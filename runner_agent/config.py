@@ -1,0 +1,265 @@
+"""Agent settings: one object per process, built from flags, environment and a TOML file.
+
+Precedence: command-line flags > environment > TOML file > defaults. Every setting ``x`` can
+be set in the environment as ``COMFYFLEET_AGENT_X``; the four that every deployment needs also
+have short names: ``COMFYFLEET_SERVER``, ``COMFYFLEET_TOKEN``, ``COMFYFLEET_COMFYUI`` and
+``COMFYFLEET_CONFIG`` (the TOML file). The agent-only names carry ``AGENT_`` so that they
+never collide with the control plane's ``COMFYFLEET_DATA_DIR`` and friends on a shared host.
+
+The TOML file holds the settings by field name, either at the top level or under an
+``[agent]`` table (so one file can configure the control plane and the agent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from runner_agent import __version__
+
+ENV_PREFIX = "COMFYFLEET_AGENT_"
+# The settings every deployment sets get short environment names too.
+ENV_ALIASES = {
+    "server_url": "COMFYFLEET_SERVER",
+    "token": "COMFYFLEET_TOKEN",
+    "comfyui_url": "COMFYFLEET_COMFYUI",
+}
+ENV_CONFIG = "COMFYFLEET_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message says which and where to set it."""
+
+
+def _default_data_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "comfyfleet-agent"
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    server_url: str
+    token: str = field(repr=False)
+    comfyui_url: str = "http://127.0.0.1:8188"
+    # Sent with every request to ComfyUI, for one behind an authenticating proxy.
+    comfyui_headers: dict[str, str] = field(default_factory=dict, repr=False)
+    slots: int = 1
+    data_dir: Path = field(default_factory=_default_data_dir)
+    # None: use the heartbeat the control plane asks for in its welcome.
+    heartbeat_s: float | None = None
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    # Fraction of each backoff delay that is randomised, so a fleet does not reconnect in step.
+    reconnect_jitter: float = 0.5
+    welcome_timeout_s: float = 15.0
+    history_poll_slow_s: float = 2.0
+    history_poll_fast_s: float = 0.2
+    # A job whose ComfyUI stays unreachable this long while it runs is failed.
+    comfyui_down_grace_s: float = 120.0
+    # On stop, running jobs get this long to finish before they are abandoned.
+    shutdown_grace_s: float = 30.0
+    # Per-read timeout on HTTP calls to ComfyUI and the control plane.
+    http_read_timeout_s: float = 300.0
+    agent_version: str = __version__
+    log_json: bool = False
+
+    @property
+    def connect_url(self) -> str:
+        """The control plane's agent websocket, derived from its HTTP base URL."""
+        parts = urlsplit(self.server_url)
+        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+        return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/v1/agent/connect"
+
+    @property
+    def http_base_url(self) -> str:
+        parts = urlsplit(self.server_url)
+        scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+        return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+    def validate(self) -> AgentSettings:
+        if not self.server_url:
+            raise SettingsError("no control-plane URL: pass --server URL or set COMFYFLEET_SERVER")
+        if not self.token:
+            raise SettingsError(
+                "no runner token: pass --token TOKEN, --token-file FILE or set COMFYFLEET_TOKEN"
+            )
+        _check_url(
+            "server_url (--server, COMFYFLEET_SERVER)", self.server_url, ("http", "https", "ws", "wss")
+        )
+        _check_url("comfyui_url (--comfyui, COMFYFLEET_COMFYUI)", self.comfyui_url, ("http", "https"))
+        if self.slots < 1:
+            raise SettingsError(f"slots must be at least 1, got {self.slots}")
+        positive = (
+            "reconnect_initial_s",
+            "reconnect_max_s",
+            "welcome_timeout_s",
+            "history_poll_slow_s",
+            "history_poll_fast_s",
+            "http_read_timeout_s",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("comfyui_down_grace_s", "shutdown_grace_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.heartbeat_s is not None and self.heartbeat_s <= 0:
+            raise SettingsError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
+        if not 0 <= self.reconnect_jitter <= 1:
+            raise SettingsError(f"reconnect_jitter must be within 0..1, got {self.reconnect_jitter}")
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise SettingsError("reconnect_max_s must not be below reconnect_initial_s")
+        return self
+
+
+def _check_url(what: str, url: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.netloc:
+        raise SettingsError(f"{what}: {url!r} is not a {'/'.join(schemes)} URL")
+
+
+_FIELDS = {f.name: f for f in fields(AgentSettings)}
+# The token is read from a file named by token_file, which is not a field of its own.
+_EXTRA_KEYS = ("token_file",)
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    """Turn a raw value from TOML, the environment or a flag into the field's type."""
+    kind = str(_FIELDS[name].type)
+    try:
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError("a boolean is not a number")
+            return int(raw)
+        if kind in ("float", "float | None"):
+            if isinstance(raw, bool):
+                raise ValueError("a boolean is not a number")
+            return float(raw)
+        if kind == "bool":
+            return _to_bool(raw)
+        if kind == "Path":
+            return Path(str(raw)).expanduser()
+        if kind == "dict[str, str]":
+            return _to_headers(raw)
+        if isinstance(raw, (dict, list)):
+            raise ValueError("expected a string")
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}: {name} = {raw!r} is not valid: {exc}") from exc
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _to_headers(raw: Any) -> dict[str, str]:
+    # The environment carries headers as a JSON object.
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise ValueError("expected a table of header name to string value")
+    return dict(raw)
+
+
+def parse_header_flag(text: str) -> tuple[str, str]:
+    """``"Name: value"`` from a ``--comfyui-header`` flag."""
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise SettingsError(f"--comfyui-header {text!r}: expected 'Name: value'")
+    return name.strip(), value.strip()
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+    if isinstance(data.get("agent"), dict):
+        # A shared file: the other tables belong to other programs.
+        data = data["agent"]
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key in _EXTRA_KEYS:
+            values[key] = str(raw)
+        elif key in _FIELDS:
+            values[key] = _coerce(key, raw, f"config file {path}")
+        else:
+            allowed = ", ".join(sorted([*_FIELDS, *_EXTRA_KEYS]))
+            raise SettingsError(f"config file {path}: unknown setting {key!r} (known: {allowed})")
+    return values
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        for var in (ENV_PREFIX + name.upper(), ENV_ALIASES.get(name)):
+            if var and env.get(var):
+                values[name] = _coerce(name, env[var], f"environment {var}")
+                break
+    token_file = env.get(ENV_PREFIX + "TOKEN_FILE") or env.get("COMFYFLEET_TOKEN_FILE")
+    if token_file:
+        values["token_file"] = token_file
+    return values
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"cannot read token file {path}: {exc.strerror}") from exc
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> AgentSettings:
+    """Merge the layers and validate. ``flags`` maps field names (plus ``config`` and
+    ``token_file``) to values from the command line; ``None`` means "not given"."""
+    env = os.environ if environ is None else environ
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    config = given.pop("config", None) or env.get(ENV_CONFIG)
+
+    values: dict[str, Any] = {}
+    for layer in (
+        _from_file(Path(config).expanduser()) if config else {},
+        _from_env(env),
+        {k: v if k in _EXTRA_KEYS else _coerce(k, v, "command line") for k, v in given.items()},
+    ):
+        # A token given directly at a layer beats a token file given at a lower one, and
+        # the other way round.
+        if "token" in layer:
+            values.pop("token_file", None)
+        if "token_file" in layer:
+            values.pop("token", None)
+        values.update(layer)
+
+    token_file = values.pop("token_file", None)
+    if token_file and not values.get("token"):
+        values["token"] = _read_token_file(token_file)
+    values.setdefault("server_url", "")
+    values.setdefault("token", "")
+    return AgentSettings(**values).validate()
+
+
+def with_overrides(settings: AgentSettings, **changes: Any) -> AgentSettings:
+    """A validated copy with some fields changed (tests, the top-level CLI)."""
+    return replace(settings, **changes).validate()

@@ -1,0 +1,186 @@
+"""Blob transfers with the control plane over HTTP: job inputs down, outputs up.
+
+Blobs never travel on the websocket. Both directions stream through disk, checked by sha256.
+
+Errors::
+
+    TransferError            a download or upload failed (after retries)
+    └── AttemptSuperseded    409: this attempt is no longer current; stop working on the job
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from protocol.messages import JobFile, OutputRef
+from runner_agent.files import StoredFile, TooLarge, read_chunks, store_stream
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RETRIES = 3
+_RETRY_BASE_S = 0.5
+
+
+class TransferError(Exception):
+    """A transfer with the control plane failed."""
+
+
+class AttemptSuperseded(TransferError):
+    """The control plane answered 409: a newer attempt owns the job."""
+
+
+class _Retryable(TransferError):
+    pass
+
+
+class ControlPlaneFiles:
+    def __init__(self, base_url: str, token: str, *, read_timeout_s: float = 300.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {token}"}
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=read_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _url(self, url: str) -> str:
+        """Job file URLs are paths on the control plane. An absolute URL is accepted only on
+        the control plane's own origin: the runner token must never go anywhere else."""
+        parts = urlsplit(url)
+        if not parts.scheme:
+            return self.base_url + "/" + url.lstrip("/")
+        base = urlsplit(self.base_url)
+        if (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
+            raise TransferError(f"refusing to send the runner token to {parts.netloc}")
+        return url
+
+    async def download_input(self, file: JobFile, dest: Path, *, tag: str = "") -> StoredFile:
+        """Fetch one job input to ``dest``; its sha256 and size must match the job's."""
+        url = self._url(file.url)
+
+        async def attempt() -> StoredFile:
+            try:
+                async with self.session.get(url, headers=self._auth) as resp:
+                    if resp.status == 409:
+                        raise AttemptSuperseded(f"GET {file.url}: attempt no longer current")
+                    if resp.status >= 500:
+                        raise _Retryable(f"GET {file.url} answered {resp.status}")
+                    if resp.status != 200:
+                        raise TransferError(
+                            f"GET {file.url} answered {resp.status}: {(await resp.text())[:200]}"
+                        )
+                    stored = await store_stream(
+                        resp.content.iter_chunked(256 * 1024), dest, max_bytes=file.size_bytes
+                    )
+            except TooLarge as exc:
+                raise TransferError(f"input {file.name!r} is larger than announced") from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise _Retryable(f"GET {file.url}: {exc.__class__.__name__}: {exc}") from exc
+            if stored.size_bytes != file.size_bytes or stored.sha256 != file.sha256.lower():
+                await asyncio.to_thread(dest.unlink, missing_ok=True)
+                raise _Retryable(
+                    f"input {file.name!r} arrived damaged: {stored.size_bytes} bytes, sha256 "
+                    f"{stored.sha256}, expected {file.size_bytes} bytes, {file.sha256}"
+                )
+            return stored
+
+        return await _with_retries(attempt, f"{tag}: download of input {file.name!r} ({file.url})")
+
+    async def upload_output(
+        self,
+        *,
+        workflow_id: str,
+        attempt: int,
+        node_id: str,
+        kind: str,
+        filename: str,
+        content_type: str,
+        stored: StoredFile,
+    ) -> OutputRef:
+        url = f"{self.base_url}/v1/agent/jobs/{workflow_id}/outputs"
+        params = {
+            "attempt": str(attempt),
+            "node_id": node_id,
+            "filename": filename,
+            "kind": kind,
+        }
+        headers = {
+            **self._auth,
+            "Content-Type": content_type,
+            "X-Content-SHA256": stored.sha256,
+            # Known up front, so the control plane can refuse an oversized body early.
+            "Content-Length": str(stored.size_bytes),
+        }
+
+        async def put_once() -> OutputRef:
+            try:
+                async with self.session.put(
+                    url, params=params, headers=headers, data=read_chunks(stored.path)
+                ) as resp:
+                    text = await resp.text()
+                    if resp.status == 409:
+                        raise AttemptSuperseded(
+                            f"output upload for attempt {attempt} refused: no longer current"
+                        )
+                    if resp.status == 400 or resp.status >= 500:
+                        # 400 is a sha256 mismatch: the bytes were damaged on the way; resend.
+                        raise _Retryable(f"PUT outputs answered {resp.status}: {text[:200]}")
+                    if resp.status not in (200, 201):
+                        raise TransferError(f"PUT outputs answered {resp.status}: {text[:200]}")
+                    body = _json_object(text)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise _Retryable(f"PUT outputs: {exc.__class__.__name__}: {exc}") from exc
+            return OutputRef(
+                output_id=str(body.get("output_id", "")),
+                node_id=node_id,
+                filename=filename,
+                kind=kind,
+                content_type=content_type,
+                size_bytes=int(body.get("size_bytes", stored.size_bytes)),
+                sha256=str(body.get("sha256", stored.sha256)),
+            )
+
+        return await _with_retries(
+            put_once, f"upload of output {filename!r} of workflow {workflow_id} attempt {attempt}"
+        )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise TransferError(f"control plane answered something that is not JSON: {text[:200]}") from exc
+    if not isinstance(data, dict):
+        raise TransferError(f"control plane answered unexpected JSON: {text[:200]}")
+    return data
+
+
+async def _with_retries(operation: Callable[[], Awaitable[T]], what: str) -> T:
+    """A few tries with growing pauses for what may be a passing failure (a restart of the
+    control plane, a reset connection); anything else fails at once."""
+    for number in range(1, _RETRIES + 1):
+        try:
+            return await operation()
+        except _Retryable as exc:
+            if number == _RETRIES:
+                raise TransferError(f"{exc} (gave up after {_RETRIES} tries)") from exc
+            log.warning("%s failed, retrying: %s", what, exc)
+            await asyncio.sleep(_RETRY_BASE_S * 2 ** (number - 1))
+    raise AssertionError("unreachable")
