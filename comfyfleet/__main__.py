@@ -1,4 +1,5 @@
-from comfyfleet.cli import main
 import sys
+
+from comfyfleet.cli import main
 
 sys.exit(main())

@@ -84,7 +84,7 @@ async def follow(http: aiohttp.ClientSession, base: str, headers: dict[str, str]
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir).resolve()
+    data_dir = Path(args.data_dir)
     settings = load_settings({"data_dir": str(data_dir / "control-plane"), "port": args.port})
     sim_runner, sim_url = await start_simulator(
         SimSettings(data_dir=data_dir / "comfyui"), port=args.simulator_port
@@ -122,11 +122,11 @@ async def _demo(args: argparse.Namespace) -> int:
             async with http.get(f"{base}/v1/workflow/{wf['id']}/outputs", headers=headers) as r:
                 outputs = (await r.json())["outputs"]
             out_dir = data_dir / "outputs"
-            out_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
             for out in outputs:
                 async with http.get(base + out["src"], headers=headers) as r:
                     path = out_dir / f"{wf['id']}_{out['filename']}"
-                    path.write_bytes(await r.read())
+                    await asyncio.to_thread(path.write_bytes, await r.read())
                 print(f"output {out['filename']} ({out['size']} bytes): {base}{out['src']}", flush=True)
                 print(f"  saved to {path}", flush=True)
             print(f"workflow {wf['id']} finished: {status}", flush=True)
@@ -153,4 +153,5 @@ async def _demo(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     logs.configure(level="WARNING")
+    args.data_dir = str(Path(args.data_dir).resolve())
     return asyncio.run(_demo(args))

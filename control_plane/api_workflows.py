@@ -153,14 +153,17 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     workflow reaches a terminal state."""
     svc = services(request)
     principal = await svc.auth.client(request)
-    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
-    resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
-    await resp.prepare(request)
     # Subscribe before reading the snapshot so that no change falls between the two.
-    with svc.hub.subscribe(wf.id) as queue:
-        wf = await svc.store.get_workflow(principal.account.id, wf.id)
+    with svc.hub.subscribe(request.match_info["id"]) as queue:
+        wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
         snapshot = workflow_status_event(wf) | {"queue_number": await svc.queue_position(wf)}
         await resp.write(_sse("status", snapshot))
         last_status = wf.status

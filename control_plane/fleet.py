@@ -202,30 +202,22 @@ class Fleet:
                 exception_message=msg.error.message,
                 node_errors=msg.error.node_errors,
             )
-        if msg.resolved_params is not None:
-            current = await self.store.get_workflow(None, msg.workflow_id)
-            changes["workflow_params"] = {**current.workflow_params, "resolved": msg.resolved_params}
-        wf = None
-        if changes:
-            wf = await self.store.update_current(msg.workflow_id, msg.attempt, conn.runner_id, changes)
-            if wf is None:
-                log.info("workflow %s: dropped stale update for attempt %d", msg.workflow_id, msg.attempt)
-                return
+        node_event = None
         if msg.node is not None:
-            if wf is None:
-                current = await self.store.get_workflow(None, msg.workflow_id)
-                if (
-                    current.attempt != msg.attempt
-                    or current.runner_id != conn.runner_id
-                    or current.status in TERMINAL
-                ):
-                    return
-            await self.store.record_node_event(
-                msg.workflow_id, msg.attempt, msg.node.node_id, msg.node.class_type, msg.node.event
-            )
-            self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})
+            node_event = (msg.node.node_id, msg.node.class_type, msg.node.event)
+        wf = await self.store.update_current(
+            msg.workflow_id,
+            msg.attempt,
+            conn.runner_id,
+            changes,
+            resolved_params=msg.resolved_params,
+            node_event=node_event,
+        )
         if wf is None:
+            log.info("workflow %s: dropped stale update for attempt %d", msg.workflow_id, msg.attempt)
             return
+        if msg.node is not None:
+            self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})
         if msg.error is not None:
             self.hub.publish(
                 wf.id,

@@ -265,18 +265,30 @@ class Store:
             await s.commit()
 
     async def update_current(
-        self, workflow_id: str, attempt: int, runner_id: str, changes: dict[str, Any]
+        self,
+        workflow_id: str,
+        attempt: int,
+        runner_id: str,
+        changes: dict[str, Any],
+        *,
+        resolved_params: dict[str, Any] | None = None,
+        node_event: tuple[str, str | None, str] | None = None,
     ) -> Workflow | None:
-        """Apply an agent's report, fenced: only the runner holding the current attempt of a
-        workflow that is not finished may change it. ``None`` when the report is stale."""
+        """Apply an agent's report in one transaction, fenced: only the runner holding the
+        current attempt of a workflow that is not finished may change it, its tasks
+        included. ``None`` when the report is stale."""
         async with self.session() as s:
             wf = await s.get(Workflow, workflow_id)
             if wf is None or wf.attempt != attempt or wf.runner_id != runner_id or wf.status in TERMINAL:
                 return None
             for key, value in changes.items():
                 setattr(wf, key, value)
+            if resolved_params is not None:
+                wf.workflow_params = {**wf.workflow_params, "resolved": resolved_params}
             wf.updated_at = utcnow()
             s.add(wf)
+            if node_event is not None:
+                await _record_node_event(s, workflow_id, attempt, *node_event)
             await s.commit()
             return wf
 
@@ -335,35 +347,6 @@ class Store:
             return wf
 
     # -- tasks ---------------------------------------------------------------------------
-
-    async def record_node_event(
-        self, workflow_id: str, attempt: int, node_id: str, class_type: str | None, event: str
-    ) -> Task:
-        now = utcnow()
-        async with self.session() as s:
-            task = (
-                await s.exec(
-                    select(Task).where(
-                        Task.workflow_id == workflow_id, Task.attempt == attempt, Task.node_id == node_id
-                    )
-                )
-            ).first()
-            if task is None:
-                task = Task(workflow_id=workflow_id, attempt=attempt, node_id=node_id, class_type=class_type)
-            if event in ("executing", "progress") and task.status == "SCHEDULED":
-                task.status, task.started_at = "IN_PROGRESS", now
-            elif event == "cached":
-                task.status, task.cached, task.ended_at = "COMPLETED", True, now
-            elif event == "executed":
-                task.status, task.ended_at = "COMPLETED", now
-                task.started_at = task.started_at or now
-            elif event == "error":
-                task.status, task.ended_at = "FAILED", now
-            elif event == "interrupted":
-                task.status, task.ended_at = "CANCELED", now
-            s.add(task)
-            await s.commit()
-            return task
 
     async def finish_tasks(self, workflow_id: str, attempt: int, status: str) -> None:
         """Close the attempt's open tasks: a node that started and got no later event finished
@@ -431,6 +414,34 @@ class Store:
             for row in rows:
                 await s.delete(row)
             await s.commit()
+
+
+async def _record_node_event(
+    s: AsyncSession, workflow_id: str, attempt: int, node_id: str, class_type: str | None, event: str
+) -> None:
+    """Fold one ComfyUI node event into the task record of that node and attempt."""
+    now = utcnow()
+    task = (
+        await s.exec(
+            select(Task).where(
+                Task.workflow_id == workflow_id, Task.attempt == attempt, Task.node_id == node_id
+            )
+        )
+    ).first()
+    if task is None:
+        task = Task(workflow_id=workflow_id, attempt=attempt, node_id=node_id, class_type=class_type)
+    if event in ("executing", "progress") and task.status == "SCHEDULED":
+        task.status, task.started_at = "IN_PROGRESS", now
+    elif event == "cached":
+        task.status, task.cached, task.ended_at = "COMPLETED", True, now
+    elif event == "executed":
+        task.status, task.ended_at = "COMPLETED", now
+        task.started_at = task.started_at or now
+    elif event == "error":
+        task.status, task.ended_at = "FAILED", now
+    elif event == "interrupted":
+        task.status, task.ended_at = "CANCELED", now
+    s.add(task)
 
 
 def day_ago() -> datetime:

@@ -125,7 +125,8 @@ async def test_oversize_chunked_request_is_stopped_while_reading(cp: ControlPlan
     async def body() -> Any:
         chunk = b"x" * (1024 * 1024)
         boundary = writer.boundary
-        yield f'--{boundary}\r\nContent-Disposition: form-data; name="$input_image"; filename="a.png"\r\n\r\n'.encode()
+        disposition = 'Content-Disposition: form-data; name="$input_image"; filename="a.png"'
+        yield f"--{boundary}\r\n{disposition}\r\n\r\n".encode()
         for _ in range(60):
             yield chunk
 

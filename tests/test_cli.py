@@ -39,7 +39,7 @@ async def test_serve_takes_its_settings_from_the_environment(tmp_path: Path) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code, out, _ = await run("admin", "token", "create", "--account", "acme", "--data-dir", str(tmp_path))
+    _, out, _ = await run("admin", "token", "create", "--account", "acme", "--data-dir", str(tmp_path))
     token = out.strip().splitlines()[-1]
     env = {**os.environ, "COMFYFLEET_PORT": str(port), "COMFYFLEET_DATA_DIR": str(tmp_path)}
     proc = await asyncio.create_subprocess_exec(
