@@ -144,7 +144,6 @@ AgentFactory = Callable[..., Awaitable[Any]]
 async def start_agent(tmp_path: Path) -> AsyncIterator[AgentFactory]:
     """Start real agents; each is stopped at the end of the test."""
     from runner_agent.agent import Agent
-
     from runner_agent.config import AgentSettings
 
     running: list[tuple[Any, asyncio.Task[Any]]] = []
