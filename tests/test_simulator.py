@@ -30,9 +30,14 @@ from comfyui_sim import SimSettings, start_simulator
 CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
 SAFETY_TIMEOUT_S = 15.0
 
-needs_captures = pytest.mark.skipif(
-    not CAPTURES.is_dir(), reason=f"recorded ComfyUI transcripts not found at {CAPTURES}"
-)
+# The captures live in ../shared beside the checkout (as in CI); without them these tests
+# cannot say anything, so they fail rather than skip.
+needs_captures = pytest.mark.usefixtures("captures_present")
+
+
+@pytest.fixture
+def captures_present() -> None:
+    assert CAPTURES.is_dir(), f"recorded ComfyUI transcripts not found at {CAPTURES}"
 
 
 # -- recorded material ----------------------------------------------------------------------
