@@ -8,14 +8,14 @@ import logging
 
 from aiohttp import web
 
-from control_plane.errors import BadRequest, Forbidden
-from control_plane.forms import SubmittedForm, discard, read_form
+from control_plane import idempotency
+from control_plane.errors import BadRequest
+from control_plane.forms import discard, read_form
 from control_plane.http_util import paging
 from control_plane.services import Services
-from control_plane.store import TERMINAL, day_ago
-from control_plane.tables import Account, Workflow
+from control_plane.store import TERMINAL
+from control_plane.submissions import create_workflow
 from control_plane.views import output_view, workflow_status_event, workflow_summary, workflow_view
-from protocol.placeholders import ParameterError, PlaceholderError, declared_parameters, validate_values
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -26,61 +26,28 @@ def services(request: web.Request) -> Services:
     return request.app[Services.KEY]
 
 
-async def check_tier(svc: Services, account: Account, form: SubmittedForm) -> None:
-    tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
-    if form.parameter_count > tier.max_parameters:
-        raise Forbidden(
-            f"{form.parameter_count} parameters sent; the {tier.name} tier allows {tier.max_parameters}"
-        )
-    used = await svc.store.count_workflows_since(account.id, day_ago())
-    if used >= tier.max_workflows_per_day:
-        raise Forbidden(
-            f"workflow limit of the {tier.name} tier reached ({tier.max_workflows_per_day} a day)"
-        )
-
-
-async def check_runner_available(svc: Services, account: Account, tags: list[str]) -> None:
-    from control_plane.registry import tags_match
-
-    runners = await svc.store.account_runners(account.id)
-    if not any(r.status == "active" and tags_match(r.tags, tags) for r in runners):
-        raise BadRequest(f"no runner available with matching tags {tags}")
-
-
 @routes.post("/v1/workflow")
-async def create_workflow(request: web.Request) -> web.Response:
+async def submit_workflow(request: web.Request) -> web.Response:
     svc = services(request)
     principal = await svc.auth.client(request)
     form = await read_form(request, svc.blobs, svc.settings.max_request_bytes)
-    try:
-        workflow_json = form.workflow()
-        try:
-            parameters = declared_parameters(workflow_json)
-            values = validate_values(parameters, form.texts, form.choices, form.files.keys())
-        except (PlaceholderError, ParameterError) as exc:
-            raise BadRequest(str(exc)) from exc
-        await check_tier(svc, principal.account, form)
-        tags = form.tags()
-        await check_runner_available(svc, principal.account, tags)
-        wf = await svc.store.add_workflow(
-            Workflow(
-                account_id=principal.account.id,
-                name=form.fields.get("name", "").strip() or "untitled",
-                tags=tags,
-                workflow_json=workflow_json,
-                workflow_params={
-                    "values": values,
-                    "files": {n: form.files[n].to_param() for n in parameters if n in form.files},
-                },
-                correlation_id=form.fields.get("correlation_id") or None,
-            )
+
+    async def produce() -> web.Response:
+        wf = await create_workflow(
+            svc,
+            principal.account,
+            form,
+            workflow_json=form.workflow(),
+            name=form.fields.get("name", "").strip() or "untitled",
+            tags=form.tags(),
         )
+        return web.json_response(workflow_view(wf), status=201)
+
+    try:
+        return await idempotency.once(request, principal.account.id, form.fingerprint(), produce)
     except BaseException:
         await discard(form, svc.blobs)
         raise
-    log.info("workflow %s accepted for account %s", wf.id, principal.account.name)
-    svc.fleet.kick()
-    return web.json_response(workflow_view(wf), status=201)
 
 
 @routes.get("/v1/workflow")
@@ -88,7 +55,9 @@ async def list_workflows(request: web.Request) -> web.Response:
     svc = services(request)
     principal = await svc.auth.client(request)
     offset, limit = paging(request)
-    filters = {k: request.query[k] for k in ("status", "parent_id", "correlation_id") if k in request.query}
+    filters = {
+        k: request.query[k] for k in ("status", "parent_id", "correlation_id", "tag") if k in request.query
+    }
     rows, total = await svc.store.list_workflows(principal.account.id, offset, limit, filters)
     return web.json_response(
         {"workflows": [workflow_summary(w) | {"parent_id": w.parent_id} for w in rows], "total": total}

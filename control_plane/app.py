@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 
-from control_plane import agent_http, agent_ws, api_misc, api_runners, api_workflows
+from control_plane import (
+    agent_http,
+    agent_ws,
+    api_misc,
+    api_reruns,
+    api_runners,
+    api_templates,
+    api_workflows,
+)
 from control_plane.auth import Authenticator
 from control_plane.blobs import BlobStore
 from control_plane.db import create_schema, make_engine
@@ -27,7 +35,7 @@ def create_app(settings: Settings) -> web.Application:
     # The 50 MB cap is enforced while streaming (forms.py); this only bounds aiohttp's own
     # buffered reads, which we do not use for uploads.
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
-    for module in (api_workflows, api_runners, api_misc, agent_ws, agent_http):
+    for module in (api_workflows, api_reruns, api_templates, api_runners, api_misc, agent_ws, agent_http):
         app.router.add_routes(module.routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -38,12 +38,16 @@ def build_job(wf: Workflow) -> Job:
         )
         for name, ref in params.get("files", {}).items()
     ]
+    rerun = params.get("rerun") or {}
     return Job(
         workflow_id=wf.id,
         attempt=wf.attempt,
         workflow_json=wf.workflow_json,
         params=dict(params.get("values", {})),
         files=files,
+        rerun_from=rerun.get("from"),
+        fixed_random=rerun.get("fixed_random", {}),
+        timestamp_ms=rerun.get("timestamp_ms"),
     )
 
 
@@ -115,6 +119,10 @@ class Fleet:
                 await self.store.unclaim_workflow(wf.id, wf.attempt, conn.runner_id)
 
     def _pick_runner(self, wf: Workflow) -> AgentConnection | None:
+        preferred = self.registry.get(wf.preferred_runner_id) if wf.preferred_runner_id else None
+        if preferred is not None and preferred.account_id == wf.account_id and preferred.accepts(wf.tags):
+            # Its ComfyUI cache holds the upstream nodes: worth waiting for its free slot.
+            return preferred if preferred.free_slots > 0 else None
         candidates = [
             c
             for c in self.registry.all()
@@ -271,3 +279,21 @@ class Fleet:
         log.info("workflow %s cancelled (was %s)", wf.id, wf.status)
         self.hub.publish(wf.id, "status", workflow_status_event(cancelled))
         return cancelled
+
+    async def start_new_attempt(
+        self, wf: Workflow, changes: dict[str, Any], rerun_nodes: set[str] | None
+    ) -> Workflow | None:
+        """Seed 000: the next attempt of ``wf``. An ongoing attempt is interrupted on its
+        runner; the new one waits for a runner like any other (the preferred one, if set)."""
+        updated = await self.store.new_attempt(wf.id, wf.attempt, changes, rerun_nodes)
+        if updated is None:
+            return None
+        if wf.runner_id is not None and wf.status not in TERMINAL:
+            conn = self.registry.get(wf.runner_id)
+            if conn is not None:
+                conn.jobs.discard(wf.id)
+                await conn.send(Cancel(workflow_id=wf.id, attempt=wf.attempt))
+        log.info("workflow %s: attempt %d replaces attempt %d", wf.id, updated.attempt, wf.attempt)
+        self.hub.publish(wf.id, "status", workflow_status_event(updated))
+        self.kick()
+        return updated

@@ -8,6 +8,7 @@ for its size is refused before its body is read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -64,6 +65,22 @@ class SubmittedForm:
             raise BadRequest("workflow_json must be a non-empty object of nodes (ComfyUI API format)")
         return data
 
+    def fingerprint(self) -> str:
+        """What identifies this request for Idempotency-Key: fields, and file contents by hash."""
+        digest = hashlib.sha256(
+            json.dumps(
+                {
+                    "fields": self.fields,
+                    "texts": self.texts,
+                    "choices": self.choices,
+                    "files": {n: [f.sha256, f.filename] for n, f in self.files.items()},
+                    "workflow": hashlib.sha256(self.workflow_json or b"").hexdigest(),
+                },
+                sort_keys=True,
+            ).encode()
+        )
+        return digest.hexdigest()
+
     def tags(self) -> list[str]:
         raw = self.fields.get("tags", "")
         tags = [t.strip() for t in raw.split(",") if t.strip()]
@@ -103,8 +120,10 @@ def check_declared_length(request: web.Request, limit: int) -> None:
 
 async def read_form(request: web.Request, blobs: BlobStore, limit: int) -> SubmittedForm:
     check_declared_length(request, limit)
+    if request.content_type == "application/x-www-form-urlencoded":
+        return _from_urlencoded(await request.post())
     if not request.content_type.startswith("multipart/"):
-        raise BadRequest("send multipart/form-data (curl -F)")
+        raise BadRequest("send multipart/form-data (curl -F) or a url-encoded form")
     budget = _Budget(limit)
     form = SubmittedForm()
     try:
@@ -141,6 +160,23 @@ async def read_form(request: web.Request, blobs: BlobStore, limit: int) -> Submi
     except BaseException:
         await discard(form, blobs)
         raise
+    return form
+
+
+def _from_urlencoded(post: Any) -> SubmittedForm:
+    """A form without files (some clients send text-only forms url-encoded)."""
+    form = SubmittedForm()
+    for name, value in post.items():
+        if not isinstance(value, str):
+            raise BadRequest(f"field {name!r} must be text in a url-encoded form")
+        if name == "workflow_json":
+            form.workflow_json = value.encode()
+        elif name.startswith("$"):
+            form.texts[name[1:]] = value
+        elif name.startswith("#"):
+            form.choices[name[1:]] = value
+        else:
+            form.fields[name] = value
     return form
 
 

@@ -22,6 +22,7 @@ from control_plane.tables import (
     Output,
     Runner,
     Task,
+    Template,
     Workflow,
     utcnow,
 )
@@ -194,6 +195,8 @@ class Store:
         for key in ("status", "parent_id", "correlation_id"):
             if key in filters:
                 conds.append(getattr(Workflow, key) == filters[key])
+        if "tag" in filters:
+            conds.append(col(Workflow.tag_index).contains(f",{filters['tag']},", autoescape=True))
         async with self.session() as s:
             total = (await s.exec(select(func.count()).select_from(Workflow).where(*conds))).one()
             rows = await s.exec(
@@ -346,6 +349,104 @@ class Store:
             await s.commit()
             return wf
 
+    async def new_attempt(
+        self,
+        workflow_id: str,
+        expected_attempt: int,
+        changes: dict[str, Any],
+        rerun_nodes: set[str] | None,
+    ) -> Workflow | None:
+        """Seed 000: start attempt + 1 of a workflow in one transaction. The previous attempt's
+        tasks of the nodes that rerun (all of them when ``rerun_nodes`` is None) become
+        CANCELED, completed ones included; of the others, those that had not completed were
+        interrupted and become CANCELED too. ``None`` if the attempt moved on meanwhile."""
+        now = utcnow()
+        async with self.session() as s:
+            wf = await s.get(Workflow, workflow_id)
+            if wf is None or wf.attempt != expected_attempt:
+                return None
+            old_tasks = await s.exec(
+                select(Task).where(Task.workflow_id == workflow_id, Task.attempt == expected_attempt)
+            )
+            for task in old_tasks:
+                if rerun_nodes is None or task.node_id in rerun_nodes or task.status != "COMPLETED":
+                    task.status = "CANCELED"
+                    task.ended_at = task.ended_at or now
+                    s.add(task)
+            for key, value in changes.items():
+                setattr(wf, key, value)
+            wf.attempt += 1
+            wf.status = "accepted"
+            wf.runner_id = None
+            wf.dispatched_at = None
+            wf.prompt_id = wf.queue_number = wf.progress = None
+            wf.error_node = wf.exception_type = wf.exception_message = None
+            wf.node_errors = None
+            wf.started_at = wf.completed_at = None
+            wf.updated_at = now
+            s.add(wf)
+            await s.commit()
+            return wf
+
+    async def lineage_ids(self, workflow_id: str) -> set[str]:
+        """The workflow, its ancestors (parent_id chain) and all its reruns' descendants."""
+        found = {workflow_id}
+        async with self.session() as s:
+            current: str | None = workflow_id
+            while current is not None:
+                parent = (await s.exec(select(Workflow.parent_id).where(Workflow.id == current))).first()
+                current = parent if parent not in found else None
+                if current is not None:
+                    found.add(current)
+            frontier = [workflow_id]
+            while frontier:
+                children = list(
+                    await s.exec(select(Workflow.id).where(col(Workflow.parent_id).in_(frontier)))
+                )
+                frontier = [c for c in children if c not in found]
+                found.update(frontier)
+        return found
+
+    # -- templates -----------------------------------------------------------------------
+
+    async def add_template(self, template: Template) -> Template:
+        async with self.session() as s:
+            s.add(template)
+            await s.commit()
+            return template
+
+    async def get_template(self, account_id: str, template_id: str) -> Template:
+        async with self.session() as s:
+            template = await s.get(Template, template_id)
+            if template is None or template.account_id != account_id:
+                raise NotFound(f"template {template_id} not found")
+            return template
+
+    async def update_template(self, account_id: str, template_id: str, changes: dict[str, Any]) -> Template:
+        async with self.session() as s:
+            template = await s.get(Template, template_id)
+            if template is None or template.account_id != account_id:
+                raise NotFound(f"template {template_id} not found")
+            for key, value in changes.items():
+                setattr(template, key, value)
+            template.updated_at = utcnow()
+            s.add(template)
+            await s.commit()
+            return template
+
+    async def list_templates(self, account_id: str, offset: int, limit: int) -> tuple[list[Template], int]:
+        async with self.session() as s:
+            where = Template.account_id == account_id
+            total = (await s.exec(select(func.count()).select_from(Template).where(where))).one()
+            rows = await s.exec(
+                select(Template)
+                .where(where)
+                .order_by(col(Template.created_at).desc())
+                .offset(offset)
+                .limit(limit)
+            )
+            return list(rows), int(total)
+
     # -- tasks ---------------------------------------------------------------------------
 
     async def finish_tasks(self, workflow_id: str, attempt: int, status: str) -> None:
@@ -404,16 +505,26 @@ class Store:
             return await s.get(IdempotencyRecord, (account_id, key))
 
     async def put_idempotent(self, record: IdempotencyRecord) -> None:
+        """Insert; raises IntegrityError when the key is taken."""
         async with self.session() as s:
             s.add(record)
             await s.commit()
 
-    async def forget_idempotent_before(self, cutoff: datetime) -> None:
+    async def finish_idempotent(self, account_id: str, key: str, status: int, body: str) -> None:
         async with self.session() as s:
-            rows = await s.exec(select(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff))
-            for row in rows:
-                await s.delete(row)
+            await s.exec(
+                update(IdempotencyRecord)
+                .where(col(IdempotencyRecord.account_id) == account_id, col(IdempotencyRecord.key) == key)
+                .values(status=status, body=body)
+            )  # type: ignore[call-overload]
             await s.commit()
+
+    async def delete_idempotent(self, account_id: str, key: str) -> None:
+        async with self.session() as s:
+            record = await s.get(IdempotencyRecord, (account_id, key))
+            if record is not None:
+                await s.delete(record)
+                await s.commit()
 
 
 async def _record_node_event(

@@ -70,6 +70,8 @@ class Workflow(SQLModel, table=True):
     account_id: str = Field(foreign_key="account.id", index=True)
     name: str
     tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # ",a,b," so that one tag can be filtered with LIKE on SQLite and PostgreSQL alike.
+    tag_index: str = ","
     status: str = Field(default="accepted", index=True)
     workflow_json: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     # {"values": {name: str}, "files": {name: {sha256, filename, size_bytes, content_type}},
@@ -77,6 +79,8 @@ class Workflow(SQLModel, table=True):
     workflow_params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     attempt: int = 1
     runner_id: str | None = Field(default=None, index=True)
+    # A rerun from a node goes back to the runner whose ComfyUI cache holds the upstream nodes.
+    preferred_runner_id: str | None = None
     dispatched_at: datetime | None = _ts()
     prompt_id: str | None = None
     queue_number: int | None = None
@@ -91,6 +95,22 @@ class Workflow(SQLModel, table=True):
     updated_at: datetime = _created()
     started_at: datetime | None = _ts()
     completed_at: datetime | None = _ts()
+
+
+class Template(SQLModel, table=True):
+    """A reusable workflow with placeholders; ``POST /v1/template/{id}/run`` makes a workflow."""
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    name: str
+    description: str = ""
+    body: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+
+
+def tag_index(tags: list[str]) -> str:
+    return "," + "".join(f"{t}," for t in tags)
 
 
 class Task(SQLModel, table=True):

@@ -1,0 +1,137 @@
+"""/v1/template: reusable workflows with placeholders, and runs of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from control_plane import idempotency
+from control_plane.errors import BadRequest
+from control_plane.forms import SubmittedForm, discard, read_form
+from control_plane.http_util import paging
+from control_plane.services import Services
+from control_plane.submissions import create_workflow
+from control_plane.tables import Template
+from control_plane.views import iso, workflow_view
+from protocol.placeholders import PlaceholderError, declared_parameters
+
+routes = web.RouteTableDef()
+
+
+def template_view(template: Template) -> dict[str, Any]:
+    return {
+        "id": template.id,
+        "name": template.name,
+        "description": template.description,
+        "body": template.body,
+        # What a client needs to build a form: name, kind, field, default, options, required.
+        "parameters": [p.to_dict() for p in declared_parameters(template.body).values()],
+        "created_at": iso(template.created_at),
+        "updated_at": iso(template.updated_at),
+    }
+
+
+def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, Any]:
+    if form.texts or form.choices or form.files:
+        raise BadRequest("a template takes name, description and body; parameters are sent when it runs")
+    changes: dict[str, Any] = {}
+    if "name" in form.fields or not partial:
+        name = form.fields.get("name", "").strip()
+        if not name or len(name) > 200:
+            raise BadRequest("name must be a non-empty string of at most 200 characters")
+        changes["name"] = name
+    if "description" in form.fields:
+        changes["description"] = form.fields["description"]
+    if form.workflow_json is not None or "body" in form.fields or not partial:
+        form.workflow_json = form.workflow_json or form.fields.get("body", "").encode() or None
+        if form.workflow_json is None:
+            raise BadRequest("body is required (the workflow JSON, as a file part or a field)")
+        body = form.workflow()
+        try:
+            declared_parameters(body)
+        except PlaceholderError as exc:
+            raise BadRequest(str(exc)) from exc
+        changes["body"] = body
+    return changes
+
+
+async def _read_template_form(request: web.Request, svc: Services) -> SubmittedForm:
+    form = await read_form(request, svc.blobs, svc.settings.max_request_bytes)
+    # The body travels as a part named "body"; forms.py keeps only "workflow_json" as bytes.
+    if "body" in form.fields:
+        form.workflow_json = form.fields.pop("body").encode()
+    return form
+
+
+@routes.post("/v1/template")
+async def create_template(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    form = await _read_template_form(request, svc)
+    try:
+        changes = _template_fields(form, partial=False)
+    except BaseException:
+        await discard(form, svc.blobs)
+        raise
+    template = await svc.store.add_template(Template(account_id=principal.account.id, **changes))
+    return web.json_response(template_view(template), status=201)
+
+
+@routes.get("/v1/template")
+async def list_templates(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    offset, limit = paging(request)
+    rows, total = await svc.store.list_templates(principal.account.id, offset, limit)
+    return web.json_response({"templates": [template_view(t) for t in rows], "total": total})
+
+
+@routes.get("/v1/template/{id}")
+async def get_template(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    template = await svc.store.get_template(principal.account.id, request.match_info["id"])
+    return web.json_response(template_view(template))
+
+
+@routes.put("/v1/template/{id}")
+async def update_template(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    await svc.store.get_template(principal.account.id, request.match_info["id"])
+    form = await _read_template_form(request, svc)
+    try:
+        changes = _template_fields(form, partial=True)
+    except BaseException:
+        await discard(form, svc.blobs)
+        raise
+    template = await svc.store.update_template(principal.account.id, request.match_info["id"], changes)
+    return web.json_response(template_view(template))
+
+
+@routes.post("/v1/template/{id}/run")
+async def run_template(request: web.Request) -> web.Response:
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    template = await svc.store.get_template(principal.account.id, request.match_info["id"])
+    form = await read_form(request, svc.blobs, svc.settings.max_request_bytes)
+
+    async def produce() -> web.Response:
+        if form.workflow_json is not None:
+            raise BadRequest("a template run takes its workflow from the template; do not send workflow_json")
+        wf = await create_workflow(
+            svc,
+            principal.account,
+            form,
+            workflow_json=template.body,
+            name=form.fields.get("name", "").strip() or template.name,
+            tags=form.tags(),
+        )
+        return web.json_response(workflow_view(wf), status=201)
+
+    try:
+        return await idempotency.once(request, principal.account.id, form.fingerprint(), produce)
+    except BaseException:
+        await discard(form, svc.blobs)
+        raise

@@ -1,0 +1,121 @@
+"""Making workflows: a new submission, a template run, and a rerun with new parameters all
+pass through here, so each checks the same things in the same order."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from control_plane.errors import BadRequest, Forbidden
+from control_plane.forms import SubmittedForm
+from control_plane.registry import tags_match
+from control_plane.services import Services
+from control_plane.store import day_ago
+from control_plane.tables import Account, Workflow, tag_index
+from protocol.placeholders import (
+    ParameterError,
+    PlaceholderError,
+    declared_parameters,
+    merge_values,
+    validate_values,
+)
+
+log = logging.getLogger(__name__)
+
+
+async def check_tier(svc: Services, account: Account, parameter_count: int) -> None:
+    tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
+    if parameter_count > tier.max_parameters:
+        raise Forbidden(
+            f"{parameter_count} parameters sent; the {tier.name} tier allows {tier.max_parameters}"
+        )
+    used = await svc.store.count_workflows_since(account.id, day_ago())
+    if used >= tier.max_workflows_per_day:
+        raise Forbidden(
+            f"workflow limit of the {tier.name} tier reached ({tier.max_workflows_per_day} a day)"
+        )
+
+
+async def check_runner_available(svc: Services, account: Account, tags: list[str]) -> None:
+    runners = await svc.store.account_runners(account.id)
+    if not any(r.status == "active" and tags_match(r.tags, tags) for r in runners):
+        raise BadRequest(f"no runner available with matching tags {tags}")
+
+
+async def create_workflow(
+    svc: Services,
+    account: Account,
+    form: SubmittedForm,
+    *,
+    workflow_json: dict[str, Any],
+    name: str,
+    tags: list[str],
+) -> Workflow:
+    """A new workflow from a form's parameters (submit and template run)."""
+    try:
+        parameters = declared_parameters(workflow_json)
+        values = validate_values(parameters, form.texts, form.choices, form.files.keys())
+    except (PlaceholderError, ParameterError) as exc:
+        raise BadRequest(str(exc)) from exc
+    await check_tier(svc, account, form.parameter_count)
+    await check_runner_available(svc, account, tags)
+    wf = await svc.store.add_workflow(
+        Workflow(
+            account_id=account.id,
+            name=name,
+            tags=tags,
+            tag_index=tag_index(tags),
+            workflow_json=workflow_json,
+            workflow_params={
+                "values": values,
+                "files": {n: form.files[n].to_param() for n in parameters if n in form.files},
+            },
+            correlation_id=form.fields.get("correlation_id") or None,
+        )
+    )
+    log.info("workflow %s accepted for account %s", wf.id, account.name)
+    svc.fleet.kick()
+    return wf
+
+
+# A rerun copies everything but the dynamic parameters: these fields would change the rest.
+_FIXED_ON_RERUN = ("workflow_json", "name", "tags")
+
+
+async def rerun_with_parameters(
+    svc: Services, account: Account, original: Workflow, form: SubmittedForm
+) -> Workflow:
+    """Seed 003: a new workflow with the original's structure, name and tags; the parameters
+    sent replace the original's, the others (files included) keep their values, and
+    ``$random()``/``$timestamp()`` are drawn afresh on the runner."""
+    fixed = [f for f in _FIXED_ON_RERUN if f in form.fields or (f == "workflow_json" and form.workflow_json)]
+    if fixed:
+        raise BadRequest(
+            f"a rerun copies {', '.join(fixed)} from the original; "
+            "send only $text, $file and #choice parameters"
+        )
+    try:
+        parameters = declared_parameters(original.workflow_json)
+        previous = original.workflow_params.get("values", {})
+        values = merge_values(parameters, previous, form.texts, form.choices, form.files.keys())
+    except (PlaceholderError, ParameterError) as exc:
+        raise BadRequest(str(exc)) from exc
+    await check_tier(svc, account, form.parameter_count)
+    await check_runner_available(svc, account, original.tags)
+    files = dict(original.workflow_params.get("files", {}))
+    files.update({n: f.to_param() for n, f in form.files.items()})
+    wf = await svc.store.add_workflow(
+        Workflow(
+            account_id=account.id,
+            name=original.name,
+            tags=list(original.tags),
+            tag_index=tag_index(original.tags),
+            workflow_json=original.workflow_json,
+            workflow_params={"values": values, "files": files},
+            correlation_id=original.correlation_id,
+            parent_id=original.id,
+        )
+    )
+    log.info("workflow %s is a rerun of %s", wf.id, original.id)
+    svc.fleet.kick()
+    return wf
