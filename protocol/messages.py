@@ -47,6 +47,8 @@ class Hello(_Message):
     capacity: Capacity
     comfyui: ComfyUIInfo
     jobs: list[HeldJob] = Field(default_factory=list)
+    healthy: bool = True
+    unhealthy_reason: str | None = None
 
 
 class Welcome(_Message):
@@ -155,16 +157,65 @@ class Cancel(_Message):
 class CapacityUpdate(_Message):
     type: Literal["capacity"] = "capacity"
     capacity: Capacity
+    # False while the agent's ComfyUI is down or restarting: no work is sent meanwhile.
+    healthy: bool = True
+    unhealthy_reason: str | None = None
+
+
+class Interrupt(_Message):
+    """Control plane -> agent: interrupt whatever the runner's ComfyUI is running now."""
+
+    type: Literal["interrupt"] = "interrupt"
+    request_id: str
+
+
+class StatsRequest(_Message):
+    """Control plane -> agent: live capacity and ComfyUI's /system_stats, answered by Reply."""
+
+    type: Literal["stats_request"] = "stats_request"
+    request_id: str
+
+
+class Reply(_Message):
+    """Agent -> control plane: the answer to an Interrupt or a StatsRequest."""
+
+    type: Literal["reply"] = "reply"
+    request_id: str
+    ok: bool = True
+    error: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
 
 
 Message = Annotated[
-    Hello | Welcome | Ready | Job | JobUpdate | JobDone | Cancel | CapacityUpdate,
+    Hello
+    | Welcome
+    | Ready
+    | Job
+    | JobUpdate
+    | JobDone
+    | Cancel
+    | CapacityUpdate
+    | Interrupt
+    | StatsRequest
+    | Reply,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 KNOWN_TYPES = frozenset(
     m.model_fields["type"].default
-    for m in (Hello, Welcome, Ready, Job, JobUpdate, JobDone, Cancel, CapacityUpdate)
+    for m in (
+        Hello,
+        Welcome,
+        Ready,
+        Job,
+        JobUpdate,
+        JobDone,
+        Cancel,
+        CapacityUpdate,
+        Interrupt,
+        StatsRequest,
+        Reply,
+    )
 )
 
 
