@@ -154,14 +154,17 @@ async def post_interrupt(request: web.Request) -> web.Response:
 
 
 async def get_object_info(request: web.Request) -> web.Response:
-    paths = _state(request).paths
-    return web.json_response(await asyncio.to_thread(all_node_info, paths))
+    state = _state(request)
+    info = await asyncio.to_thread(all_node_info, state.paths)
+    for hidden in state.settings.hidden_nodes:
+        info.pop(hidden, None)
+    return web.json_response(info)
 
 
 async def get_object_info_node(request: web.Request) -> web.Response:
     name = request.match_info["node_class"]
     cls = NODE_CLASSES.get(name)
-    if cls is None:
+    if cls is None or name in _state(request).settings.hidden_nodes:
         return web.json_response({})
     info = await asyncio.to_thread(node_info, cls, _state(request).paths)
     return web.json_response({name: info})

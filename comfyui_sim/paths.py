@@ -76,6 +76,11 @@ class SimPaths:
         path = self.annotated_path(name)
         return path is not None and path.is_file()
 
+    def model_files(self, folder: str) -> list[str]:
+        """Files under models/<folder>/, as ComfyUI lists them for a loader, sorted."""
+        base = self.root / "models" / folder
+        return sorted(p.name for p in base.iterdir() if p.is_file()) if base.is_dir() else []
+
     def input_images(self) -> list[str]:
         """Image files under input/, subfolders included, as ``sub/name.png``, sorted."""
         found: list[str] = []

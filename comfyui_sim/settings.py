@@ -21,6 +21,9 @@ class SimSettings:
     node_delays_s: dict[str, float] = field(default_factory=dict)
     # class_type or node id -> message of the exception the node raises (execution_error).
     fail_nodes: dict[str, str] = field(default_factory=dict)
+    # Node classes this simulated install leaves out of /object_info, so that runners can
+    # differ in what they offer.
+    hidden_nodes: set[str] = field(default_factory=set)
     # Reported as comfyui_version by /system_stats.
     version: str = "0.3.64"
 

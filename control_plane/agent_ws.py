@@ -6,6 +6,7 @@ Close codes and what the agent should do about them:
     4002 protocol version refused   give up
     4003 runner deleted             give up
     4004 replaced by a newer connection of the same runner   retry
+    4005 nothing heard from the runner within runner_timeout_s   retry
     1001 going away (shutdown)      retry
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import WSMsgType, web
 
@@ -27,6 +29,7 @@ from protocol.messages import (
     JobUpdate,
     ProtocolError,
     Ready,
+    Reply,
     Welcome,
     parse_message,
 )
@@ -37,6 +40,7 @@ routes = web.RouteTableDef()
 CLOSE_BAD_TOKEN = 4001
 CLOSE_BAD_PROTOCOL = 4002
 CLOSE_REPLACED = 4004
+CLOSE_SILENT = 4005
 HELLO_TIMEOUT_S = 15.0
 
 
@@ -73,6 +77,8 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
         ws=ws,
         capacity=hello.capacity.model_dump(),
         comfyui=hello.comfyui.model_dump(),
+        healthy=hello.healthy,
+        unhealthy_reason=hello.unhealthy_reason,
     )
     old = svc.registry.add(conn)
     if old is not None:
@@ -97,18 +103,38 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
                 drop_jobs=drop,
             )
         )
-        await _receive_loop(svc, conn)
+        watchdog = asyncio.create_task(_watchdog(svc, conn))
+        try:
+            await _receive_loop(svc, conn)
+        finally:
+            watchdog.cancel()
     finally:
+        conn.fail_pending()
         if svc.registry.remove(conn):
             svc.fleet.runner_disconnected(conn)
         log.info("runner %s disconnected (close code %s)", runner.id, ws.close_code)
     return ws
 
 
+async def _watchdog(svc: Services, conn: AgentConnection) -> None:
+    """Close the socket of a runner gone silent: its jobs then get their grace period."""
+    timeout_s = svc.settings.runner_timeout_s
+    while not conn.ws.closed:
+        await asyncio.sleep(svc.settings.heartbeat_s)  # a periodic check, not a wait for an event
+        silent_s = time.time() - conn.last_seen_at
+        if silent_s > timeout_s:
+            log.warning(
+                "runner %s: nothing heard for %.0f s; closing its connection", conn.runner_id, silent_s
+            )
+            await conn.ws.close(code=CLOSE_SILENT, message=b"no heartbeat")
+            return
+
+
 async def _receive_loop(svc: Services, conn: AgentConnection) -> None:
     async for frame in conn.ws:
         if frame.type != WSMsgType.TEXT:
             continue
+        conn.last_seen_at = time.time()
         try:
             msg = parse_message(frame.data)
         except ProtocolError as exc:
@@ -131,5 +157,17 @@ async def _handle(svc: Services, conn: AgentConnection, msg: object) -> None:
         await svc.fleet.job_done(conn, msg)
     elif isinstance(msg, CapacityUpdate):
         conn.capacity = msg.capacity.model_dump()
+        conn.last_seen_at = time.time()
+        was_healthy = conn.healthy
+        conn.healthy, conn.unhealthy_reason = msg.healthy, msg.unhealthy_reason
+        if conn.healthy != was_healthy:
+            log.info(
+                "runner %s is %s",
+                conn.runner_id,
+                "healthy" if conn.healthy else f"unhealthy: {conn.unhealthy_reason}",
+            )
+            svc.fleet.kick()
         await svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity)
+    elif isinstance(msg, Reply):
+        conn.resolve(msg)
     # Anything else (including types this version does not know) is ignored.

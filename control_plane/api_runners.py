@@ -8,10 +8,12 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.errors import BadRequest
+from control_plane.errors import BadRequest, Conflict, GatewayTimeout
 from control_plane.http_util import json_body, paging
 from control_plane.services import Services
+from control_plane.tables import new_id
 from control_plane.views import runner_view
+from protocol.messages import Interrupt, Reply, StatsRequest
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -108,3 +110,48 @@ async def delete_runner(request: web.Request) -> web.Response:
     if conn is not None:
         await conn.ws.close(code=CLOSE_RUNNER_DELETED, message=b"runner deleted")
     return web.json_response({"id": runner_id, "deleted": True})
+
+
+RUNNER_REQUEST_TIMEOUT_S = 5.0
+
+
+async def _ask_runner(
+    svc: Services, account_id: str, runner_id: str, message: Interrupt | StatsRequest
+) -> Reply:
+    runner = await svc.store.get_runner(account_id, runner_id)
+    conn = svc.registry.get(runner.id)
+    if conn is None:
+        raise Conflict(f"runner {runner.name} is offline")
+    try:
+        reply = await conn.request(message, RUNNER_REQUEST_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise GatewayTimeout(
+            f"runner {runner.name} did not answer within {RUNNER_REQUEST_TIMEOUT_S:g} s"
+        ) from exc
+    except ConnectionError as exc:
+        raise Conflict(f"runner {runner.name} went offline: {exc}") from exc
+    if not reply.ok:
+        raise Conflict(f"runner {runner.name}: {reply.error or 'request failed'}")
+    return reply
+
+
+@routes.post("/v1/runner/{id}/interrupt")
+async def interrupt_runner(request: web.Request) -> web.Response:
+    """Interrupt what the runner's ComfyUI is running, through the agent's connection."""
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    reply = await _ask_runner(
+        svc, principal.account.id, request.match_info["id"], Interrupt(request_id=new_id())
+    )
+    return web.json_response({"id": request.match_info["id"], **reply.data})
+
+
+@routes.get("/v1/runner/{id}/stats")
+async def runner_stats(request: web.Request) -> web.Response:
+    """Live capacity and ComfyUI system stats, fetched through the agent's connection."""
+    svc: Services = request.app[Services.KEY]
+    principal = await svc.auth.client(request)
+    reply = await _ask_runner(
+        svc, principal.account.id, request.match_info["id"], StatsRequest(request_id=new_id())
+    )
+    return web.json_response({"id": request.match_info["id"], **reply.data})

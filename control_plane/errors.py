@@ -7,7 +7,8 @@
      ├── Forbidden         403 (tier limits)
      ├── NotFound          404 (also for other accounts' objects: never 403)
      ├── Conflict          409
-     └── Unprocessable     422 (an idempotency key reused with another body)
+     ├── Unprocessable     422 (an idempotency key reused with another body)
+     └── GatewayTimeout    504 (a runner did not answer in time)
 
 Nothing below the API layer raises ``web.HTTP*``.
 """
@@ -56,6 +57,10 @@ class Conflict(DomainError):
 
 class Unprocessable(DomainError):
     status = 422
+
+
+class GatewayTimeout(DomainError):
+    status = 504
 
 
 def error_response(status: int, message: str) -> web.Response:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from control_plane.capabilities import missing, needs
 from control_plane.events import EventHub
 from control_plane.registry import AgentConnection, Registry
 from control_plane.settings import Settings
@@ -51,6 +53,13 @@ def build_job(wf: Workflow) -> Job:
     )
 
 
+def _gpu_busy(conn: AgentConnection) -> float:
+    """Mean GPU utilisation the runner last reported (0 when it reported none)."""
+    gpus = conn.capacity.get("gpus") or []
+    used = [g["utilization_pct"] for g in gpus if g.get("utilization_pct") is not None]
+    return sum(used) / len(used) if used else 0.0
+
+
 class Fleet:
     def __init__(self, settings: Settings, store: Store, registry: Registry, hub: EventHub) -> None:
         self.settings = settings
@@ -60,6 +69,9 @@ class Fleet:
         self._wake = asyncio.Event()
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Set (and replaced) whenever a runner or a workflow changes: wakes ``wait_for`` and
+        # anything else following the fleet live (the dashboard).
+        self._changed = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -87,6 +99,20 @@ class Fleet:
 
     def kick(self) -> None:
         self._wake.set()
+        self.changed()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until ``predicate()`` holds, re-checking at every change of the fleet."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                await self._changed.wait()
+
+    async def next_change(self) -> None:
+        await self._changed.wait()
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -112,6 +138,9 @@ class Fleet:
                 continue
             conn.free_slots -= 1
             conn.jobs.add(wf.id)
+            models = needs(wf.workflow_json, wf.workflow_params.get("values", {})).model_files
+            if models:
+                conn.warm_models = models
             if await conn.send(build_job(wf)):
                 log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
             else:
@@ -119,19 +148,29 @@ class Fleet:
                 await self.store.unclaim_workflow(wf.id, wf.attempt, conn.runner_id)
 
     def _pick_runner(self, wf: Workflow) -> AgentConnection | None:
-        preferred = self.registry.get(wf.preferred_runner_id) if wf.preferred_runner_id else None
-        if preferred is not None and preferred.account_id == wf.account_id and preferred.accepts(wf.tags):
-            # Its ComfyUI cache holds the upstream nodes: worth waiting for its free slot.
-            return preferred if preferred.free_slots > 0 else None
-        candidates = [
+        """DESIGN §6, in order: the runner a rerun-from-task names; runners whose ComfyUI
+        has every node class and model; with a free slot; warm with the same models; the
+        least loaded. Ties go to the longest connected: never random."""
+        need = needs(wf.workflow_json, wf.workflow_params.get("values", {}))
+        eligible = [
             c
             for c in self.registry.all()
-            if c.account_id == wf.account_id and c.free_slots > 0 and c.accepts(wf.tags)
+            if c.account_id == wf.account_id and c.accepts(wf.tags) and not missing(need, c.comfyui)
         ]
-        if not candidates:
+        preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
+        if preferred is not None:
+            # Its ComfyUI cache holds the upstream nodes: worth waiting for its free slot.
+            return preferred if preferred.free_slots > 0 else None
+        free = [c for c in eligible if c.free_slots > 0]
+        if not free:
             return None
-        # Most free slots first, then fewest jobs held, then the longest-connected (stable).
-        return min(candidates, key=lambda c: (-c.free_slots, len(c.jobs), c.connected_at))
+        wanted = need.model_files
+
+        def rank(c: AgentConnection) -> tuple[bool, int, float, float]:
+            warm = bool(wanted) and wanted <= c.warm_models
+            return (not warm, len(c.jobs), _gpu_busy(c), c.connected_at)
+
+        return min(free, key=rank)
 
     # -- what runners report -------------------------------------------------------------
 
@@ -159,6 +198,7 @@ class Fleet:
         self.kick()
 
     def runner_disconnected(self, conn: AgentConnection) -> None:
+        self.changed()
         if conn.jobs:
             self._start_grace(conn.runner_id)
 
@@ -239,6 +279,7 @@ class Fleet:
             )
         if "status" in changes or "queue_number" in changes:
             self.hub.publish(wf.id, "status", workflow_status_event(wf))
+            self.changed()
         if wf.status in TERMINAL:
             await self._job_finished(conn, wf, "FAILED" if wf.status != "cancelled" else "CANCELED")
 
@@ -257,6 +298,7 @@ class Fleet:
             await self.store.set_params(wf.id, {**wf.workflow_params, "texts": msg.texts})
         log.info("workflow %s completed on runner %s (%d outputs)", wf.id, conn.runner_id, len(msg.outputs))
         self.hub.publish(wf.id, "status", workflow_status_event(wf))
+        self.changed()
         await self._job_finished(conn, wf, "COMPLETED")
 
     async def _job_finished(self, conn: AgentConnection, wf: Workflow, open_task_status: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol.messages import dump_message
+from protocol.messages import Interrupt, Reply, StatsRequest, dump_message
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,33 @@ class AgentConnection:
     jobs: set[str] = field(default_factory=set)  # workflow ids this runner holds
     connected_at: float = field(default_factory=time.time)
     last_seen_at: float = field(default_factory=time.time)
+    healthy: bool = True
+    unhealthy_reason: str | None = None
+    # Model files the runner's last job loaded: a job wanting the same ones finds them warm.
+    warm_models: frozenset[str] = frozenset()
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _pending: dict[str, asyncio.Future[Reply]] = field(default_factory=dict)
+
+    async def request(self, message: Interrupt | StatsRequest, timeout_s: float) -> Reply:
+        """Send a request and wait for the agent's Reply with the same request_id."""
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[message.request_id] = future
+        try:
+            if not await self.send(message):
+                raise ConnectionError("the runner's connection is closed")
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._pending.pop(message.request_id, None)
+
+    def resolve(self, reply: Reply) -> None:
+        future = self._pending.get(reply.request_id)
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def fail_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the runner disconnected"))
 
     async def send(self, message: Any) -> bool:
         """Send one protocol message; false when the socket is gone."""
@@ -45,7 +71,7 @@ class AgentConnection:
 
     def accepts(self, workflow_tags: list[str]) -> bool:
         """DESIGN §6: untagged runners take anything; tagged ones need every workflow tag."""
-        return self.status == "active" and tags_match(self.tags, workflow_tags)
+        return self.status == "active" and self.healthy and tags_match(self.tags, workflow_tags)
 
 
 def tags_match(runner_tags: list[str], workflow_tags: list[str]) -> bool:

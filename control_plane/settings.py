@@ -34,6 +34,8 @@ class Settings:
     database_url: str = ""
     max_request_bytes: int = 50 * 1024 * 1024
     heartbeat_s: float = 10.0
+    # A runner that sends nothing for this long is taken for gone and its socket closed.
+    runner_timeout_s: float = 30.0
     # A runner whose connection dropped keeps its jobs this long before they are requeued.
     runner_grace_s: float = 30.0
     max_attempts: int = 3
@@ -54,6 +56,8 @@ class Settings:
             raise ValueError("max_request_bytes must be positive")
         if self.heartbeat_s <= 0 or self.runner_grace_s < 0:
             raise ValueError("heartbeat_s must be positive and runner_grace_s not negative")
+        if self.runner_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError("runner_timeout_s must be at least twice heartbeat_s")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         return self

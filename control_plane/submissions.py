@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from control_plane.capabilities import missing, needs
 from control_plane.errors import BadRequest, Forbidden
 from control_plane.forms import SubmittedForm
 from control_plane.registry import tags_match
@@ -36,10 +37,28 @@ async def check_tier(svc: Services, account: Account, parameter_count: int) -> N
         )
 
 
-async def check_runner_available(svc: Services, account: Account, tags: list[str]) -> None:
-    runners = await svc.store.account_runners(account.id)
-    if not any(r.status == "active" and tags_match(r.tags, tags) for r in runners):
+async def check_runner_available(
+    svc: Services, account: Account, tags: list[str], workflow_json: dict[str, Any], values: dict[str, str]
+) -> None:
+    """400 unless some active runner with matching tags can run the workflow, as far as
+    anyone knows (a runner that never connected has not said what it lacks)."""
+    runners = [
+        r
+        for r in await svc.store.account_runners(account.id)
+        if r.status == "active" and tags_match(r.tags, tags)
+    ]
+    if not runners:
         raise BadRequest(f"no runner available with matching tags {tags}")
+    need = needs(workflow_json, values)
+    shortfalls: list[tuple[str, list[str]]] = []
+    for runner in runners:
+        live = svc.registry.get(runner.id)
+        lacks = missing(need, live.comfyui if live is not None else runner.comfyui)
+        if not lacks:
+            return
+        shortfalls.append((runner.name, lacks))
+    name, lacks = min(shortfalls, key=lambda item: sum(len(p) for p in item[1]))
+    raise BadRequest(f"no runner can run this workflow: {name} lacks {'; '.join(lacks)}")
 
 
 async def create_workflow(
@@ -58,7 +77,7 @@ async def create_workflow(
     except (PlaceholderError, ParameterError) as exc:
         raise BadRequest(str(exc)) from exc
     await check_tier(svc, account, form.parameter_count)
-    await check_runner_available(svc, account, tags)
+    await check_runner_available(svc, account, tags, workflow_json, values)
     wf = await svc.store.add_workflow(
         Workflow(
             account_id=account.id,
@@ -101,7 +120,7 @@ async def rerun_with_parameters(
     except (PlaceholderError, ParameterError) as exc:
         raise BadRequest(str(exc)) from exc
     await check_tier(svc, account, form.parameter_count)
-    await check_runner_available(svc, account, original.tags)
+    await check_runner_available(svc, account, original.tags, original.workflow_json, values)
     files = dict(original.workflow_params.get("files", {}))
     files.update({n: f.to_param() for n, f in form.files.items()})
     wf = await svc.store.add_workflow(
