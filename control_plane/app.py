@@ -11,6 +11,7 @@ from aiohttp import WSCloseCode, web
 from control_plane import (
     agent_http,
     agent_ws,
+    api_metrics,
     api_misc,
     api_reruns,
     api_runners,
@@ -23,6 +24,7 @@ from control_plane.db import create_schema, make_engine
 from control_plane.errors import error_middleware
 from control_plane.events import EventHub
 from control_plane.fleet import Fleet
+from control_plane.metrics import METRICS_KEY, Metrics
 from control_plane.registry import Registry
 from control_plane.services import Services
 from control_plane.settings import Settings
@@ -35,8 +37,18 @@ def create_app(settings: Settings) -> web.Application:
     # The 50 MB cap is enforced while streaming (forms.py); this only bounds aiohttp's own
     # buffered reads, which we do not use for uploads.
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
-    for module in (api_workflows, api_reruns, api_templates, api_runners, api_misc, agent_ws, agent_http):
+    for module in (
+        api_workflows,
+        api_reruns,
+        api_templates,
+        api_runners,
+        api_misc,
+        agent_ws,
+        agent_http,
+        api_metrics,
+    ):
         app.router.add_routes(module.routes)
+    app[METRICS_KEY] = figures = Metrics()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)
@@ -46,7 +58,7 @@ def create_app(settings: Settings) -> web.Application:
         blobs = BlobStore(settings.blob_dir)
         await asyncio.to_thread(blobs.setup)
         hub, registry = EventHub(), Registry()
-        fleet = Fleet(settings, store, registry, hub)
+        fleet = Fleet(settings, store, registry, hub, figures)
         app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
         await fleet.start()
         log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))

@@ -14,10 +14,11 @@ from typing import Any
 
 from control_plane.capabilities import missing, needs
 from control_plane.events import EventHub
+from control_plane.metrics import Metrics
 from control_plane.registry import AgentConnection, Registry
 from control_plane.settings import Settings
 from control_plane.store import TERMINAL, Store
-from control_plane.tables import Workflow, utcnow
+from control_plane.tables import Workflow, as_utc, utcnow
 from control_plane.views import workflow_status_event
 from protocol.messages import Cancel, HeldJob, Job, JobDone, JobFile, JobUpdate
 
@@ -61,8 +62,16 @@ def _gpu_busy(conn: AgentConnection) -> float:
 
 
 class Fleet:
-    def __init__(self, settings: Settings, store: Store, registry: Registry, hub: EventHub) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        registry: Registry,
+        hub: EventHub,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.store = store
         self.registry = registry
         self.hub = hub
@@ -142,6 +151,8 @@ class Fleet:
             if models:
                 conn.warm_models = models
             if await conn.send(build_job(wf)):
+                if self.metrics is not None:
+                    self.metrics.dispatch_latency.observe((utcnow() - as_utc(wf.updated_at)).total_seconds())
                 log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
             else:
                 conn.jobs.discard(wf.id)
@@ -297,6 +308,8 @@ class Fleet:
         if msg.texts:
             await self.store.set_params(wf.id, {**wf.workflow_params, "texts": msg.texts})
         log.info("workflow %s completed on runner %s (%d outputs)", wf.id, conn.runner_id, len(msg.outputs))
+        if self.metrics is not None and wf.started_at is not None:
+            self.metrics.execution_duration.observe((now - as_utc(wf.started_at)).total_seconds())
         self.hub.publish(wf.id, "status", workflow_status_event(wf))
         self.changed()
         await self._job_finished(conn, wf, "COMPLETED")
