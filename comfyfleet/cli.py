@@ -46,9 +46,15 @@ def _add_simulator(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="control plane + simulator + agent, and a sample workflow")
     p.add_argument("--port", type=int, default=_env("PORT", "8080"))
-    p.add_argument("--simulator-port", type=int, default=_env("SIMULATOR_PORT", "8188"))
+    # Not 8188: that is where a real ComfyUI on this machine would be.
+    p.add_argument("--simulator-port", type=int, default=_env("DEMO_SIMULATOR_PORT", "8288"))
     p.add_argument("--data-dir", default=_env("DATA_DIR", "data/demo"))
-    p.add_argument("--exit-after-run", action="store_true", help="stop once the sample workflow finished")
+    p.add_argument(
+        "--exit-after-run",
+        action="store_true",
+        default=_env("EXIT_AFTER_RUN") == "1",
+        help="stop once the sample workflow finished [COMFYFLEET_EXIT_AFTER_RUN=1]",
+    )
 
 
 def _add_admin(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -56,10 +62,11 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     admin = p.add_subparsers(dest="admin_cmd", required=True)
     token = admin.add_parser("token", help="API tokens").add_subparsers(dest="token_cmd", required=True)
     create = token.add_parser("create", help="create a token (and its account when needed)")
-    create.add_argument("--account", required=True)
-    create.add_argument("--tier", default=None, help="free, pro or enterprise")
-    create.add_argument("--scope", choices=("client", "operator"), default="client")
-    create.add_argument("--expires-in-days", type=float, default=None)
+    account = _env("ACCOUNT")
+    create.add_argument("--account", required=account is None, default=account, help="[COMFYFLEET_ACCOUNT]")
+    create.add_argument("--tier", default=_env("TIER"), help="free, pro or enterprise [COMFYFLEET_TIER]")
+    create.add_argument("--scope", choices=("client", "operator"), default=_env("SCOPE", "client"))
+    create.add_argument("--expires-in-days", type=float, default=_env("EXPIRES_IN_DAYS"))
     create.add_argument("--data-dir", default=None)
     create.add_argument("--database-url", default=None)
 
@@ -140,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
     except ValueError as exc:  # settings and arguments that do not validate
         print(f"comfyfleet: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # most often: the port is taken
+        print(
+            f"comfyfleet: error: cannot listen: {exc.strerror or exc} (choose another --port)",
+            file=sys.stderr,
+        )
         return 2
     return 2
 

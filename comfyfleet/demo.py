@@ -83,22 +83,33 @@ async def follow(http: aiohttp.ClientSession, base: str, headers: dict[str, str]
     return status
 
 
+async def forget_old_demo_runners(http: aiohttp.ClientSession, base: str, headers: dict[str, str]) -> None:
+    """A demo run on the same data directory replaces the previous run's runner."""
+    async with http.get(f"{base}/v1/runner?per_page=100", headers=headers) as r:
+        runners = (await r.json())["runners"]
+    for runner in runners:
+        if runner["name"] == "demo-runner":
+            async with http.delete(f"{base}/v1/runner/{runner['id']}", headers=headers):
+                pass
+
+
 async def _demo(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     settings = load_settings({"data_dir": str(data_dir / "control-plane"), "port": args.port})
+    cp_runner = web.AppRunner(create_app(settings), access_log=None)
     sim_runner, sim_url = await start_simulator(
         SimSettings(data_dir=data_dir / "comfyui"), port=args.simulator_port
     )
-    cp_runner = web.AppRunner(create_app(settings), access_log=None)
-    await cp_runner.setup()
-    await web.TCPSite(cp_runner, "127.0.0.1", args.port).start()
     base = f"http://127.0.0.1:{args.port}"
-    token = await create_token(settings, "demo", "pro", "client", None)
-    headers = {"Authorization": f"Bearer {token}"}
     agent: Agent | None = None
     agent_task: asyncio.Task[Any] | None = None
     try:
+        await cp_runner.setup()
+        await web.TCPSite(cp_runner, "127.0.0.1", args.port).start()
+        token = await create_token(settings, "demo", "pro", "client", None)
+        headers = {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession() as http:
+            await forget_old_demo_runners(http, base, headers)
             async with http.post(
                 f"{base}/v1/runner", json={"name": "demo-runner", "tags": ["demo"]}, headers=headers
             ) as r:

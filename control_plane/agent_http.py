@@ -55,6 +55,12 @@ async def upload_output(request: web.Request) -> web.Response:
         max_bytes=MAX_OUTPUT_BYTES,
         expected_sha256=request.headers.get("X-Content-SHA256"),
     )
+    # The upload took a while: the attempt may have been cancelled or replaced meanwhile.
+    current = await svc.store.get_workflow(runner.account_id, wf.id)
+    if current.runner_id != runner.id or current.attempt != attempt or current.status in TERMINAL:
+        if stored.created and not await svc.store.blob_referenced(stored.sha256):
+            await svc.blobs.delete(stored.sha256)
+        raise Conflict(f"attempt {attempt} of workflow {wf.id} ended while its output was uploaded")
     out = await svc.store.add_output(
         Output(
             workflow_id=wf.id,

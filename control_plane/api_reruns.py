@@ -15,7 +15,7 @@ from aiohttp import web
 
 from control_plane import idempotency
 from control_plane.errors import BadRequest, Conflict
-from control_plane.forms import discard, read_form
+from control_plane.forms import uploaded_form
 from control_plane.graph import downstream
 from control_plane.http_util import json_body
 from control_plane.services import Services
@@ -35,17 +35,15 @@ async def rerun_with_new_parameters(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
     original = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
-    form = await read_form(request, svc.blobs, svc.settings.max_request_bytes)
+    async with uploaded_form(
+        request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
+    ) as form:
 
-    async def produce() -> web.Response:
-        wf = await rerun_with_parameters(svc, principal.account, original, form)
-        return web.json_response(workflow_view(wf), status=201)
+        async def produce() -> web.Response:
+            wf = await rerun_with_parameters(svc, principal.account, original, form)
+            return web.json_response(workflow_view(wf), status=201)
 
-    try:
         return await idempotency.once(request, principal.account.id, form.fingerprint(), produce)
-    except BaseException:
-        await discard(form, svc.blobs)
-        raise
 
 
 def _find_task(tasks: list[Task], wanted: str, workflow_json: dict[str, Any]) -> str:

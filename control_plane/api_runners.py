@@ -109,6 +109,7 @@ async def delete_runner(request: web.Request) -> web.Response:
     conn = svc.registry.get(runner_id)
     if conn is not None:
         await conn.ws.close(code=CLOSE_RUNNER_DELETED, message=b"runner deleted")
+    await svc.fleet.runner_deleted(runner_id)
     return web.json_response({"id": runner_id, "deleted": True})
 
 

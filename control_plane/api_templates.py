@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from aiohttp import web
 
 from control_plane import idempotency
 from control_plane.errors import BadRequest
-from control_plane.forms import SubmittedForm, discard, read_form
+from control_plane.forms import SubmittedForm, uploaded_form
 from control_plane.http_util import paging
 from control_plane.services import Services
 from control_plane.submissions import create_workflow
@@ -56,8 +57,11 @@ def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, Any]:
     return changes
 
 
-async def _read_template_form(request: web.Request, svc: Services) -> SubmittedForm:
-    form = await read_form(request, svc.blobs, svc.settings.max_request_bytes)
+def _template_form(request: web.Request, svc: Services) -> AbstractAsyncContextManager[SubmittedForm]:
+    return uploaded_form(request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced)
+
+
+def _body_part(form: SubmittedForm) -> SubmittedForm:
     # The body travels as a part named "body"; forms.py keeps only "workflow_json" as bytes.
     if "body" in form.fields:
         form.workflow_json = form.fields.pop("body").encode()
@@ -68,12 +72,8 @@ async def _read_template_form(request: web.Request, svc: Services) -> SubmittedF
 async def create_template(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
-    form = await _read_template_form(request, svc)
-    try:
-        changes = _template_fields(form, partial=False)
-    except BaseException:
-        await discard(form, svc.blobs)
-        raise
+    async with _template_form(request, svc) as form:
+        changes = _template_fields(_body_part(form), partial=False)
     template = await svc.store.add_template(Template(account_id=principal.account.id, **changes))
     return web.json_response(template_view(template), status=201)
 
@@ -100,12 +100,8 @@ async def update_template(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
     await svc.store.get_template(principal.account.id, request.match_info["id"])
-    form = await _read_template_form(request, svc)
-    try:
-        changes = _template_fields(form, partial=True)
-    except BaseException:
-        await discard(form, svc.blobs)
-        raise
+    async with _template_form(request, svc) as form:
+        changes = _template_fields(_body_part(form), partial=True)
     template = await svc.store.update_template(principal.account.id, request.match_info["id"], changes)
     return web.json_response(template_view(template))
 
@@ -115,23 +111,21 @@ async def run_template(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
     template = await svc.store.get_template(principal.account.id, request.match_info["id"])
-    form = await read_form(request, svc.blobs, svc.settings.max_request_bytes)
+    async with _template_form(request, svc) as form:
 
-    async def produce() -> web.Response:
-        if form.workflow_json is not None:
-            raise BadRequest("a template run takes its workflow from the template; do not send workflow_json")
-        wf = await create_workflow(
-            svc,
-            principal.account,
-            form,
-            workflow_json=template.body,
-            name=form.fields.get("name", "").strip() or template.name,
-            tags=form.tags(),
-        )
-        return web.json_response(workflow_view(wf), status=201)
+        async def produce() -> web.Response:
+            if form.workflow_json is not None:
+                raise BadRequest(
+                    "a template run takes its workflow from the template; do not send workflow_json"
+                )
+            wf = await create_workflow(
+                svc,
+                principal.account,
+                form,
+                workflow_json=template.body,
+                name=form.fields.get("name", "").strip() or template.name,
+                tags=form.tags(),
+            )
+            return web.json_response(workflow_view(wf), status=201)
 
-    try:
         return await idempotency.once(request, principal.account.id, form.fingerprint(), produce)
-    except BaseException:
-        await discard(form, svc.blobs)
-        raise

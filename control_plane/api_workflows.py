@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from urllib.parse import quote
 
 from aiohttp import web
 
 from control_plane import idempotency
 from control_plane.errors import BadRequest
-from control_plane.forms import discard, read_form
+from control_plane.forms import uploaded_form
 from control_plane.http_util import paging
 from control_plane.services import Services
 from control_plane.store import TERMINAL
@@ -30,24 +31,22 @@ def services(request: web.Request) -> Services:
 async def submit_workflow(request: web.Request) -> web.Response:
     svc = services(request)
     principal = await svc.auth.client(request)
-    form = await read_form(request, svc.blobs, svc.settings.max_request_bytes)
+    async with uploaded_form(
+        request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
+    ) as form:
 
-    async def produce() -> web.Response:
-        wf = await create_workflow(
-            svc,
-            principal.account,
-            form,
-            workflow_json=form.workflow(),
-            name=form.fields.get("name", "").strip() or "untitled",
-            tags=form.tags(),
-        )
-        return web.json_response(workflow_view(wf), status=201)
+        async def produce() -> web.Response:
+            wf = await create_workflow(
+                svc,
+                principal.account,
+                form,
+                workflow_json=form.workflow(),
+                name=form.fields.get("name", "").strip() or "untitled",
+                tags=form.tags(),
+            )
+            return web.json_response(workflow_view(wf), status=201)
 
-    try:
         return await idempotency.once(request, principal.account.id, form.fingerprint(), produce)
-    except BaseException:
-        await discard(form, svc.blobs)
-        raise
 
 
 @routes.get("/v1/workflow")
@@ -105,11 +104,14 @@ async def download_output(request: web.Request) -> web.StreamResponse:
     out = await svc.store.get_output(principal.account.id, request.match_info["id"])
     return web.FileResponse(
         svc.blobs.path(out.sha256),
-        headers={
-            "Content-Type": out.content_type,
-            "Content-Disposition": f'attachment; filename="{out.filename}"',
-        },
+        headers={"Content-Type": out.content_type, "Content-Disposition": content_disposition(out.filename)},
     )
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266: an ASCII fallback name and the exact one, percent-encoded as UTF-8."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def _sse(event: str, data: dict[str, object]) -> bytes:
@@ -135,17 +137,20 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         snapshot = workflow_status_event(wf) | {"queue_number": await svc.queue_position(wf)}
         await resp.write(_sse("status", snapshot))
-        last_status = wf.status
-        while last_status not in TERMINAL:
+        last = (wf.status, wf.attempt)
+        while last[0] not in TERMINAL:
             try:
                 event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
             except TimeoutError:
                 await resp.write(b": keepalive\n\n")
                 continue
+            if event.name == "shutdown":
+                break
             if event.name == "status":
-                if event.data["status"] == last_status and event.data.get("queue_number") is None:
+                now = (str(event.data["status"]), int(event.data["attempt"]))
+                if now == last and event.data.get("queue_number") is None:
                     continue
-                last_status = str(event.data["status"])
+                last = now
             await resp.write(_sse(event.name, event.data))
     await resp.write_eof()
     return resp

@@ -70,6 +70,7 @@ def create_app(settings: Settings) -> web.Application:
         # Agents see GOING_AWAY and reconnect to whoever serves next.
         svc = app.get(Services.KEY)
         if svc is not None:
+            svc.hub.close()  # open SSE streams end, or they would hold the shutdown up
             for conn in svc.registry.all():
                 await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"control plane shutting down")
 

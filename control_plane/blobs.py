@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,21 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._tmp = root / "tmp"
+        # Requests in flight that rely on a blob: a failed request must not delete a blob
+        # that another one (same bytes, same address) is about to reference.
+        self._holds: Counter[str] = Counter()
+
+    def hold(self, sha256: str) -> None:
+        self._holds[sha256] += 1
+
+    def release(self, sha256: str) -> None:
+        self._holds[sha256] -= 1
+        if self._holds[sha256] <= 0:
+            del self._holds[sha256]
+
+    def held_elsewhere(self, sha256: str) -> bool:
+        """Held by some request besides the one asking (which holds it once)."""
+        return self._holds[sha256] > 1
 
     def setup(self) -> None:
         self._tmp.mkdir(parents=True, exist_ok=True)

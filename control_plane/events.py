@@ -36,6 +36,11 @@ class EventHub:
                 if not subs:
                     del self._subs[workflow_id]
 
+    def close(self) -> None:
+        """Shutting down: every subscriber gets a last ``shutdown`` event and should end."""
+        for workflow_id in list(self._subs):
+            self.publish(workflow_id, "shutdown", {})
+
     def publish(self, workflow_id: str, name: str, data: dict[str, Any]) -> None:
         event = Event(name, data)
         for queue in self._subs.get(workflow_id, ()):

@@ -143,6 +143,11 @@ class Fleet:
                 # Its place in the line of workflows of the same account still waiting.
                 position[wf.account_id] = position.get(wf.account_id, 0) + 1
                 continue
+            try:
+                job = build_job(wf)
+            except (KeyError, TypeError, ValueError):
+                log.exception("workflow %s: cannot build its job", wf.id)
+                continue
             if not await self.store.claim_workflow(wf.id, wf.attempt, conn.runner_id):
                 continue
             conn.free_slots -= 1
@@ -150,7 +155,7 @@ class Fleet:
             models = needs(wf.workflow_json, wf.workflow_params.get("values", {})).model_files
             if models:
                 conn.warm_models = models
-            if await conn.send(build_job(wf)):
+            if await conn.send(job):
                 if self.metrics is not None:
                     self.metrics.dispatch_latency.observe((utcnow() - as_utc(wf.updated_at)).total_seconds())
                 log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
@@ -205,13 +210,23 @@ class Fleet:
         return drop
 
     async def runner_ready(self, conn: AgentConnection, free_slots: int) -> None:
-        conn.free_slots = max(0, free_slots)
+        # The agent counts what it holds; jobs sent but not yet arrived it cannot count.
+        total = int(conn.capacity.get("slots") or 1)
+        conn.free_slots = max(0, min(free_slots, total - len(conn.jobs)))
         self.kick()
 
     def runner_disconnected(self, conn: AgentConnection) -> None:
         self.changed()
         if conn.jobs:
             self._start_grace(conn.runner_id)
+
+    async def runner_deleted(self, runner_id: str) -> None:
+        """A deleted runner will not come back: its work goes elsewhere now, not after grace."""
+        handle = self._grace.pop(runner_id, None)
+        if handle is not None:
+            handle.cancel()
+        for wf in await self.store.inflight_workflows(runner_id):
+            await self._requeue(wf, "its runner was deleted")
 
     def _start_grace(self, runner_id: str) -> None:
         if runner_id in self._grace:
@@ -231,7 +246,9 @@ class Fleet:
             )
 
     async def _requeue(self, wf: Workflow, reason: str) -> None:
-        updated = await self.store.requeue(wf.id, wf.attempt, self.settings.max_attempts, reason)
+        updated = await self.store.requeue(
+            wf.id, wf.attempt, wf.runner_id, self.settings.max_attempts, reason
+        )
         if updated is None:
             return
         log.warning("workflow %s attempt %d requeued: %s", wf.id, wf.attempt, reason)
@@ -274,6 +291,7 @@ class Fleet:
         )
         if wf is None:
             log.info("workflow %s: dropped stale update for attempt %d", msg.workflow_id, msg.attempt)
+            await self._stale(conn, msg.workflow_id, msg.attempt)
             return
         if msg.node is not None:
             self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})
@@ -292,7 +310,7 @@ class Fleet:
             self.hub.publish(wf.id, "status", workflow_status_event(wf))
             self.changed()
         if wf.status in TERMINAL:
-            await self._job_finished(conn, wf, "FAILED" if wf.status != "cancelled" else "CANCELED")
+            conn.jobs.discard(wf.id)
 
     async def job_done(self, conn: AgentConnection, msg: JobDone) -> None:
         now = utcnow()
@@ -304,6 +322,7 @@ class Fleet:
         )
         if wf is None:
             log.info("workflow %s: dropped stale completion of attempt %d", msg.workflow_id, msg.attempt)
+            await self._stale(conn, msg.workflow_id, msg.attempt)
             return
         if msg.texts:
             await self.store.set_params(wf.id, {**wf.workflow_params, "texts": msg.texts})
@@ -312,11 +331,17 @@ class Fleet:
             self.metrics.execution_duration.observe((now - as_utc(wf.started_at)).total_seconds())
         self.hub.publish(wf.id, "status", workflow_status_event(wf))
         self.changed()
-        await self._job_finished(conn, wf, "COMPLETED")
-
-    async def _job_finished(self, conn: AgentConnection, wf: Workflow, open_task_status: str) -> None:
         conn.jobs.discard(wf.id)
-        await self.store.finish_tasks(wf.id, wf.attempt, open_task_status)
+
+    async def _stale(self, conn: AgentConnection, workflow_id: str, attempt: int) -> None:
+        """A runner reports on work that is no longer its own (cancelled, requeued, rerun):
+        forget it on that runner and tell the agent to stop spending its GPU on it."""
+        current = await self.store.get_workflow(None, workflow_id)
+        holds_current = current.runner_id == conn.runner_id and current.status not in TERMINAL
+        if not holds_current:
+            conn.jobs.discard(workflow_id)
+        if not (holds_current and current.attempt == attempt):
+            await conn.send(Cancel(workflow_id=workflow_id, attempt=attempt))
 
     # -- what clients ask ----------------------------------------------------------------
 
@@ -325,14 +350,15 @@ class Fleet:
         cancelled = await self.store.cancel_workflow(wf.id)
         if cancelled is None:
             return None
-        await self.store.finish_tasks(wf.id, wf.attempt, "CANCELED")
-        if wf.runner_id is not None:
-            conn = self.registry.get(wf.runner_id)
+        # The fresh row says who holds it now: the dispatcher may have sent it meanwhile.
+        if cancelled.runner_id is not None:
+            conn = self.registry.get(cancelled.runner_id)
             if conn is not None:
                 conn.jobs.discard(wf.id)
-                await conn.send(Cancel(workflow_id=wf.id, attempt=wf.attempt))
+                await conn.send(Cancel(workflow_id=wf.id, attempt=cancelled.attempt))
         log.info("workflow %s cancelled (was %s)", wf.id, wf.status)
         self.hub.publish(wf.id, "status", workflow_status_event(cancelled))
+        self.changed()
         return cancelled
 
     async def start_new_attempt(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ class SubmittedForm:
     workflow_json: bytes | None = None
     # Blobs this request added to the store: removed again if the request fails.
     new_blobs: list[str] = field(default_factory=list)
+    # Blobs this request holds (BlobStore.hold) until it has answered.
+    held: list[str] = field(default_factory=list)
 
     @property
     def parameter_count(self) -> int:
@@ -118,7 +121,28 @@ def check_declared_length(request: web.Request, limit: int) -> None:
         raise TooLarge(f"request exceeds the limit of {limit // (1024 * 1024)} MB")
 
 
-async def read_form(request: web.Request, blobs: BlobStore, limit: int) -> SubmittedForm:
+Referenced = Callable[[str], Awaitable[bool]]
+
+
+@asynccontextmanager
+async def uploaded_form(
+    request: web.Request, blobs: BlobStore, limit: int, referenced: Referenced
+) -> AsyncIterator[SubmittedForm]:
+    """The request's form for the length of the block. If the block fails, the blobs the
+    request added are removed again, unless something else uses them by then."""
+    form = await _read_form(request, blobs, limit, referenced)
+    try:
+        yield form
+    except BaseException:
+        await _discard(form, blobs, referenced)
+        raise
+    finally:
+        _release(form, blobs)
+
+
+async def _read_form(
+    request: web.Request, blobs: BlobStore, limit: int, referenced: Referenced
+) -> SubmittedForm:
     check_declared_length(request, limit)
     if request.content_type == "application/x-www-form-urlencoded":
         return _from_urlencoded(await request.post())
@@ -134,6 +158,8 @@ async def read_form(request: web.Request, blobs: BlobStore, limit: int) -> Submi
             name = part.name or ""
             if name.startswith("$") and part.filename is not None:
                 stored = await blobs.write(_chunks(part, budget), max_bytes=limit)
+                blobs.hold(stored.sha256)
+                form.held.append(stored.sha256)
                 if stored.created:
                     form.new_blobs.append(stored.sha256)
                 form.files[name[1:]] = UploadedFile(
@@ -158,7 +184,8 @@ async def read_form(request: web.Request, blobs: BlobStore, limit: int) -> Submi
             else:
                 form.fields[name] = text
     except BaseException:
-        await discard(form, blobs)
+        await _discard(form, blobs, referenced)
+        _release(form, blobs)
         raise
     return form
 
@@ -180,7 +207,14 @@ def _from_urlencoded(post: Any) -> SubmittedForm:
     return form
 
 
-async def discard(form: SubmittedForm, blobs: BlobStore) -> None:
+async def _discard(form: SubmittedForm, blobs: BlobStore, referenced: Referenced) -> None:
     for sha in form.new_blobs:
-        await blobs.delete(sha)
+        if not blobs.held_elsewhere(sha) and not await referenced(sha):
+            await blobs.delete(sha)
     form.new_blobs.clear()
+
+
+def _release(form: SubmittedForm, blobs: BlobStore) -> None:
+    for sha in form.held:
+        blobs.release(sha)
+    form.held.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -9,7 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import String, cast, func, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -28,6 +30,8 @@ from control_plane.tables import (
 )
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "invalid"})
+# What a task still open becomes when its workflow ends this way.
+_TASK_END = {"completed": "COMPLETED", "failed": "FAILED", "invalid": "FAILED", "cancelled": "CANCELED"}
 CLIENT_TOKEN_PREFIX = "cf_"
 RUNNER_TOKEN_PREFIX = "cfr_"
 
@@ -43,11 +47,23 @@ def new_token(prefix: str) -> str:
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # Read-check-write of a workflow must not interleave with another. PostgreSQL locks
+        # the row (SELECT ... FOR UPDATE); SQLite has no row locks, so one control-plane
+        # process serialises these sections with this lock.
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._rmw_lock = asyncio.Lock()
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with AsyncSession(self.engine, expire_on_commit=False) as s:
             yield s
+
+    @asynccontextmanager
+    async def locked_workflow(self, workflow_id: str) -> AsyncIterator[tuple[AsyncSession, Workflow | None]]:
+        """A session holding the workflow's row for a read-check-write."""
+        async with self._rmw_lock if self._sqlite else contextlib.nullcontext(), self.session() as s:
+            wf = (await s.exec(select(Workflow).where(Workflow.id == workflow_id).with_for_update())).first()
+            yield s, wf
 
     # -- accounts and tokens -------------------------------------------------------------
 
@@ -280,8 +296,7 @@ class Store:
         """Apply an agent's report in one transaction, fenced: only the runner holding the
         current attempt of a workflow that is not finished may change it, its tasks
         included. ``None`` when the report is stale."""
-        async with self.session() as s:
-            wf = await s.get(Workflow, workflow_id)
+        async with self.locked_workflow(workflow_id) as (s, wf):
             if wf is None or wf.attempt != attempt or wf.runner_id != runner_id or wf.status in TERMINAL:
                 return None
             for key, value in changes.items():
@@ -292,6 +307,8 @@ class Store:
             s.add(wf)
             if node_event is not None:
                 await _record_node_event(s, workflow_id, attempt, *node_event)
+            if wf.status in TERMINAL:
+                await _close_tasks(s, workflow_id, attempt, _TASK_END[wf.status])
             await s.commit()
             return wf
 
@@ -305,11 +322,11 @@ class Store:
     async def cancel_workflow(self, workflow_id: str) -> Workflow | None:
         """Mark a workflow cancelled unless it already finished (then ``None``)."""
         now = utcnow()
-        async with self.session() as s:
-            wf = await s.get(Workflow, workflow_id)
+        async with self.locked_workflow(workflow_id) as (s, wf):
             if wf is None or wf.status in TERMINAL:
                 return None
             wf.status, wf.completed_at, wf.updated_at = "cancelled", now, now
+            await _close_tasks(s, workflow_id, wf.attempt, "CANCELED")
             s.add(wf)
             await s.commit()
             return wf
@@ -323,20 +340,23 @@ class Store:
             return list(await s.exec(select(Workflow).where(*conds)))
 
     async def requeue(
-        self, workflow_id: str, attempt: int, max_attempts: int, reason: str
+        self, workflow_id: str, attempt: int, runner_id: str | None, max_attempts: int, reason: str
     ) -> Workflow | None:
         """Take a workflow back from a lost runner: attempt + 1 and waiting again, or failed
-        with the reason once it has had ``max_attempts``."""
+        with the reason once it has had ``max_attempts``. The lost attempt's open tasks are
+        closed. ``None`` if the workflow moved on (finished, or held by another runner)."""
         now = utcnow()
-        async with self.session() as s:
-            wf = await s.get(Workflow, workflow_id)
-            if wf is None or wf.attempt != attempt or wf.status in TERMINAL:
+        async with self.locked_workflow(workflow_id) as (s, wf):
+            if wf is None or wf.attempt != attempt or wf.runner_id != runner_id or wf.status in TERMINAL:
                 return None
             if wf.attempt >= max_attempts:
+                await _close_tasks(s, workflow_id, wf.attempt, "FAILED")
                 wf.status = "failed"
-                wf.exception_message = f"{reason}; gave up after {wf.attempt} attempts"
+                tries = "attempt" if wf.attempt == 1 else "attempts"
+                wf.exception_message = f"{reason}; gave up after {wf.attempt} {tries}"
                 wf.completed_at = now
             else:
+                await _close_tasks(s, workflow_id, wf.attempt, "CANCELED")
                 wf.attempt += 1
                 wf.status = "accepted"
                 wf.runner_id = None
@@ -361,8 +381,7 @@ class Store:
         CANCELED, completed ones included; of the others, those that had not completed were
         interrupted and become CANCELED too. ``None`` if the attempt moved on meanwhile."""
         now = utcnow()
-        async with self.session() as s:
-            wf = await s.get(Workflow, workflow_id)
+        async with self.locked_workflow(workflow_id) as (s, wf):
             if wf is None or wf.attempt != expected_attempt:
                 return None
             old_tasks = await s.exec(
@@ -449,22 +468,6 @@ class Store:
 
     # -- tasks ---------------------------------------------------------------------------
 
-    async def finish_tasks(self, workflow_id: str, attempt: int, status: str) -> None:
-        """Close the attempt's open tasks: a node that started and got no later event finished
-        when the prompt did (ComfyUI sends ``executed`` for output nodes only)."""
-        now = utcnow()
-        async with self.session() as s:
-            await s.exec(
-                update(Task)
-                .where(
-                    col(Task.workflow_id) == workflow_id,
-                    col(Task.attempt) == attempt,
-                    col(Task.status).in_(("SCHEDULED", "IN_PROGRESS")),
-                )
-                .values(status=status, ended_at=now)
-            )  # type: ignore[call-overload]
-            await s.commit()
-
     async def tasks(self, workflow_id: str, attempt: int | None = None) -> list[Task]:
         conds = [Task.workflow_id == workflow_id]
         if attempt is not None:
@@ -498,6 +501,22 @@ class Store:
                 raise NotFound(f"output {output_id} not found")
             return out
 
+    async def blob_referenced(self, sha256: str) -> bool:
+        """Whether any workflow (as an input) or output refers to the blob."""
+        async with self.session() as s:
+            used_as_input = (
+                await s.exec(
+                    select(Workflow.id)
+                    .where(cast(Workflow.workflow_params, String).contains(sha256))
+                    .limit(1)
+                )
+            ).first()
+            if used_as_input is not None:
+                return True
+            return (
+                await s.exec(select(Output.id).where(Output.sha256 == sha256).limit(1))
+            ).first() is not None
+
     # -- idempotency ---------------------------------------------------------------------
 
     async def get_idempotent(self, account_id: str, key: str) -> IdempotencyRecord | None:
@@ -525,6 +544,20 @@ class Store:
             if record is not None:
                 await s.delete(record)
                 await s.commit()
+
+
+async def _close_tasks(s: AsyncSession, workflow_id: str, attempt: int, status: str) -> None:
+    """Close an attempt's open tasks (ComfyUI sends ``executed`` for output nodes only, so a
+    node that started and heard nothing more ended with the prompt)."""
+    await s.exec(
+        update(Task)
+        .where(
+            col(Task.workflow_id) == workflow_id,
+            col(Task.attempt) == attempt,
+            col(Task.status).in_(("SCHEDULED", "IN_PROGRESS")),
+        )
+        .values(status=status, ended_at=utcnow())
+    )  # type: ignore[call-overload]
 
 
 async def _record_node_event(
