@@ -168,6 +168,7 @@ async def _handle(svc: Services, conn: AgentConnection, msg: object) -> None:
             )
             svc.fleet.kick()
         await svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity)
+        svc.fleet.changed()
     elif isinstance(msg, Reply):
         conn.resolve(msg)
     # Anything else (including types this version does not know) is ignored.

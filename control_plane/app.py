@@ -17,6 +17,7 @@ from control_plane import (
     api_runners,
     api_templates,
     api_workflows,
+    dashboard,
 )
 from control_plane.auth import Authenticator
 from control_plane.blobs import BlobStore
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> web.Application:
         agent_ws,
         agent_http,
         api_metrics,
+        dashboard,
     ):
         app.router.add_routes(module.routes)
     app[METRICS_KEY] = figures = Metrics()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from pydantic import ValidationError
@@ -167,7 +168,7 @@ async def _throughput(s: AsyncSession, account_id: str, now: datetime) -> dict[s
     edges = [start + timedelta(seconds=BUCKET_S * i) for i in range(BUCKETS + 1)]
     done_at = col(Workflow.completed_at)
     sums = []
-    for lo, hi in zip(edges, edges[1:], strict=False):
+    for lo, hi in pairwise(edges):
         inside = and_(done_at >= lo, done_at < hi)
         sums.append(func.sum(case((and_(inside, Workflow.status == "completed"), 1), else_=0)))
         sums.append(func.sum(case((and_(inside, col(Workflow.status).in_(FAILED)), 1), else_=0)))

@@ -295,6 +295,7 @@ class Fleet:
             return
         if msg.node is not None:
             self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})
+            self.changed()
         if msg.error is not None:
             self.hub.publish(
                 wf.id,
