@@ -42,6 +42,7 @@ CLOSE_BAD_PROTOCOL = 4002
 CLOSE_REPLACED = 4004
 CLOSE_SILENT = 4005
 HELLO_TIMEOUT_S = 15.0
+PERSIST_EVERY_S = 30.0
 
 
 @routes.get("/v1/agent/connect")
@@ -112,6 +113,7 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
         conn.fail_pending()
         if svc.registry.remove(conn):
             svc.fleet.runner_disconnected(conn)
+            await svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity)
         log.info("runner %s disconnected (close code %s)", runner.id, ws.close_code)
     return ws
 
@@ -167,7 +169,11 @@ async def _handle(svc: Services, conn: AgentConnection, msg: object) -> None:
                 "healthy" if conn.healthy else f"unhealthy: {conn.unhealthy_reason}",
             )
             svc.fleet.kick()
-        await svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity)
+        # Live figures stay in memory; the database gets them now and then, for the time the
+        # runner is offline, so a large fleet's heartbeats do not turn into a write storm.
+        if time.time() - conn.persisted_at >= PERSIST_EVERY_S or conn.healthy != was_healthy:
+            conn.persisted_at = time.time()
+            await svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity)
         svc.fleet.changed()
     elif isinstance(msg, Reply):
         conn.resolve(msg)

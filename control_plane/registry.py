@@ -29,6 +29,7 @@ class AgentConnection:
     jobs: set[str] = field(default_factory=set)  # workflow ids this runner holds
     connected_at: float = field(default_factory=time.time)
     last_seen_at: float = field(default_factory=time.time)
+    persisted_at: float = field(default_factory=time.time)  # capacity last written to the store
     healthy: bool = True
     unhealthy_reason: str | None = None
     # Model files the runner's last job loaded: a job wanting the same ones finds them warm.

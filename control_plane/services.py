@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import ClassVar
 
 from aiohttp import web
@@ -35,7 +36,12 @@ class Services:
         conn = self.registry.get(runner_id)
         if conn is None:
             return None
-        return {"capacity": conn.capacity, "comfyui": conn.comfyui, "jobs": sorted(conn.jobs)}
+        return {
+            "capacity": conn.capacity,
+            "comfyui": conn.comfyui,
+            "jobs": sorted(conn.jobs),
+            "last_seen_at": datetime.fromtimestamp(conn.last_seen_at, UTC),
+        }
 
     async def queue_position(self, wf: Workflow) -> int | None:
         """A waiting workflow's place (from 1) among its account's waiting workflows; in a

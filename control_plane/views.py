@@ -107,7 +107,7 @@ def runner_view(runner: Runner, live: dict[str, Any] | None) -> dict[str, Any]:
         "created_at": iso(runner.created_at),
         "updated_at": iso(runner.updated_at),
         "connected": live is not None,
-        "last_seen": iso(runner.last_seen_at),
+        "last_seen": iso((live or {}).get("last_seen_at", runner.last_seen_at)),
         "capacity": (live or {}).get("capacity", runner.capacity),
         "comfyui": (live or {}).get("comfyui", runner.comfyui),
         "current_jobs": (live or {}).get("jobs", []),

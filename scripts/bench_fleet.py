@@ -1,0 +1,255 @@
+"""How one control plane copes with many runners.
+
+Starts `comfyfleet serve` as its own process (so its CPU time and memory can be read), then
+grows a fleet of simulated agents — light websocket clients speaking the agent protocol,
+each finishing any job it is given at once — through the sizes given, and at each size
+prints:
+
+- connect time: from opening the new agents' sockets to every one of them welcomed;
+- heartbeat CPU: the control plane's CPU use while every agent sends a capacity update each
+  heartbeat and nothing else happens, in all and per runner;
+- RSS per runner: the control plane's resident memory over the empty baseline, divided by N;
+- dispatch latency: from submitting a workflow to an agent holding its job (median, p99 of
+  --jobs workflows submitted one after another).
+
+    .venv/bin/python scripts/bench_fleet.py [--sizes 10,100,500,2000] [--heartbeat-s 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+from websockets.asyncio.client import ClientConnection, connect
+
+from protocol.capacity import Capacity, GpuInfo
+from protocol.messages import PROTOCOL_VERSION, ComfyUIInfo, Hello, JobDone, Ready, dump_message
+
+TRIVIAL = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_fd_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Arrivals:
+    """When each workflow's job reached an agent, awaitable by workflow id."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, asyncio.Future[float]] = {}
+
+    def _future(self, wf_id: str) -> asyncio.Future[float]:
+        return self._at.setdefault(wf_id, asyncio.get_running_loop().create_future())
+
+    def arrived(self, wf_id: str) -> None:
+        self._future(wf_id).set_result(time.perf_counter())
+
+    async def wait(self, wf_id: str) -> float:
+        return await self._future(wf_id)
+
+
+class FakeAgent:
+    """One simulated runner agent: hello, ready, capacity every heartbeat, jobs done at once."""
+
+    def __init__(self, url: str, token: str, index: int, arrivals: Arrivals) -> None:
+        self.url, self.token, self.index, self.arrivals = url, token, index, arrivals
+        self.capacity = Capacity(
+            gpu_source="nvml",
+            gpus=[GpuInfo(index=0, name="Simulated GPU", memory_total_bytes=24 << 30, utilization_pct=0.0)],
+        )
+        self.welcomed = asyncio.Event()
+        self.ws: ClientConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def ready(self) -> None:
+        """Until welcomed; an agent that failed to connect raises its error here."""
+        assert self.task is not None
+        welcomed = asyncio.ensure_future(self.welcomed.wait())
+        await asyncio.wait({welcomed, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if not self.welcomed.is_set():
+            welcomed.cancel()
+            self.task.result()  # raises what went wrong
+            raise RuntimeError(f"agent {self.index} closed before its welcome")
+
+    async def run(self, heartbeat_s: float) -> None:
+        async with connect(
+            self.url, additional_headers={"Authorization": f"Bearer {self.token}"}, max_size=None
+        ) as ws:
+            self.ws = ws
+            hello = Hello(
+                agent_version="bench",
+                protocol_version=PROTOCOL_VERSION,
+                capacity=self.capacity,
+                comfyui=ComfyUIInfo(url="http://sim", node_classes=["EmptyImage", "SaveImage"]),
+            )
+            await ws.send(dump_message(hello))
+            json.loads(await ws.recv())  # welcome
+            await ws.send(dump_message(Ready(free_slots=1)))
+            self.welcomed.set()
+            beat = asyncio.create_task(self._heartbeat(ws, heartbeat_s))
+            try:
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    if msg["type"] == "job":
+                        self.arrivals.arrived(msg["workflow_id"])
+                        done = JobDone(workflow_id=msg["workflow_id"], attempt=msg["attempt"])
+                        await ws.send(dump_message(done))
+                        await ws.send(dump_message(Ready(free_slots=1)))
+            finally:
+                beat.cancel()
+
+    async def _heartbeat(self, ws: ClientConnection, heartbeat_s: float) -> None:
+        update = json.dumps({"type": "capacity", "capacity": self.capacity.model_dump()})
+        while True:
+            await asyncio.sleep(heartbeat_s)  # the agent's own heartbeat period
+            await ws.send(update)
+
+
+async def create_runners(
+    http: aiohttp.ClientSession, base: str, headers: dict[str, str], n: int, start: int
+) -> list[str]:
+    gate = asyncio.Semaphore(20)
+
+    async def one(i: int) -> str:
+        async with gate, http.post(f"{base}/v1/runner", json={"name": f"bench-{i}"}, headers=headers) as resp:
+            return str((await resp.json())["token"])
+
+    return list(await asyncio.gather(*(one(i) for i in range(start, start + n))))
+
+
+async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float) -> None:
+    raise_fd_limit()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        port = free_port()
+        env = {
+            **os.environ,
+            "COMFYFLEET_PORT": str(port),
+            "COMFYFLEET_DATA_DIR": str(data),
+            "COMFYFLEET_HEARTBEAT_S": str(heartbeat_s),
+            "COMFYFLEET_RUNNER_TIMEOUT_S": str(heartbeat_s * 5),
+        }
+        admin = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "comfyfleet",
+            "admin",
+            "token",
+            "create",
+            "--account",
+            "bench",
+            "--tier",
+            "enterprise",
+            "--data-dir",
+            str(data),
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        token = (await admin.communicate())[0].decode().strip().splitlines()[-1]
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "comfyfleet",
+            "serve",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=raise_fd_limit,
+        )
+        assert server.stderr is not None
+        while b"listening on" not in await server.stderr.readline():
+            pass
+        drain = asyncio.create_task(server.stderr.read())  # keep its log pipe from filling up
+        proc = psutil.Process(server.pid)
+        base = f"http://127.0.0.1:{port}"
+        ws_url = f"ws://127.0.0.1:{port}/v1/agent/connect"
+        headers = {"Authorization": f"Bearer {token}"}
+        arrivals = Arrivals()
+        agents: list[FakeAgent] = []
+        print(f"heartbeat every {heartbeat_s:g} s; CPU over a {window_s:g} s window; {jobs} jobs per size")
+        columns = (
+            "N",
+            "connect s",
+            "hb CPU %",
+            "CPU %/runner",
+            "RSS KiB/runner",
+            "dispatch p50 ms",
+            "p99 ms",
+        )
+        widths = (6, 11, 10, 14, 16, 17, 9)
+        print("".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)), flush=True)
+        try:
+            async with aiohttp.ClientSession() as http:
+                baseline_rss = proc.memory_info().rss
+                for size in sizes:
+                    tokens = await create_runners(http, base, headers, size - len(agents), len(agents))
+                    fresh = [FakeAgent(ws_url, t, len(agents) + i, arrivals) for i, t in enumerate(tokens)]
+                    started = time.perf_counter()
+                    for agent in fresh:
+                        agent.task = asyncio.create_task(agent.run(heartbeat_s))
+                    await asyncio.gather(*(a.ready() for a in fresh))
+                    connect_s = time.perf_counter() - started
+                    agents.extend(fresh)
+
+                    cpu_before = proc.cpu_times()
+                    await asyncio.sleep(window_s)  # the measurement window: heartbeats only
+                    cpu_after = proc.cpu_times()
+                    cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+                    cpu_pct = 100 * cpu_s / window_s
+                    rss_per_runner = (proc.memory_info().rss - baseline_rss) / len(agents)
+
+                    latencies: list[float] = []
+                    for _ in range(jobs):
+                        form = aiohttp.FormData()
+                        form.add_field("workflow_json", json.dumps(TRIVIAL), filename="wf.json")
+                        t0 = time.perf_counter()
+                        async with http.post(f"{base}/v1/workflow", data=form, headers=headers) as resp:
+                            wf_id = (await resp.json())["id"]
+                        latencies.append(await arrivals.wait(wf_id) - t0)
+                    latencies.sort()
+                    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+                    p50 = statistics.median(latencies) * 1000
+                    print(
+                        f"{size:>6}{connect_s:>11.2f}{cpu_pct:>10.1f}{cpu_pct / size:>14.4f}"
+                        f"{rss_per_runner / 1024:>16.1f}{p50:>17.1f}{p99 * 1000:>9.1f}",
+                        flush=True,
+                    )
+        finally:
+            for agent in agents:
+                if agent.task is not None:
+                    agent.task.cancel()
+            await asyncio.gather(*(a.task for a in agents if a.task is not None), return_exceptions=True)
+            server.terminate()
+            await server.wait()
+            drain.cancel()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10,100,500,2000")
+    parser.add_argument("--heartbeat-s", type=float, default=2.0)
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--window-s", type=float, default=10.0)
+    args = parser.parse_args()
+    asyncio.run(main([int(n) for n in args.sizes.split(",")], args.heartbeat_s, args.jobs, args.window_s))
