@@ -1,8 +1,17 @@
 """``comfyfleet-agent``: run the runner agent in the foreground.
 
+One agent serves one or more ComfyUI instances on its host (``--comfyui URL`` once per GPU,
+``--comfyui-gpu INDEX`` for the GPU each uses, ``--slots N`` jobs at once on each), and can
+start and supervise them itself (``--comfyui-cmd CMD``, one per ``--comfyui``).
+
+SIGTERM (or SIGINT) drains: no new work is asked for, running jobs get ``shutdown_grace_s``
+to finish and report, then the connection closes with 1001 and any supervised ComfyUI is
+stopped. A second signal cuts the grace short. ``scripts/install-agent.sh`` installs the
+agent as a systemd service that relies on this.
+
 Exit status: 0 after a stop (SIGTERM, SIGINT), 2 for bad settings, 3 when the control plane
 refuses the agent for good (bad token, unsupported protocol, runner deleted), which a
-service manager should not restart on (systemd: ``RestartPreventExitStatus=3``).
+service manager should not restart on (systemd: ``RestartPreventExitStatus=2 3``).
 """
 
 from __future__ import annotations
@@ -42,9 +51,27 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--comfyui",
-        dest="comfyui_url",
+        dest="comfyui_urls",
+        action="append",
         metavar="URL",
-        help="local ComfyUI URL (env COMFYFLEET_COMFYUI; default http://127.0.0.1:8188)",
+        help="a local ComfyUI's URL; repeat for one instance per GPU, each its own slot "
+        "(env COMFYFLEET_COMFYUI; default http://127.0.0.1:8188)",
+    )
+    parser.add_argument(
+        "--comfyui-gpu",
+        dest="comfyui_gpus",
+        action="append",
+        type=int,
+        metavar="INDEX",
+        help="the GPU index each --comfyui instance uses, in the same order (default 0, 1, ...)",
+    )
+    parser.add_argument(
+        "--comfyui-cmd",
+        dest="comfyui_cmds",
+        action="append",
+        metavar="CMD",
+        help="start and supervise ComfyUI with this command (split like a shell would), one per "
+        "--comfyui; it must listen on that URL. Restarted when it dies, stopped with the agent",
     )
     parser.add_argument(
         "--comfyui-header",
@@ -55,7 +82,10 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", metavar="FILE", help="TOML settings file (env COMFYFLEET_CONFIG)")
     parser.add_argument(
-        "--slots", type=int, metavar="N", help="jobs run at once (env COMFYFLEET_AGENT_SLOTS; default 1)"
+        "--slots",
+        type=int,
+        metavar="N",
+        help="jobs run at once on each ComfyUI instance (env COMFYFLEET_AGENT_SLOTS; default 1)",
     )
     parser.add_argument(
         "--data-dir", metavar="DIR", help="work folder for downloads (env COMFYFLEET_AGENT_DATA_DIR)"
@@ -65,6 +95,12 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="S",
         help="capacity report interval; default: the control plane's",
+    )
+    parser.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        metavar="S",
+        help="on SIGTERM, how long running jobs get to finish (default 30)",
     )
     parser.add_argument(
         "--log-json", action="store_const", const=True, default=None, help="log one JSON object per line"
@@ -90,14 +126,18 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
             "server_url",
             "token",
             "token_file",
-            "comfyui_url",
             "config",
             "slots",
             "data_dir",
             "heartbeat_s",
+            "shutdown_grace_s",
             "log_json",
         )
     }
+    for name in ("comfyui_urls", "comfyui_gpus", "comfyui_cmds"):
+        values = getattr(args, name, None)
+        if values:
+            flags[name] = tuple(values)
     headers = getattr(args, "comfyui_headers", None)
     if headers:
         flags["comfyui_headers"] = dict(parse_header_flag(h) for h in headers)

@@ -1,27 +1,36 @@
-"""The agent: one control-plane connection, one ComfyUI, and the jobs running between them."""
+"""The agent: one control-plane connection, one or more ComfyUI instances (one per GPU), and
+the jobs running between them.
+
+Health: the agent is healthy while every instance answers and every supervised ComfyUI
+process runs. Losing one is told to the control plane at once (``capacity`` with
+``healthy: false``, then ``ready`` with the healthy instances' free slots only); getting it
+back is told by a fresh ``hello``, since a restarted ComfyUI may offer other nodes and models.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from websockets.asyncio.client import connect
 
+from protocol.capacity import Capacity
 from protocol.messages import (
     Cancel,
     CapacityUpdate,
     Hello,
+    Interrupt,
     Job,
     Message,
     Ready,
+    Reply,
+    StatsRequest,
     Welcome,
 )
-from runner_agent.capacity import NvmlProbe, probe_capacity
-from runner_agent.comfy_info import ComfyUIInfoCache
-from runner_agent.comfyui import ComfyUIClient, ComfyUIError
+from runner_agent.capacity import NvmlProbe, devices_of_instances, probe_capacity
 from runner_agent.config import AgentSettings
 from runner_agent.connection import (
     Connect,
@@ -32,12 +41,24 @@ from runner_agent.connection import (
     held,
 )
 from runner_agent.control_files import ControlPlaneFiles
-from runner_agent.executor import ExecutorDeps, JobExecution
+from runner_agent.executor import JobExecution
+from runner_agent.instances import (
+    ComfyUIInstance,
+    build_instances,
+    choose_instance,
+    healthy_free_slots,
+    probe_system_stats,
+    unhealthy_reason,
+)
+from runner_agent.runner_requests import interrupt_running, stats_data
+from runner_agent.supervisor import ComfyUIProcess
 
 log = logging.getLogger(__name__)
 
 # After an abandon, how long jobs get to take their prompts off ComfyUI before being cut.
 _ABANDON_WAIT_S = 5.0
+# A heartbeat's probe of one instance; a ComfyUI that takes longer counts as not answering.
+_HEARTBEAT_PROBE_S = 10.0
 
 __all__ = ["Agent", "GiveUp"]
 
@@ -56,26 +77,33 @@ class Agent:
         nvml: NvmlProbe | None = None,
     ) -> None:
         self.settings = settings
-        self.comfy = ComfyUIClient(
-            settings.comfyui_url,
-            headers=settings.comfyui_headers,
-            read_timeout_s=settings.http_read_timeout_s,
-        )
         self.files = ControlPlaneFiles(
             settings.http_base_url, settings.token, read_timeout_s=settings.http_read_timeout_s
         )
-        self.comfy_info = ComfyUIInfoCache(self.comfy)
-        self.deps = ExecutorDeps(settings, self.comfy, self.comfy_info, self.files)
+        self.instances = build_instances(settings, self.files)
+        # The first instance, for callers that know of one ComfyUI only.
+        self.comfy = self.instances[0].comfy
+        self.comfy_info = self.instances[0].info
+        self.processes: dict[int, ComfyUIProcess] = {}
+        for instance, cmd in zip(self.instances, settings.comfyui_cmds, strict=False):
+            self.processes[instance.number] = ComfyUIProcess(
+                cmd,
+                instance.comfy,
+                on_state=lambda down, instance=instance: self._process_state(instance, down),
+                start_timeout_s=settings.comfyui_start_timeout_s,
+                restart_max_s=settings.comfyui_restart_max_s,
+                stop_grace_s=settings.comfyui_stop_grace_s,
+            )
         self.nvml = nvml if nvml is not None else NvmlProbe()
         self.connection = ControlPlaneConnection(
             settings, self, connect_fn=connect_fn, sleep=sleep, rand=rand
         )
         self.jobs: dict[JobKey, JobExecution] = {}
+        self._placed: dict[JobKey, ComfyUIInstance] = {}
         self._tasks: dict[JobKey, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._hurry = asyncio.Event()
-        self._comfyui_down = False
 
     @property
     def active_jobs(self) -> set[JobKey]:
@@ -84,7 +112,8 @@ class Agent:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.settings.slots - len(self.active_jobs))
+        """Free slots of the healthy instances: what the control plane may send now."""
+        return healthy_free_slots(self.instances)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -93,10 +122,12 @@ class Agent:
             "agent %s starting: control plane %s, ComfyUI %s, %d slot(s)",
             self.settings.agent_version,
             self.settings.server_url,
-            self.settings.comfyui_url,
-            self.settings.slots,
+            ", ".join(f"{i.url} (GPU {i.gpu_index})" for i in self.instances),
+            self.settings.total_slots,
         )
         await asyncio.to_thread(self.settings.data_dir.mkdir, parents=True, exist_ok=True)
+        for process in self.processes.values():
+            process.start()
         try:
             await self.connection.run()
         except GiveUp:
@@ -106,18 +137,21 @@ class Agent:
             await self._close()
 
     async def stop(self) -> None:
-        """Stop taking work, give running jobs ``shutdown_grace_s`` to finish, abandon the
-        rest, then close the connection with 1001. A second call cuts the grace short."""
+        """Drain: ask for no more work, give running jobs ``shutdown_grace_s`` to finish and
+        report, abandon the rest, then close the connection with 1001. A second call cuts
+        the grace short."""
         if self._stopping:
             self._hurry.set()
             return
         self._stopping = True
+        # The control plane sends work only against free slots it was offered: take them back.
+        await self.connection.send(Ready(free_slots=0))
+        log.info(
+            "draining: taking no new work; %d running job(s) get up to %.0f s to finish",
+            len(self._tasks),
+            self.settings.shutdown_grace_s,
+        )
         if self._tasks:
-            log.info(
-                "stopping: waiting up to %.0f s for %d running job(s)",
-                self.settings.shutdown_grace_s,
-                len(self._tasks),
-            )
             await self._wait_for_jobs(self.settings.shutdown_grace_s)
         await self._abandon_all()
         await self.connection.stop()
@@ -155,26 +189,35 @@ class Agent:
         for task in list(self._side_tasks):
             task.cancel()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
-        await self.comfy.close()
+        # After the jobs: abandoned prompts were taken off ComfyUI before it goes.
+        await asyncio.gather(*(process.stop() for process in self.processes.values()))
+        for instance in self.instances:
+            await instance.comfy.close()
         await self.files.close()
         await asyncio.to_thread(self.nvml.close)
 
     # -- the connection's questions (ConnectionHandler) -------------------------------------
 
     async def hello(self, buffered: set[JobKey]) -> Hello:
-        info, devices = await self.comfy_info.describe()
-        self._comfyui_down = devices is None
-        capacity = await probe_capacity(
-            self.nvml,
-            disk_path=str(self.settings.data_dir),
-            comfyui_devices=devices,
-            slots=self.settings.slots,
+        described = await asyncio.gather(*(i.info.describe() for i in self.instances))
+        for instance, (_, devices) in zip(self.instances, described, strict=True):
+            # describe() logged why; the heartbeat's probe keeps the reason from then on.
+            instance.answer_error = None if devices is not None else "/system_stats or /object_info failed"
+        # The instances are expected to be one install: the first healthy one speaks for all.
+        infos = [
+            info for instance, (info, _) in zip(self.instances, described, strict=True) if instance.healthy
+        ]
+        capacity = await self._capacity(
+            [(i.gpu_index, devices) for i, (_, devices) in zip(self.instances, described, strict=True)]
         )
+        reason = unhealthy_reason(self.instances)
         return Hello(
             agent_version=self.settings.agent_version,
             capacity=capacity,
-            comfyui=info,
+            comfyui=infos[0] if infos else described[0][0],
             jobs=held(self.active_jobs | buffered),
+            healthy=reason is None,
+            unhealthy_reason=reason,
         )
 
     async def on_welcome(self, welcome: Welcome) -> None:
@@ -193,7 +236,9 @@ class Agent:
                 execution.abandon()
 
     async def on_connected(self) -> None:
-        await self._ready()
+        # Even when it is none (every ComfyUI down): the control plane learns where it stands.
+        if not self._stopping:
+            await self.connection.send(Ready(free_slots=self.free_slots))
 
     async def on_message(self, message: Message) -> None:
         if isinstance(message, Job):
@@ -208,29 +253,102 @@ class Agent:
                 )
             else:
                 execution.cancel()
+        elif isinstance(message, Interrupt):
+            # Off the receive loop: a slow ComfyUI must not hold up jobs and cancels.
+            self._spawn(self._answer(message.request_id, self._interrupt(message.request_id)))
+        elif isinstance(message, StatsRequest):
+            self._spawn(self._answer(message.request_id, self._stats(message.request_id)))
 
     async def capacity(self) -> CapacityUpdate:
-        try:
-            stats = await self.comfy.system_stats()
-        except ComfyUIError as exc:
-            if not self._comfyui_down:
-                log.warning("ComfyUI at %s stopped answering: %s", self.settings.comfyui_url, exc)
-            self._comfyui_down = True
-            self.comfy_info.invalidate()
-            devices = None
-        else:
-            devices = [d for d in stats.get("devices") or [] if isinstance(d, dict)]
-            if self._comfyui_down:
-                # It may have restarted with other nodes or models: tell the control plane.
-                self._comfyui_down = False
-                self._spawn(self.connection.reconnect("ComfyUI answers again"))
-        capacity = await probe_capacity(
+        answers = await asyncio.gather(*(probe_system_stats(i, _HEARTBEAT_PROBE_S) for i in self.instances))
+        came_back = []
+        for instance, (_, error) in zip(self.instances, answers, strict=True):
+            was_healthy = instance.healthy
+            instance.answer_error = error
+            if was_healthy and not instance.healthy:
+                log.warning("ComfyUI at %s stopped answering: %s", instance.url, error)
+                instance.info.invalidate()
+            elif instance.healthy and not was_healthy:
+                came_back.append(instance.url)
+        if came_back:
+            # It may have restarted with other nodes or models: tell the control plane.
+            self._spawn(self.connection.reconnect(f"ComfyUI at {', '.join(came_back)} answers again"))
+        capacity = await self._capacity(
+            [(i.gpu_index, _devices(stats)) for i, (stats, _) in zip(self.instances, answers, strict=True)]
+        )
+        reason = unhealthy_reason(self.instances)
+        return CapacityUpdate(capacity=capacity, healthy=reason is None, unhealthy_reason=reason)
+
+    async def _capacity(self, answers: list[tuple[int, list[dict[str, Any]] | None]]) -> Capacity:
+        return await probe_capacity(
             self.nvml,
             disk_path=str(self.settings.data_dir),
-            comfyui_devices=devices,
-            slots=self.settings.slots,
+            comfyui_devices=devices_of_instances(answers),
+            slots=self.settings.total_slots,
         )
-        return CapacityUpdate(capacity=capacity)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def _process_state(self, instance: ComfyUIInstance, down: str | None) -> None:
+        """The supervisor's word on a ComfyUI process: ``None`` once it answers."""
+        was_healthy = instance.healthy
+        instance.process_down = down
+        if down is None:
+            instance.answer_error = None  # the supervisor just had an answer from it
+        if instance.healthy == was_healthy:
+            return
+        if instance.healthy:
+            log.info("ComfyUI at %s runs again", instance.url)
+            self._spawn(self.connection.reconnect(f"ComfyUI at {instance.url} runs again"))
+        else:
+            log.warning("runner unhealthy: ComfyUI at %s is %s", instance.url, down)
+            instance.info.invalidate()
+            self._spawn(self._report_health())
+
+    async def _report_health(self) -> None:
+        """Tell the control plane now, not at the next heartbeat."""
+        await self.connection.send(await self.capacity())
+        if not self._stopping:
+            await self.connection.send(Ready(free_slots=self.free_slots))
+
+    # -- runner-level requests --------------------------------------------------------------
+
+    async def _answer(self, request_id: str, work: Coroutine[Any, Any, Reply]) -> None:
+        try:
+            reply = await work
+        except Exception as exc:
+            # A request's boundary: the control plane gets an answer whatever broke.
+            log.exception("request %s failed", request_id)
+            reply = Reply(
+                request_id=request_id, ok=False, error=f"agent error: {exc.__class__.__name__}: {exc}"
+            )
+        await self.connection.send(reply)
+
+    async def _interrupt(self, request_id: str) -> Reply:
+        result = await interrupt_running(self.instances)
+        log.info(
+            "request %s: interrupted prompt(s) %s%s",
+            request_id,
+            result.interrupted or "none",
+            f"; errors: {result.errors}" if result.errors else "",
+        )
+        return Reply(
+            request_id=request_id,
+            ok=not result.errors,
+            error="; ".join(result.errors) or None,
+            data={"interrupted": result.interrupted},
+        )
+
+    async def _stats(self, request_id: str) -> Reply:
+        """Measured now, not the last heartbeat's figures; health is left to the heartbeat,
+        since the short timeout here would make a busy ComfyUI flap."""
+        timeout_s = self.settings.stats_timeout_s
+        answers = await asyncio.gather(*(probe_system_stats(i, timeout_s) for i in self.instances))
+        capacity = await self._capacity(
+            [(i.gpu_index, _devices(stats)) for i, (stats, _) in zip(self.instances, answers, strict=True)]
+        )
+        log.info("request %s: stats sent", request_id)
+        return Reply(request_id=request_id, data=stats_data(self.instances, capacity, answers))
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -240,6 +358,11 @@ class Agent:
         if key in self.jobs:
             log.info("%s: already running here; duplicate ignored", tag)
             return
+        if self._stopping:
+            # Not held, so the control plane runs it elsewhere (it requeues what a
+            # reconnecting or vanished runner does not hold).
+            log.warning("%s: arrived while draining; not taken", tag)
+            return
         for other_key, other in list(self.jobs.items()):
             if other_key[0] != job.workflow_id:
                 continue
@@ -247,13 +370,20 @@ class Agent:
                 log.warning("%s: attempt %d already runs here; stale job ignored", tag, other_key[1])
                 return
             other.abandon()  # a newer attempt replaces it
-        if self._stopping:
-            log.warning("%s: arrived while stopping; running it within the grace period", tag)
         if self.free_slots == 0:
             log.warning("%s: no free slot (%d running); ComfyUI will queue it", tag, len(self.active_jobs))
-        execution = JobExecution(job, self.deps, self.connection.send)
+        instance = choose_instance(self.instances)
+        execution = JobExecution(job, instance.deps, self.connection.send)
         self.jobs[key] = execution
-        log.info("%s: received (%d nodes, %d files)", tag, len(job.workflow_json), len(job.files))
+        self._placed[key] = instance
+        instance.jobs[key] = execution
+        log.info(
+            "%s: received (%d nodes, %d files); runs on ComfyUI %s",
+            tag,
+            len(job.workflow_json),
+            len(job.files),
+            instance.url,
+        )
         self._tasks[key] = asyncio.create_task(self._run_job(execution), name=f"job {tag}")
 
     async def _run_job(self, execution: JobExecution) -> None:
@@ -262,13 +392,22 @@ class Agent:
         finally:
             self.jobs.pop(execution.key, None)
             self._tasks.pop(execution.key, None)
+            instance = self._placed.pop(execution.key, None)
+            if instance is not None:
+                instance.jobs.pop(execution.key, None)
         await self._ready()
 
     async def _ready(self) -> None:
         if not self._stopping and self.free_slots > 0:
             await self.connection.send(Ready(free_slots=self.free_slots))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+
+def _devices(stats: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    if stats is None:
+        return None
+    return [d for d in stats.get("devices") or [] if isinstance(d, dict)]

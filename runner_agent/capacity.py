@@ -19,7 +19,14 @@ import psutil
 
 from protocol.capacity import Capacity, GpuInfo, HostInfo
 
-__all__ = ["NvmlProbe", "NvmlReading", "gpus_from_comfyui", "probe_capacity", "read_host"]
+__all__ = [
+    "NvmlProbe",
+    "NvmlReading",
+    "devices_of_instances",
+    "gpus_from_comfyui",
+    "probe_capacity",
+    "read_host",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +204,25 @@ def gpus_from_comfyui(devices: list[dict[str, Any]]) -> list[GpuInfo]:
             )
         )
     return gpus
+
+
+def devices_of_instances(
+    answers: list[tuple[int, list[dict[str, Any]] | None]],
+) -> list[dict[str, Any]] | None:
+    """One device list for several ComfyUI instances, from ``(gpu_index, devices)`` pairs
+    (``devices`` ``None`` for an instance that did not answer).
+
+    Each instance runs on one GPU and reports it as its own device 0 (CUDA numbers the
+    visible devices from 0), so its first GPU device is renumbered to the GPU index the
+    instance was configured with. ``None`` when no instance answered."""
+    if all(devices is None for _, devices in answers):
+        return None
+    merged: dict[int, dict[str, Any]] = {}
+    for gpu_index, devices in answers:
+        gpu = next((d for d in devices or [] if isinstance(d, dict) and d.get("type") != "cpu"), None)
+        if gpu is not None and gpu_index not in merged:
+            merged[gpu_index] = {**gpu, "index": gpu_index}
+    return [merged[index] for index in sorted(merged)]
 
 
 def _read_blocking(nvml: NvmlProbe, disk_path: str) -> tuple[NvmlReading | None, HostInfo]:

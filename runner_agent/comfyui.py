@@ -267,3 +267,12 @@ def queue_position(queue: Mapping[str, Any], prompt_id: str) -> str | None:
             if isinstance(item, list) and len(item) > 1 and item[1] == prompt_id:
                 return state
     return None
+
+
+def running_prompt_ids(queue: Mapping[str, Any]) -> list[str]:
+    """The prompts a ``GET /queue`` answer lists as running (ComfyUI runs one at a time)."""
+    return [
+        item[1]
+        for item in queue.get("queue_running") or []
+        if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str)
+    ]

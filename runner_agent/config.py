@@ -5,15 +5,23 @@ be set in the environment as ``COMFYFLEET_AGENT_X``; the four that every deploym
 have short names: ``COMFYFLEET_SERVER``, ``COMFYFLEET_TOKEN``, ``COMFYFLEET_COMFYUI`` and
 ``COMFYFLEET_CONFIG`` (the TOML file). The agent-only names carry ``AGENT_`` so that they
 never collide with the control plane's ``COMFYFLEET_DATA_DIR`` and friends on a shared host.
+List settings (``comfyui_urls``, ``comfyui_gpus``, ``comfyui_cmds``) take a JSON array in the
+environment, or a single value.
 
 The TOML file holds the settings by field name, either at the top level or under an
 ``[agent]`` table (so one file can configure the control plane and the agent).
+
+One agent serves one or more ComfyUI instances (``comfyui_urls``, one per GPU): each has
+``slots`` slots (jobs at once, default 1), uses GPU ``comfyui_gpus[i]`` (default ``i``) and,
+when ``comfyui_cmds`` is given (one command per instance), is started and supervised by the
+agent. ``comfyui_url`` is the single-instance spelling of ``comfyui_urls``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -31,6 +39,7 @@ ENV_ALIASES = {
     "comfyui_url": "COMFYFLEET_COMFYUI",
 }
 ENV_CONFIG = "COMFYFLEET_CONFIG"
+DEFAULT_COMFYUI_URL = "http://127.0.0.1:8188"
 
 
 class SettingsError(ValueError):
@@ -46,9 +55,17 @@ def _default_data_dir() -> Path:
 class AgentSettings:
     server_url: str
     token: str = field(repr=False)
-    comfyui_url: str = "http://127.0.0.1:8188"
+    # The first instance; given alone it means ``comfyui_urls = (comfyui_url,)``.
+    comfyui_url: str | None = None
+    # One ComfyUI per GPU; each is its own slot(s).
+    comfyui_urls: tuple[str, ...] = ()
+    # The GPU index each instance uses (default 0..n-1), to tell its capacity apart.
+    comfyui_gpus: tuple[int, ...] = ()
+    # Shell-style commands the agent starts and supervises, one per instance (or none).
+    comfyui_cmds: tuple[str, ...] = ()
     # Sent with every request to ComfyUI, for one behind an authenticating proxy.
     comfyui_headers: dict[str, str] = field(default_factory=dict, repr=False)
+    # Jobs run at once on each instance.
     slots: int = 1
     data_dir: Path = field(default_factory=_default_data_dir)
     # None: use the heartbeat the control plane asks for in its welcome.
@@ -66,8 +83,30 @@ class AgentSettings:
     shutdown_grace_s: float = 30.0
     # Per-read timeout on HTTP calls to ComfyUI and the control plane.
     http_read_timeout_s: float = 300.0
+    # A supervised ComfyUI gets this long to answer /system_stats after its start.
+    comfyui_start_timeout_s: float = 300.0
+    # Restarts of a supervised ComfyUI back off up to this delay.
+    comfyui_restart_max_s: float = 30.0
+    # On stop, a supervised ComfyUI gets this long after SIGTERM before SIGKILL.
+    comfyui_stop_grace_s: float = 10.0
+    # A stats request waits this long for each instance's /system_stats.
+    stats_timeout_s: float = 1.0
     agent_version: str = __version__
     log_json: bool = False
+
+    def __post_init__(self) -> None:
+        # comfyui_urls wins over comfyui_url; afterwards both are set and agree, so the
+        # single-instance code paths and dataclasses.replace() keep working.
+        urls = tuple(self.comfyui_urls) or (self.comfyui_url or DEFAULT_COMFYUI_URL,)
+        object.__setattr__(self, "comfyui_urls", urls)
+        object.__setattr__(self, "comfyui_url", urls[0])
+        gpus = tuple(self.comfyui_gpus) or tuple(range(len(urls)))
+        object.__setattr__(self, "comfyui_gpus", gpus)
+        object.__setattr__(self, "comfyui_cmds", tuple(self.comfyui_cmds))
+
+    @property
+    def total_slots(self) -> int:
+        return self.slots * len(self.comfyui_urls)
 
     @property
     def connect_url(self) -> str:
@@ -92,7 +131,24 @@ class AgentSettings:
         _check_url(
             "server_url (--server, COMFYFLEET_SERVER)", self.server_url, ("http", "https", "ws", "wss")
         )
-        _check_url("comfyui_url (--comfyui, COMFYFLEET_COMFYUI)", self.comfyui_url, ("http", "https"))
+        for url in self.comfyui_urls:
+            _check_url("comfyui_urls (--comfyui, COMFYFLEET_COMFYUI)", url, ("http", "https"))
+        if len(set(self.comfyui_urls)) != len(self.comfyui_urls):
+            raise SettingsError(f"comfyui_urls (--comfyui) lists a URL twice: {list(self.comfyui_urls)}")
+        if len(self.comfyui_gpus) != len(self.comfyui_urls):
+            raise SettingsError(
+                f"comfyui_gpus (--comfyui-gpu) names {len(self.comfyui_gpus)} GPU(s) for "
+                f"{len(self.comfyui_urls)} ComfyUI instance(s): give one per --comfyui, or none"
+            )
+        if any(gpu < 0 for gpu in self.comfyui_gpus):
+            raise SettingsError(f"comfyui_gpus must not be negative, got {list(self.comfyui_gpus)}")
+        if self.comfyui_cmds and len(self.comfyui_cmds) != len(self.comfyui_urls):
+            raise SettingsError(
+                f"comfyui_cmds (--comfyui-cmd) has {len(self.comfyui_cmds)} command(s) for "
+                f"{len(self.comfyui_urls)} ComfyUI instance(s): give one per --comfyui, or none"
+            )
+        for cmd in self.comfyui_cmds:
+            _check_command(cmd)
         if self.slots < 1:
             raise SettingsError(f"slots must be at least 1, got {self.slots}")
         positive = (
@@ -102,11 +158,14 @@ class AgentSettings:
             "history_poll_slow_s",
             "history_poll_fast_s",
             "http_read_timeout_s",
+            "comfyui_start_timeout_s",
+            "comfyui_restart_max_s",
+            "stats_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("comfyui_down_grace_s", "shutdown_grace_s"):
+        for name in ("comfyui_down_grace_s", "shutdown_grace_s", "comfyui_stop_grace_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.heartbeat_s is not None and self.heartbeat_s <= 0:
@@ -124,7 +183,18 @@ def _check_url(what: str, url: str, schemes: tuple[str, ...]) -> None:
         raise SettingsError(f"{what}: {url!r} is not a {'/'.join(schemes)} URL")
 
 
+def _check_command(cmd: str) -> None:
+    try:
+        words = shlex.split(cmd)
+    except ValueError as exc:
+        raise SettingsError(f"comfyui_cmds (--comfyui-cmd): cannot split {cmd!r}: {exc}") from exc
+    if not words:
+        raise SettingsError("comfyui_cmds (--comfyui-cmd): an empty command")
+
+
 _FIELDS = {f.name: f for f in fields(AgentSettings)}
+# Two spellings of one setting: a layer that gives either replaces both from lower layers.
+_URL_KEYS = ("comfyui_url", "comfyui_urls")
 # The token is read from a file named by token_file, which is not a field of its own.
 _EXTRA_KEYS = ("token_file",)
 
@@ -134,9 +204,7 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
     kind = str(_FIELDS[name].type)
     try:
         if kind == "int":
-            if isinstance(raw, bool):
-                raise ValueError("a boolean is not a number")
-            return int(raw)
+            return _to_int(raw)
         if kind in ("float", "float | None"):
             if isinstance(raw, bool):
                 raise ValueError("a boolean is not a number")
@@ -147,11 +215,34 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
             return Path(str(raw)).expanduser()
         if kind == "dict[str, str]":
             return _to_headers(raw)
-        if isinstance(raw, (dict, list)):
-            raise ValueError("expected a string")
-        return str(raw)
+        if kind == "tuple[str, ...]":
+            return tuple(_to_str(item) for item in _to_list(raw))
+        if kind == "tuple[int, ...]":
+            return tuple(_to_int(item) for item in _to_list(raw))
+        return _to_str(raw)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{source}: {name} = {raw!r} is not valid: {exc}") from exc
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("a boolean is not a number")
+    return int(raw)
+
+
+def _to_str(raw: Any) -> str:
+    if isinstance(raw, (dict, list, tuple)):
+        raise ValueError("expected a string")
+    return str(raw)
+
+
+def _to_list(raw: Any) -> list[Any]:
+    """A TOML array or a flag's list as is; from the environment a JSON array, or one value."""
+    if isinstance(raw, (list, tuple)):
+        return list(raw)
+    if isinstance(raw, str) and raw.lstrip().startswith("["):
+        return list(json.loads(raw))
+    return [raw]
 
 
 def _to_bool(raw: Any) -> bool:
@@ -195,6 +286,8 @@ def _from_file(path: Path) -> dict[str, Any]:
     if isinstance(data.get("agent"), dict):
         # A shared file: the other tables belong to other programs.
         data = data["agent"]
+    if all(key in data for key in _URL_KEYS):
+        raise SettingsError(f"config file {path}: set comfyui_urls or comfyui_url, not both")
     values: dict[str, Any] = {}
     for key, raw in data.items():
         if key in _EXTRA_KEYS:
@@ -217,6 +310,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     token_file = env.get(ENV_PREFIX + "TOKEN_FILE") or env.get("COMFYFLEET_TOKEN_FILE")
     if token_file:
         values["token_file"] = token_file
+    if all(key in values for key in _URL_KEYS):
+        raise SettingsError("environment: set COMFYFLEET_AGENT_COMFYUI_URLS or COMFYFLEET_COMFYUI, not both")
     return values
 
 
@@ -250,6 +345,9 @@ def load_settings(
             values.pop("token_file", None)
         if "token_file" in layer:
             values.pop("token", None)
+        if any(key in layer for key in _URL_KEYS):
+            for key in _URL_KEYS:
+                values.pop(key, None)
         values.update(layer)
 
     token_file = values.pop("token_file", None)

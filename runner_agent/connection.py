@@ -37,6 +37,7 @@ from protocol.messages import (
     Message,
     ProtocolError,
     Ready,
+    Reply,
     Welcome,
     dump_message,
     parse_message,
@@ -54,7 +55,7 @@ CLOSE_REPLACED = 4004
 # A Job message carries a whole workflow; allow big ones.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 JobKey = tuple[str, int]
-Outgoing = JobUpdate | JobDone | CapacityUpdate | Ready
+Outgoing = JobUpdate | JobDone | CapacityUpdate | Ready | Reply
 Connect = Callable[..., Any]  # websockets.asyncio.client.connect or a stand-in
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -185,7 +186,8 @@ class ControlPlaneConnection:
 
     async def send(self, message: Outgoing) -> None:
         """Send now if connected; job messages are buffered while not, others dropped (a
-        stale ``ready`` or capacity reading is worth nothing later)."""
+        stale ``ready`` or capacity reading is worth nothing later, and the control plane
+        fails a request whose connection dropped)."""
         async with self._send_lock:
             if self._ws is not None:
                 try:
@@ -265,7 +267,9 @@ class ControlPlaneConnection:
             return
         if code in GIVE_UP_CODES:
             raise GiveUp(code, socket.close_reason or "")
-        if not self._stopping:
+        if self._rehello:
+            log.info("closed the control-plane connection to send a fresh hello")
+        elif not self._stopping:
             log.warning("control plane connection closed (code %s %s)", code, socket.close_reason or "")
 
     async def _session(self, socket: ClientConnection) -> None:

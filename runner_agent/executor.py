@@ -78,6 +78,8 @@ class JobExecution:
         self._stop = asyncio.Event()
         self._report_stop = True
         self._ended = False
+        # Set when a runner-level interrupt from the control plane is about to hit the prompt.
+        self._interrupt_requested = False
 
     # -- control ----------------------------------------------------------------------------
 
@@ -85,6 +87,12 @@ class JobExecution:
         """The control plane cancelled the job: stop it and report ``cancelled``."""
         log.info("%s: cancel requested (prompt %s)", self.tag, self.prompt_id)
         self._stop.set()
+
+    def expect_interrupt(self) -> None:
+        """The control plane interrupts the whole runner: the prompt's end as interrupted is
+        expected, and is reported as the runner interrupt it is."""
+        log.info("%s: runner interrupt requested (prompt %s)", self.tag, self.prompt_id)
+        self._interrupt_requested = True
 
     def abandon(self) -> None:
         """Stop the job on ComfyUI and report nothing more about it."""
@@ -304,7 +312,9 @@ class JobExecution:
             )
         elif outcome.status == "interrupted":
             await self._fail(
-                "execution was interrupted on ComfyUI, not by the control plane",
+                "execution was interrupted by a runner interrupt from the control plane"
+                if self._interrupt_requested
+                else "execution was interrupted on ComfyUI, not by the control plane",
                 node_id=_str_or_none(detail.get("node_id")),
                 node_type=_str_or_none(detail.get("node_type")),
                 exception_type="Interrupted",

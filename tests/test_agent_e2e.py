@@ -26,12 +26,14 @@ from protocol.messages import (
     CapacityUpdate,
     HeldJob,
     Hello,
+    Interrupt,
     Job,
     JobDone,
     JobFile,
     JobUpdate,
     Message,
     Ready,
+    StatsRequest,
     Welcome,
     dump_message,
     parse_message,
@@ -176,7 +178,7 @@ class FakeControlPlane:
             status=201,
         )
 
-    async def send(self, message: Job | Cancel) -> None:
+    async def send(self, message: Job | Cancel | Interrupt | StatsRequest) -> None:
         assert self.ws is not None
         await self.ws.send_str(dump_message(message))
 
@@ -810,3 +812,59 @@ async def test_replaced_connection_backs_off_and_deleted_runner_gives_up(
     assert caught.value.code == 4003 and "deleted" in str(caught.value)
     # Replaced twice: the backoff grows; a plain drop after a welcome starts it afresh.
     assert delays == [0.5, 1.0, 0.5]
+
+
+async def test_stop_drains_takes_no_new_job_and_closes_with_1001(
+    tmp_path: Path, sim: Sim, cp: FakeControlPlane, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="runner_agent.agent")
+    sim.settings.node_delays_s["ImageInvert"] = 0.5
+    agent = Agent(make_settings(tmp_path, cp, sim.url, slots=2))
+    task = asyncio.create_task(agent.run())
+    await connect_and_ready(cp)
+    await cp.send(empty_image_job("wf-drain"))
+    await cp.next(_is_update("running", "wf-drain"))
+    stopping = asyncio.create_task(agent.stop())
+    # The slots offered before are taken back first.
+    withdrawn = (await cp.next(lambda m: isinstance(m, Ready))).message
+    assert isinstance(withdrawn, Ready) and withdrawn.free_slots == 0
+    await cp.send(empty_image_job("wf-late"))  # sent before the control plane heard
+    messages = await cp.until_job_ends("wf-drain")
+    await asyncio.wait_for(stopping, WAIT_S)
+    await asyncio.wait_for(task, WAIT_S)
+    assert isinstance(messages[-1], JobDone)
+    assert not any(_about(r.message, "wf-late") for r in cp.history)
+    assert any(
+        "wf-late attempt 1: arrived while draining; not taken" in r.getMessage() for r in caplog.records
+    )
+    assert cp.close_codes == [1001]
+
+
+async def test_a_second_stop_abandons_the_running_job(tmp_path: Path, sim: Sim, cp: FakeControlPlane) -> None:
+    sim.settings.node_delays_s["ImageInvert"] = 1.0
+    agent = Agent(make_settings(tmp_path, cp, sim.url, shutdown_grace_s=30.0))
+    task = asyncio.create_task(agent.run())
+    await connect_and_ready(cp)
+    await cp.send(empty_image_job("wf-hurried"))
+    queued = (await cp.next(_is_update("queued", "wf-hurried"))).message
+    await cp.next(_is_update("running", "wf-hurried"))
+    draining = asyncio.create_task(agent.stop())
+    await cp.next(lambda m: isinstance(m, Ready))  # the drain began
+    await agent.stop()  # a second SIGTERM: do not wait out the grace
+    await asyncio.wait_for(draining, WAIT_S)
+    await asyncio.wait_for(task, WAIT_S)
+    # Abandoned: interrupted on ComfyUI, and not a word more to the control plane.
+    assert isinstance(queued, JobUpdate) and queued.prompt_id
+    try:
+        entry = await agent.comfy.history(queued.prompt_id)
+    finally:
+        await agent.comfy.close()
+    assert entry is not None and entry["status"]["status_str"] == "error"
+    ended = [
+        r.message
+        for r in cp.history
+        if _about(r.message, "wf-hurried")
+        and (isinstance(r.message, JobDone) or r.message.status in ("failed", "cancelled", "completed"))
+    ]
+    assert ended == []
+    assert cp.close_codes == [1001]

@@ -1,24 +1,37 @@
-"""Unit tests of the agent's pure parts: settings, backoff, buffering, outputs, events."""
+"""Unit tests of the agent's pure parts: settings, backoff, buffering, outputs, events,
+instance choice and log lines."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from protocol.messages import JobDone, JobUpdate, NodeEvent
-from runner_agent.__main__ import build_parser, settings_from_args
-from runner_agent.comfyui import describe_prompt_error, queue_position
+from protocol.messages import Job, JobDone, JobUpdate, NodeEvent
+from runner_agent.__main__ import _JsonFormatter, build_parser, settings_from_args
+from runner_agent.capacity import devices_of_instances
+from runner_agent.comfyui import describe_prompt_error, queue_position, running_prompt_ids
 from runner_agent.config import SettingsError, load_settings
 from runner_agent.connection import UpdateBuffer, backoff_delay
+from runner_agent.control_files import ControlPlaneFiles
+from runner_agent.executor import JobExecution
 from runner_agent.files import guess_content_type, safe_filename
+from runner_agent.instances import (
+    ComfyUIInstance,
+    build_instances,
+    choose_instance,
+    healthy_free_slots,
+    unhealthy_reason,
+)
 from runner_agent.node_events import EventTranslator, nodes_to_run
 from runner_agent.outputs import OutputFile, collect_outputs
 from runner_agent.prompt_watch import outcome_from_history
 
-SHARED = Path("/work/shared/comfyui")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
 
 # -- settings ---------------------------------------------------------------------------------
 
@@ -251,3 +264,186 @@ def test_translator_reports_cached_nodes_once_and_errors() -> None:
     assert error.node is not None and error.node.event == "error"
     assert error.node.class_type == "ImageScale"
     assert translator.translate("execution_error", {"node_id": "3"}) == []
+
+
+# -- several ComfyUI instances ------------------------------------------------------------------
+
+
+def test_repeated_comfyui_flags_make_instances_with_gpus_and_commands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("COMFYFLEET_SERVER", "COMFYFLEET_TOKEN", "COMFYFLEET_CONFIG", "COMFYFLEET_COMFYUI"):
+        monkeypatch.delenv(var, raising=False)
+    args = build_parser().parse_args(
+        [
+            "--server",
+            "http://cp:8080",
+            "--token",
+            "t",
+            "--comfyui",
+            "http://127.0.0.1:8188",
+            "--comfyui",
+            "http://127.0.0.1:8189/",
+            "--comfyui-gpu",
+            "2",
+            "--comfyui-gpu",
+            "3",
+            "--comfyui-cmd",
+            "python main.py --port 8188 --cuda-device 2",
+            "--comfyui-cmd",
+            "python 'my main.py' --port 8189 --cuda-device 3",
+            "--slots",
+            "2",
+            "--shutdown-grace-s",
+            "12.5",
+        ]
+    )
+    settings = settings_from_args(args)
+    assert settings.comfyui_urls == ("http://127.0.0.1:8188", "http://127.0.0.1:8189/")
+    assert settings.comfyui_url == "http://127.0.0.1:8188"
+    assert settings.comfyui_gpus == (2, 3)
+    assert settings.comfyui_cmds[1] == "python 'my main.py' --port 8189 --cuda-device 3"
+    # --slots is per instance.
+    assert (settings.slots, settings.total_slots) == (2, 4)
+    assert settings.shutdown_grace_s == 12.5
+
+
+def test_single_comfyui_defaults(tmp_path: Path) -> None:
+    settings = load_settings({"server_url": "http://cp", "token": "t"}, environ={})
+    assert settings.comfyui_urls == ("http://127.0.0.1:8188",)
+    assert settings.comfyui_gpus == (0,)
+    assert settings.comfyui_cmds == ()
+    assert settings.total_slots == 1
+
+
+def test_comfyui_urls_from_file_env_and_flags_replace_each_other(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'server_url = "http://cp"\ntoken = "t"\n'
+        'comfyui_urls = ["http://a:1", "http://b:2"]\ncomfyui_gpus = [4, 5]\n'
+    )
+    from_file = load_settings({"config": str(config)}, environ={})
+    assert (from_file.comfyui_urls, from_file.comfyui_gpus) == (("http://a:1", "http://b:2"), (4, 5))
+    # A single URL in the environment replaces the file's list (its GPUs go with a flag).
+    from_env = load_settings(
+        {"config": str(config), "comfyui_gpus": (0,)}, environ={"COMFYFLEET_COMFYUI": "http://c:3"}
+    )
+    assert from_env.comfyui_urls == ("http://c:3",)
+    as_json = load_settings(
+        {"config": str(config)},
+        environ={"COMFYFLEET_AGENT_COMFYUI_URLS": '["http://d:4", "http://e:5"]'},
+    )
+    assert as_json.comfyui_urls == ("http://d:4", "http://e:5")
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"comfyui_urls": ("http://a:1", "http://a:1")}, "lists a URL twice"),
+        ({"comfyui_urls": ("http://a:1", "ftp://b")}, "is not a http/https URL"),
+        ({"comfyui_urls": ("http://a:1", "http://b:2"), "comfyui_gpus": (0,)}, "names 1 GPU(s) for 2"),
+        ({"comfyui_gpus": (-1,)}, "must not be negative"),
+        ({"comfyui_urls": ("http://a:1", "http://b:2"), "comfyui_cmds": ("x",)}, "1 command(s) for 2"),
+        ({"comfyui_cmds": ("python 'unclosed",)}, "cannot split"),
+        ({"comfyui_cmds": ("   ",)}, "an empty command"),
+        ({"comfyui_stop_grace_s": -1.0}, "comfyui_stop_grace_s must not be negative"),
+        ({"stats_timeout_s": 0.0}, "stats_timeout_s must be positive"),
+    ],
+)
+def test_instance_settings_errors(changes: dict[str, object], needle: str) -> None:
+    flags: dict[str, object] = {"server_url": "http://cp", "token": "t", **changes}
+    with pytest.raises(SettingsError, match=re.escape(needle)):
+        load_settings(flags, environ={})
+
+
+def test_comfyui_url_and_urls_together_are_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'server_url = "http://cp"\ntoken = "t"\ncomfyui_url = "http://a:1"\ncomfyui_urls = []\n'
+    )
+    with pytest.raises(SettingsError, match="set comfyui_urls or comfyui_url, not both"):
+        load_settings({"config": str(config)}, environ={})
+    env = {"COMFYFLEET_COMFYUI": "http://a:1", "COMFYFLEET_AGENT_COMFYUI_URLS": "http://b:2"}
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings({"server_url": "http://cp", "token": "t"}, environ=env)
+    bad_gpus = {"COMFYFLEET_AGENT_COMFYUI_GPUS": "[1,"}
+    with pytest.raises(SettingsError, match=re.escape("environment COMFYFLEET_AGENT_COMFYUI_GPUS")):
+        load_settings({"server_url": "http://cp", "token": "t"}, environ=bad_gpus)
+    with pytest.raises(SettingsError, match="comfyui_gpus = 'one' is not valid"):
+        load_settings(
+            {"server_url": "http://cp", "token": "t"}, environ={"COMFYFLEET_AGENT_COMFYUI_GPUS": "one"}
+        )
+
+
+def test_devices_of_instances_renumber_each_instance_gpu() -> None:
+    cuda = {"name": "cuda:0 NVIDIA L4", "type": "cuda", "index": 0, "vram_total": 10, "vram_free": 5}
+    cpu = {"name": "cpu", "type": "cpu", "index": None}
+    merged = devices_of_instances([(1, [cpu, cuda]), (0, [cuda]), (3, None), (1, [cuda])])
+    assert merged == [{**cuda, "index": 0}, {**cuda, "index": 1}]
+    assert devices_of_instances([(0, None), (1, None)]) is None
+    assert devices_of_instances([(0, [cpu])]) == []
+
+
+def _job(workflow_id: str) -> Job:
+    return Job(workflow_id=workflow_id, attempt=1, workflow_json={})
+
+
+async def test_jobs_go_to_free_healthy_instances_least_loaded_first(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "server_url": "http://cp",
+            "token": "t",
+            "comfyui_urls": ("http://a:1", "http://b:2", "http://c:3"),
+            "data_dir": str(tmp_path),
+        },
+        environ={},
+    )
+    files = ControlPlaneFiles(settings.http_base_url, settings.token)
+    a, b, c = build_instances(settings, files)
+    instances = [a, b, c]
+
+    async def send(message: object) -> None:
+        return None
+
+    def place(instance: ComfyUIInstance, workflow_id: str) -> JobExecution:
+        execution = JobExecution(_job(workflow_id), instance.deps, send)
+        instance.jobs[execution.key] = execution
+        return execution
+
+    assert choose_instance(instances) is a  # a tie: the first listed
+    place(a, "w1")
+    assert choose_instance(instances) is b
+    c.answer_error = "refused"
+    assert not c.healthy and "http://c:3 does not answer: refused" in (unhealthy_reason(instances) or "")
+    place(b, "w2")
+    # c has the only free slot but is down: no slot is offered, and the job is queued on a.
+    assert healthy_free_slots(instances) == 0
+    assert choose_instance(instances) is a
+    finished = place(b, "w3")
+    finished.abandon()  # an abandoned job no longer holds its slot
+    assert (b.active, b.free, b.busy_workflow_id) == (1, 0, "w2")
+    a.answer_error = b.answer_error = "refused"
+    assert choose_instance(instances) is c  # nothing healthy: the least loaded of all
+    assert c.state()["healthy"] is False and a.state()["busy_workflow_id"] == "w1"
+
+
+def test_running_prompt_ids_from_captured_queue() -> None:
+    captured = json.loads((SHARED / "results_errors_interrupt_queue.json").read_text())
+    queue = captured["queue"]["GET_/queue_before"]
+    assert running_prompt_ids(queue) == ["0848b5c1-203a-49ff-9901-d27948eb1bfa"]
+    assert running_prompt_ids({}) == []
+
+
+def test_json_log_lines_are_one_object_each() -> None:
+    formatter = _JsonFormatter()
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        record = logging.getLogger("runner_agent.x").makeRecord(
+            "runner_agent.x", logging.ERROR, __file__, 1, "workflow %s: %s", ("wf-1", "a\nb"), sys.exc_info()
+        )
+    line = formatter.format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["message"] == "workflow wf-1: a\nb" and entry["level"] == "ERROR"
+    assert entry["logger"] == "runner_agent.x" and "ValueError: bad" in entry["exception"]
