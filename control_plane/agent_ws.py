@@ -19,6 +19,7 @@ import time
 from aiohttp import WSMsgType, web
 
 from control_plane.auth import bearer_token
+from control_plane.capabilities import Offers
 from control_plane.registry import AgentConnection
 from control_plane.services import Services
 from protocol.messages import (
@@ -48,8 +49,10 @@ PERSIST_EVERY_S = 30.0
 @routes.get("/v1/agent/connect")
 async def agent_connect(request: web.Request) -> web.WebSocketResponse:
     svc: Services = request.app[Services.KEY]
-    # The websocket's own pings find dead peers; capacity messages keep last_seen fresh.
-    ws = web.WebSocketResponse(heartbeat=svc.settings.heartbeat_s, max_msg_size=16 * 1024 * 1024)
+    # No websocket-level pings: the agent's capacity message every heartbeat_s already says
+    # it is alive, and the watchdog closes a socket that stays silent (a half-open TCP
+    # connection included). Pings would double the per-runner traffic of a large fleet.
+    ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
     await ws.prepare(request)
     raw = bearer_token(request)
     runner = await svc.store.runner_by_token(raw) if raw else None
@@ -80,6 +83,7 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
         comfyui=hello.comfyui.model_dump(),
         healthy=hello.healthy,
         unhealthy_reason=hello.unhealthy_reason,
+        offers=Offers.of(hello.comfyui.model_dump()),
     )
     old = svc.registry.add(conn)
     if old is not None:
@@ -122,7 +126,7 @@ async def _watchdog(svc: Services, conn: AgentConnection) -> None:
     """Close the socket of a runner gone silent: its jobs then get their grace period."""
     timeout_s = svc.settings.runner_timeout_s
     while not conn.ws.closed:
-        await asyncio.sleep(svc.settings.heartbeat_s)  # a periodic check, not a wait for an event
+        await asyncio.sleep(timeout_s / 3)  # a periodic check, not a wait for an event
         silent_s = time.time() - conn.last_seen_at
         if silent_s > timeout_s:
             log.warning(

@@ -44,19 +44,33 @@ def needs(workflow: dict[str, Any], values: dict[str, str]) -> Needs:
     return Needs(frozenset(classes), frozenset(models))
 
 
-def missing(need: Needs, comfyui: dict[str, Any] | None) -> list[str] | None:
+@dataclass(frozen=True)
+class Offers:
+    """What one runner's ComfyUI has, as sets: built once per connection, asked often."""
+
+    node_classes: frozenset[str]
+    models: dict[str, frozenset[str]]
+
+    @classmethod
+    def of(cls, comfyui: dict[str, Any] | None) -> Offers | None:
+        """``None`` when the runner has never said what it has."""
+        if not comfyui or not comfyui.get("node_classes"):
+            return None
+        models = {name: frozenset(files) for name, files in (comfyui.get("models") or {}).items()}
+        return cls(frozenset(comfyui["node_classes"]), models)
+
+
+def missing(need: Needs, offers: Offers | None) -> list[str] | None:
     """What the runner's ComfyUI lacks, as readable phrases; ``None`` when the runner has
     never said what it has (it may well have everything)."""
-    if not comfyui or not comfyui.get("node_classes"):
+    if offers is None:
         return None
-    have_classes = set(comfyui["node_classes"])
-    offered: dict[str, list[str]] = comfyui.get("models") or {}
     lacks: list[str] = []
-    absent_classes = sorted(need.node_classes - have_classes)
+    absent_classes = sorted(need.node_classes - offers.node_classes)
     if absent_classes:
         lacks.append(f"node classes {', '.join(absent_classes)}")
     absent_models = sorted(
-        f"{name}={file}" for name, file in need.models if file not in offered.get(name, ())
+        f"{name}={file}" for name, file in need.models if file not in offers.models.get(name, frozenset())
     )
     if absent_models:
         lacks.append(f"models {', '.join(absent_models)}")

@@ -171,7 +171,7 @@ class Fleet:
         eligible = [
             c
             for c in self.registry.all()
-            if c.account_id == wf.account_id and c.accepts(wf.tags) and not missing(need, c.comfyui)
+            if c.account_id == wf.account_id and c.accepts(wf.tags) and not missing(need, c.offers)
         ]
         preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
         if preferred is not None:

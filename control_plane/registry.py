@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from control_plane.capabilities import Offers
 from protocol.messages import Interrupt, Reply, StatsRequest, dump_message
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ class AgentConnection:
     ws: web.WebSocketResponse
     capacity: dict[str, Any] = field(default_factory=dict)
     comfyui: dict[str, Any] = field(default_factory=dict)
+    offers: Offers | None = None  # ``comfyui`` as sets, for scheduling
     free_slots: int = 0
     jobs: set[str] = field(default_factory=set)  # workflow ids this runner holds
     connected_at: float = field(default_factory=time.time)
@@ -72,7 +74,9 @@ class AgentConnection:
 
     def accepts(self, workflow_tags: list[str]) -> bool:
         """DESIGN §6: untagged runners take anything; tagged ones need every workflow tag."""
-        return self.status == "active" and self.healthy and tags_match(self.tags, workflow_tags)
+        # Health is not checked here: an agent offers only its healthy ComfyUI instances'
+        # slots, so a runner with one instance down still takes work on the others.
+        return self.status == "active" and tags_match(self.tags, workflow_tags)
 
 
 def tags_match(runner_tags: list[str], workflow_tags: list[str]) -> bool:

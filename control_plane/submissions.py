@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from control_plane.capabilities import missing, needs
+from control_plane.capabilities import Offers, missing, needs
 from control_plane.errors import BadRequest, Forbidden
 from control_plane.forms import SubmittedForm
 from control_plane.registry import tags_match
@@ -53,7 +53,7 @@ async def check_runner_available(
     shortfalls: list[tuple[str, list[str]]] = []
     for runner in runners:
         live = svc.registry.get(runner.id)
-        lacks = missing(need, live.comfyui if live is not None else runner.comfyui)
+        lacks = missing(need, live.offers if live is not None else Offers.of(runner.comfyui))
         if not lacks:
             return
         shortfalls.append((runner.name, lacks))
