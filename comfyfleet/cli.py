@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["agent"]:
         from runner_agent.__main__ import main as agent_main
 
-        return agent_main(argv[1:])
+        return agent_main(argv[1:], prog="comfyfleet agent")
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "serve":

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -105,12 +106,17 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-json", action="store_const", const=True, default=None, help="log one JSON object per line"
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("COMFYFLEET_AGENT_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="[COMFYFLEET_AGENT_LOG_LEVEL]",
+    )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "comfyfleet-agent") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="comfyfleet-agent",
+        prog=prog,
         description="Run ComfyUI jobs from a comfyfleet control plane on this host.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -212,8 +218,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     return asyncio.run(run_agent(settings))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_from_args(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None, prog: str = "comfyfleet-agent") -> int:
+    return run_from_args(build_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":
