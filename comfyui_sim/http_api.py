@@ -52,6 +52,8 @@ async def get_prompt(request: web.Request) -> web.Response:
 
 async def post_prompt(request: web.Request) -> web.Response:
     state = _state(request)
+    if state.settings.prompt_accept_delay_s:
+        await asyncio.sleep(state.settings.prompt_accept_delay_s)  # the simulated busy server
     body = await _json_or_none(request)
     if not isinstance(body, dict):
         return server_error()

@@ -21,6 +21,9 @@ class SimSettings:
     node_delays_s: dict[str, float] = field(default_factory=dict)
     # class_type or node id -> message of the exception the node raises (execution_error).
     fail_nodes: dict[str, str] = field(default_factory=dict)
+    # How long POST /prompt takes to answer (a busy server), so that tests can catch a job
+    # between its inputs being uploaded and its prompt being queued.
+    prompt_accept_delay_s: float = 0.0
     # Node classes this simulated install leaves out of /object_info, so that runners can
     # differ in what they offer.
     hidden_nodes: set[str] = field(default_factory=set)

@@ -19,6 +19,7 @@ def _config(state: SimState) -> dict[str, Any]:
     return {
         "node_delays_s": dict(state.settings.node_delays_s),
         "fail_nodes": dict(state.settings.fail_nodes),
+        "prompt_accept_delay_s": state.settings.prompt_accept_delay_s,
     }
 
 
@@ -60,7 +61,14 @@ async def post_config(request: web.Request) -> web.Response:
         failures = _parse_failures(body["fail_nodes"])
         if failures is None:
             return web.json_response({"error": "fail_nodes must map names to messages"}, status=400)
-    # Both checked before either is applied: a bad request changes nothing.
+    accept_delay = body.get("prompt_accept_delay_s")
+    if accept_delay is not None and (
+        isinstance(accept_delay, bool) or not isinstance(accept_delay, int | float) or accept_delay < 0
+    ):
+        return web.json_response({"error": "prompt_accept_delay_s must be seconds >= 0"}, status=400)
+    # Everything checked before anything is applied: a bad request changes nothing.
+    if accept_delay is not None:
+        state.settings.prompt_accept_delay_s = float(accept_delay)
     if delays is not None:
         state.settings.node_delays_s = delays
     if failures is not None:

@@ -245,3 +245,29 @@ async def test_agent_reconnects_after_control_plane_restart_and_finishes_its_job
         assert fetched["connected"] is True
     finally:
         await runner2.cleanup()
+
+
+async def test_cancel_while_uploaded_keeps_the_prompt_from_running(
+    cp: ControlPlane, sim: str, start_agent: AgentFactory, http: aiohttp.ClientSession
+) -> None:
+    # ComfyUI is slow to accept the prompt: the job sits in "uploaded" meanwhile.
+    await sim_config(http, sim, prompt_accept_delay_s=1.0)
+    runner = await cp.create_runner()
+    await start_agent(cp.base, runner["token"], sim)
+    wf = await submit(cp, WORKFLOW, **{"$prompt": "a", "$input_image": png_bytes((1, 2, 3))})
+    await cp.wait_for_status(wf["id"], {"uploaded"})
+    status, body = await cp.request("POST", f"/v1/workflow/{wf['id']}/cancel")
+    assert (status, body["status"]) == (200, "cancelled")
+    await sim_config(http, sim, prompt_accept_delay_s=0)
+    nxt = await submit(cp, WORKFLOW, **{"$prompt": "b", "$input_image": png_bytes((1, 2, 3))})
+    done = await cp.wait_for_status(nxt["id"], {"completed", "failed"})
+    assert done["status"] == "completed"
+    # The cancelled job's prompt, if ComfyUI took it at all, never ran to its outputs.
+    async with http.get(f"{sim}/sim/log") as resp:
+        ran = {p["prompt_id"]: p for p in (await resp.json())["prompts"]}
+    others = [p for pid, p in ran.items() if pid != done["prompt_id"]]
+    assert all("5" not in p["executed"] for p in others)
+    _, final = await cp.request("GET", f"/v1/workflow/{wf['id']}")
+    assert final["status"] == "cancelled"
+    _, listing = await cp.request("GET", f"/v1/workflow/{wf['id']}/outputs")
+    assert listing["outputs"] == []
