@@ -148,7 +148,7 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[AgentFactory]:
 
     running: list[tuple[Any, asyncio.Task[Any]]] = []
 
-    async def start(server: str, token: str, comfyui: str, **kw: Any) -> Any:
+    async def start(server: str, token: str, comfyui: str, nvml: Any = None, **kw: Any) -> Any:
         settings = AgentSettings(
             server_url=server,
             token=token,
@@ -158,7 +158,7 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[AgentFactory]:
             reconnect_max_s=0.5,
             **kw,
         )
-        agent = Agent(settings)
+        agent = Agent(settings, nvml=nvml)
         running.append((agent, asyncio.create_task(agent.run())))
         return agent
 

@@ -10,7 +10,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -26,6 +25,7 @@ from runner_agent.agent import Agent
 from runner_agent.capacity import NvmlProbe
 from runner_agent.config import AgentSettings
 from tests.conftest import ControlPlane
+from tests.fake_nvml import FakeNvml, h100
 
 ROOT = Path(__file__).resolve().parents[1]
 # The README's picture; the test refreshes it only when asked, so a test run leaves the
@@ -88,71 +88,6 @@ async def dcp(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[Cont
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     yield ControlPlane(f"http://127.0.0.1:{port}", settings, app, runner, http)
     await runner.cleanup()
-
-
-class FakeNvmlError(Exception):
-    pass
-
-
-class FakeNvml:
-    """The part of pynvml the agent's probe reads: fixed boards, load as given."""
-
-    NVMLError = FakeNvmlError
-    NVML_TEMPERATURE_GPU = 0
-
-    def __init__(self, gpus: list[dict[str, Any]]) -> None:
-        self.gpus = gpus
-
-    def nvmlInit(self) -> None:
-        pass
-
-    def nvmlShutdown(self) -> None:
-        pass
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.gpus)
-
-    def nvmlSystemGetDriverVersion(self) -> str:
-        return "550.54.15"
-
-    def nvmlSystemGetCudaDriverVersion(self) -> int:
-        return 12040
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> dict[str, Any]:
-        return self.gpus[index]
-
-    def nvmlDeviceGetUUID(self, handle: dict[str, Any]) -> str:
-        return str(handle["uuid"])
-
-    def nvmlDeviceGetName(self, handle: dict[str, Any]) -> str:
-        return str(handle["name"])
-
-    def nvmlDeviceGetMemoryInfo(self, handle: dict[str, Any], version: Any = None) -> Any:
-        total, used = handle["memory"]
-        return SimpleNamespace(total=total, used=used, free=total - used)
-
-    def nvmlDeviceGetUtilizationRates(self, handle: dict[str, Any]) -> Any:
-        return SimpleNamespace(gpu=handle["util"], memory=0)
-
-    def nvmlDeviceGetTemperature(self, handle: dict[str, Any], sensor: int) -> int:
-        return int(handle["temp"])
-
-    def nvmlDeviceGetPowerUsage(self, handle: dict[str, Any]) -> int:
-        return int(handle["power_mw"])
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, handle: dict[str, Any]) -> int:
-        return 700_000
-
-
-def h100(index: int, util: int, used_gib: int, temp: int, power_w: int) -> dict[str, Any]:
-    return {
-        "uuid": f"GPU-5d1c7a90-0000-4000-8000-00000000000{index}",
-        "name": "NVIDIA H100 80GB HBM3",
-        "memory": (80 * GIB, used_gib * GIB),
-        "util": util,
-        "temp": temp,
-        "power_mw": power_w * 1000,
-    }
 
 
 TWO_H100 = [h100(0, 87, 61, 66, 512), h100(1, 23, 18, 48, 164)]

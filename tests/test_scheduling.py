@@ -12,7 +12,9 @@ import aiohttp
 import pytest
 
 from comfyui_sim import SimSettings, start_simulator
+from runner_agent.capacity import NvmlProbe
 from tests.conftest import AgentFactory, ControlPlane, png_bytes
+from tests.fake_nvml import FakeNvml, h100
 from tests.test_e2e import seed_form
 
 
@@ -46,16 +48,19 @@ async def start_sim(
 
 @pytest.fixture
 async def three(cp: ControlPlane, tmp_path: Path, start_agent: AgentFactory) -> Any:
-    """A: tag sdxl, has sdxl; B: tag flux, has flux but no ImageBlur; C: untagged, has both."""
+    """A: tag sdxl, has sdxl, one idle H100; B: tag flux, has flux but no ImageBlur, two
+    idle H100s; C: untagged, has both checkpoints, no GPU driver (ComfyUI's devices)."""
     sims = [
         await start_sim(tmp_path, "a", ["sdxl.safetensors"]),
         await start_sim(tmp_path, "b", ["flux.safetensors"], {"ImageBlur"}),
         await start_sim(tmp_path, "c", ["sdxl.safetensors", "flux.safetensors"]),
     ]
     runners: dict[str, Any] = {"sims": {}}
+    gpus = {"A": [h100(0, 0, 1, 35, 70)], "B": [h100(0, 5, 2, 40, 90), h100(1, 5, 2, 41, 92)], "C": None}
     for (_, url), (name, tags) in zip(sims, (("A", ["sdxl"]), ("B", ["flux"]), ("C", [])), strict=True):
         runner = await cp.create_runner(name=name, tags=tags)
-        await start_agent(cp.base, runner["token"], url)
+        fake = gpus[name]
+        await start_agent(cp.base, runner["token"], url, nvml=NvmlProbe(FakeNvml(fake)) if fake else None)
         runners[name] = runner
         runners["sims"][name] = url
     registry = cp.services.registry
@@ -73,6 +78,16 @@ async def run(cp: ControlPlane, wf: dict[str, Any], tags: str = "", **fields: st
     done = await cp.wait_for_status(body["id"], {"completed", "failed", "invalid"})
     assert done["status"] == "completed", done
     return done
+
+
+async def test_each_runner_reports_its_own_gpus(cp: ControlPlane, three: dict[str, Any]) -> None:
+    runners = {}
+    for name in ("A", "B", "C"):
+        _, runners[name] = await cp.request("GET", f"/v1/runner/{three[name]['id']}")
+    assert [g["utilization_pct"] for g in runners["A"]["capacity"]["gpus"]] == [0]
+    assert [g["index"] for g in runners["B"]["capacity"]["gpus"]] == [0, 1]
+    assert runners["B"]["capacity"]["gpu_source"] == "nvml"
+    assert runners["C"]["capacity"]["gpu_source"] != "nvml"
 
 
 async def test_each_workflow_lands_on_a_runner_that_can_run_it(
@@ -176,8 +191,16 @@ async def test_runner_killed_mid_job_goes_offline_and_its_job_completes_elsewher
         assert status == 201
         running = await cp.wait_for_status(body["id"], {"running"})
         assert running["runner_id"] == doomed["id"]
+        operator = {"Authorization": f"Bearer {await cp.token('alice', scope='operator')}"}
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
+        # Offline on the dashboard within the timeout (a killed process closes its socket at
+        # once; a silent one is dropped after runner_timeout_s).
+        async with asyncio.timeout(cp.settings.runner_timeout_s):
+            await cp.services.fleet.wait_for(lambda: cp.services.registry.get(doomed["id"]) is None, 60)
+        async with http.get(f"{cp.base}/v1/dashboard", headers=operator) as resp:
+            board = await resp.json()
+        assert [r["online"] for r in board["runners"] if r["id"] == doomed["id"]] == [False]
         # offline at once (the socket closed); the job waits out the grace period, then moves.
         rescuer_sim_runner, rescuer_sim = await start_simulator(
             SimSettings(data_dir=tmp_path / "rescue"), port=0
