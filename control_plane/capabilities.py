@@ -4,10 +4,11 @@ an input whose name ends in ``_name`` on a class whose name contains "Loader".""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.placeholders import parse_value
+from protocol.placeholders import find_placeholders, parse_value, substitute
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Offers:
 
     node_classes: frozenset[str]
     models: dict[str, frozenset[str]]
+    input_types: dict[str, dict[str, str]] = field(default_factory=dict)
+    combo_options: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, comfyui: dict[str, Any] | None) -> Offers | None:
@@ -57,7 +60,12 @@ class Offers:
         if not comfyui or not comfyui.get("node_classes"):
             return None
         models = {name: frozenset(files) for name, files in (comfyui.get("models") or {}).items()}
-        return cls(frozenset(comfyui["node_classes"]), models)
+        return cls(
+            frozenset(comfyui["node_classes"]),
+            models,
+            comfyui.get("input_types") or {},
+            comfyui.get("combo_options") or {},
+        )
 
 
 def missing(need: Needs, offers: Offers | None) -> list[str] | None:
@@ -75,3 +83,34 @@ def missing(need: Needs, offers: Offers | None) -> list[str] | None:
     if absent_models:
         lacks.append(f"models {', '.join(absent_models)}")
     return lacks
+
+
+def check_values(workflow: dict[str, Any], values: dict[str, str], offers: list[Offers]) -> None:
+    """Convert the text and choice values to the types the runners' ComfyUI declares for
+    their inputs (INT, FLOAT, BOOLEAN) and check values aimed at a COMBO input against its
+    options, so that a bad value is a 400 now rather than an ``invalid`` workflow later.
+    Raises ValueError with a message naming the node, the input and what it wanted."""
+    types: dict[str, dict[str, str]] = {}
+    options: dict[str, dict[str, list[str]]] = {}
+    for offer in offers:  # the first runner that knows a class speaks for it
+        for class_type, inputs in offer.input_types.items():
+            types.setdefault(class_type, inputs)
+        for class_type, combos in offer.combo_options.items():
+            options.setdefault(class_type, combos)
+    if not types:
+        return
+    seeds = itertools.count(1)
+    # Conversion as the agent will do it; generated values and file names do not matter here.
+    files = {o.name: o.name for o in find_placeholders(workflow) if o.kind == "file" and o.name}
+    substitute(workflow, values, files, random_source=lambda: next(seeds), timestamp_ms=0, input_types=types)
+    for occ in find_placeholders(workflow):
+        if occ.kind not in ("text", "choice") or occ.name not in values:
+            continue
+        class_type = workflow[occ.node_id].get("class_type")
+        allowed = options.get(class_type, {}).get(occ.input_name)
+        is_combo = types.get(class_type, {}).get(occ.input_name) == "COMBO"
+        if is_combo and allowed is not None and values[occ.name] not in allowed:
+            shown = ", ".join(allowed[:20]) + (" …" if len(allowed) > 20 else "")
+            raise ValueError(
+                f"node {occ.node_id} input '{occ.input_name}': {values[occ.name]!r} is not one of {shown}"
+            )

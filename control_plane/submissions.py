@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from control_plane.capabilities import Offers, missing, needs
+from control_plane.capabilities import Offers, check_values, missing, needs
 from control_plane.errors import BadRequest, Forbidden
 from control_plane.forms import SubmittedForm
 from control_plane.registry import tags_match
@@ -51,14 +51,25 @@ async def check_runner_available(
         raise BadRequest(f"no runner available with matching tags {tags}")
     need = needs(workflow_json, values)
     shortfalls: list[tuple[str, list[str]]] = []
+    capable: list[Offers] = []
+    unknown = False
     for runner in runners:
         live = svc.registry.get(runner.id)
-        lacks = missing(need, live.offers if live is not None else Offers.of(runner.comfyui))
-        if not lacks:
-            return
-        shortfalls.append((runner.name, lacks))
-    name, lacks = min(shortfalls, key=lambda item: sum(len(p) for p in item[1]))
-    raise BadRequest(f"no runner can run this workflow: {name} lacks {'; '.join(lacks)}")
+        offers = live.offers if live is not None else Offers.of(runner.comfyui)
+        lacks = missing(need, offers)
+        if lacks is None:
+            unknown = True
+        elif lacks:
+            shortfalls.append((runner.name, lacks))
+        else:
+            capable.append(offers)  # type: ignore[arg-type]
+    if not capable and not unknown:
+        name, lacks = min(shortfalls, key=lambda item: sum(len(p) for p in item[1]))
+        raise BadRequest(f"no runner can run this workflow: {name} lacks {'; '.join(lacks)}")
+    try:
+        check_values(workflow_json, values, capable)
+    except ValueError as exc:  # ConversionError and friends: the message says what is wrong
+        raise BadRequest(str(exc)) from exc
 
 
 async def create_workflow(

@@ -33,6 +33,11 @@ class ComfyUIInfo(BaseModel):
     # loader input name (e.g. "ckpt_name") -> offered model files
     models: dict[str, list[str]] = Field(default_factory=dict)
     devices: list[dict[str, Any]] = Field(default_factory=list)
+    # class_type -> input -> INT/FLOAT/BOOLEAN/STRING/COMBO...: lets the control plane
+    # convert and check parameter values at submit time.
+    input_types: dict[str, dict[str, str]] = Field(default_factory=dict)
+    # class_type -> combo input -> its options
+    combo_options: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
 
 
 class HeldJob(BaseModel):

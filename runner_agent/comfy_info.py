@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-from protocol.comfy_types import input_types, model_files
+from protocol.comfy_types import combo_options, input_types, model_files
 from protocol.messages import ComfyUIInfo
 from runner_agent.comfyui import ComfyUIClient, ComfyUIError
 
@@ -70,6 +70,8 @@ class ComfyUIInfoCache:
                 node_classes=sorted(info),
                 models=model_files(info),
                 devices=devices,
+                input_types=input_types(info),
+                combo_options=combo_options(info),
             ),
             devices,
         )

@@ -271,3 +271,42 @@ async def test_cancel_while_uploaded_keeps_the_prompt_from_running(
     assert final["status"] == "cancelled"
     _, listing = await cp.request("GET", f"/v1/workflow/{wf['id']}/outputs")
     assert listing["outputs"] == []
+
+
+async def test_values_are_checked_against_the_runners_types_at_submit(
+    cp: ControlPlane, sim: str, start_agent: AgentFactory
+) -> None:
+    runner = await cp.create_runner()
+    await start_agent(cp.base, runner["token"], sim)
+    registry = cp.services.registry
+    await cp.services.fleet.wait_for(lambda: registry.get(runner["id"]) is not None, timeout_s=10)
+    wf_json = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": "$text(width)", "height": 8, "batch_size": 1, "color": 0},
+        },
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "$choice(method, bilinear, dpm_2)",
+                "width": 8,
+                "height": 8,
+                "crop": "disabled",
+            },
+        },
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+    }
+    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(wf_json, **{"$width": "wide"}))
+    assert status == 400
+    assert body["message"] == "node 1 input 'width': 'wide' is not an INT"
+    status, body = await cp.request(
+        "POST", "/v1/workflow", data=seed_form(wf_json, **{"$width": "8", "#method": "dpm_2"})
+    )
+    assert status == 400
+    assert body["message"].startswith(
+        "node 2 input 'upscale_method': 'dpm_2' is not one of nearest-exact, bilinear"
+    )
+    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(wf_json, **{"$width": "8"}))
+    assert status == 201
+    assert (await cp.wait_for_status(body["id"], {"completed", "failed", "invalid"}))["status"] == "completed"

@@ -826,6 +826,6 @@ async def test_sim_config_is_validated_and_reported(comfy: Sim) -> None:
         "POST", "/sim/config", json={"node_delays_s": {"2": 0.5}, "fail_nodes": {"X": "m"}}
     )
     assert status == 200
-    assert config == {"node_delays_s": {"2": 0.5}, "fail_nodes": {"X": "m"}}
+    assert config == {"node_delays_s": {"2": 0.5}, "fail_nodes": {"X": "m"}, "prompt_accept_delay_s": 0.0}
     assert comfy.settings.node_delays_s == {"2": 0.5}
     assert await comfy.request("GET", "/sim/config") == (200, config)
