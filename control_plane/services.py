@@ -44,8 +44,9 @@ class Services:
         }
 
     async def queue_position(self, wf: Workflow) -> int | None:
-        """A waiting workflow's place (from 1) among its account's waiting workflows; in a
-        runner's ComfyUI queue, what the runner reported."""
+        """A waiting workflow's place (from 1) among its account's waiting workflows with the
+        same tags (those that compete for the same runners); in a runner's ComfyUI queue,
+        what the runner reported."""
         if wf.status != "accepted" or wf.runner_id is not None:
             return wf.queue_number
         async with self.store.session() as s:
@@ -54,6 +55,7 @@ class Services:
                 .select_from(Workflow)
                 .where(
                     Workflow.account_id == wf.account_id,
+                    Workflow.tag_index == wf.tag_index,
                     Workflow.status == "accepted",
                     col(Workflow.runner_id).is_(None),
                     col(Workflow.created_at) < wf.created_at,

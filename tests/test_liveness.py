@@ -1,0 +1,58 @@
+"""A runner that goes silent without closing its socket (a dead host, a cut cable) is
+dropped after runner_timeout_s, and its job then moves on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from protocol.capacity import Capacity
+from protocol.messages import ComfyUIInfo, Hello, Ready, dump_message
+from tests.conftest import ControlPlane, start_control_plane
+from tests.test_e2e import seed_form
+
+TRIVIAL = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "l"}},
+}
+
+
+async def test_silent_runner_is_dropped_and_its_job_requeued(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    runner, base, app, settings = await start_control_plane(
+        tmp_path, heartbeat_s=0.5, runner_timeout_s=1.5, runner_grace_s=0.5, max_attempts=2
+    )
+    try:
+        cp = ControlPlane(base, settings, app, runner, http)
+        silent = await cp.create_runner(name="silent")
+        url = base.replace("http", "ws") + "/v1/agent/connect"
+        async with connect(url, additional_headers={"Authorization": f"Bearer {silent['token']}"}) as ws:
+            hello = Hello(agent_version="test", capacity=Capacity(), comfyui=ComfyUIInfo(url="http://x"))
+            await ws.send(dump_message(hello))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            await ws.send(dump_message(Ready(free_slots=1)))
+            status, body = await cp.request("POST", "/v1/workflow", data=seed_form(TRIVIAL))
+            assert status == 201
+            job = json.loads(await ws.recv())
+            assert (job["type"], job["workflow_id"]) == ("job", body["id"])
+            # From here on the agent says nothing and never closes its end.
+            try:
+                while True:
+                    await ws.recv()
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 4005
+        registry = cp.services.registry
+        await cp.services.fleet.wait_for(lambda: registry.get(silent["id"]) is None, timeout_s=5)
+        async with asyncio.timeout(5):
+            async for event, data in cp.events(body["id"]):
+                if event == "status" and data["attempt"] == 2:
+                    break
+        assert (data["status"], data["runner_id"]) == ("accepted", None)  # waiting for another runner
+    finally:
+        await runner.cleanup()
