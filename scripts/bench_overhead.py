@@ -14,21 +14,12 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
-
-from comfyfleet.admin import create_token
-from comfyui_sim import SimSettings, start_simulator
-from control_plane.app import create_app
-from control_plane.settings import Settings
-from runner_agent.agent import Agent
-from runner_agent.config import AgentSettings
+from local_fleet import local_fleet  # scripts/, beside this file
 
 
 def prompt(color: int, template: bool) -> dict[str, Any]:
@@ -86,47 +77,25 @@ def summary(samples: list[float]) -> tuple[float, float]:
 
 
 async def main(runs: int, block: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        sim_runner, sim = await start_simulator(SimSettings(data_dir=root / "comfyui"), port=0)
-        settings = Settings(data_dir=root / "cp").validate()
-        cp_runner = web.AppRunner(create_app(settings), access_log=None)
-        await cp_runner.setup()
-        site = web.TCPSite(cp_runner, "127.0.0.1", 0)
-        await site.start()
-        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        token = await create_token(settings, "bench", "enterprise", "client", None)
-        headers = {"Authorization": f"Bearer {token}"}
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{base}/v1/runner", json={"name": "bench"}, headers=headers) as resp:
-                runner = await resp.json()
-            agent = Agent(
-                AgentSettings(
-                    server_url=base, token=runner["token"], comfyui_url=sim, data_dir=root / "agent"
-                )
-            )
-            agent_task = asyncio.create_task(agent.run())
-            client_id = uuid.uuid4().hex
-            ws = await http.ws_connect(f"{sim.replace('http', 'ws')}/ws?clientId={client_id}")
-            direct: list[float] = []
-            fleet: list[float] = []
-            color = 0
-            for _ in range(3):  # warm-up: imports, first connections, first PNG encoder use
+    async with local_fleet() as fleet_:
+        http, sim, base, headers = fleet_.http, fleet_.sim, fleet_.base, fleet_.headers
+        client_id = uuid.uuid4().hex
+        ws = await http.ws_connect(f"{sim.replace('http', 'ws')}/ws?clientId={client_id}")
+        direct: list[float] = []
+        fleet: list[float] = []
+        color = 0
+        for _ in range(3):  # warm-up: imports, first connections, first PNG encoder use
+            color += 1
+            await direct_run(http, sim, ws, client_id, color)
+            await fleet_run(http, base, headers, color + 1_000_000)
+        while len(direct) < runs:
+            for _ in range(block):
                 color += 1
-                await direct_run(http, sim, ws, client_id, color)
-                await fleet_run(http, base, headers, color + 1_000_000)
-            while len(direct) < runs:
-                for _ in range(block):
-                    color += 1
-                    direct.append(await direct_run(http, sim, ws, client_id, color))
-                for _ in range(block):
-                    color += 1
-                    fleet.append(await fleet_run(http, base, headers, color))
-            await ws.close()
-            await agent.stop()
-            await asyncio.wait_for(agent_task, 10)
-        await cp_runner.cleanup()
-        await sim_runner.cleanup()
+                direct.append(await direct_run(http, sim, ws, client_id, color))
+            for _ in range(block):
+                color += 1
+                fleet.append(await fleet_run(http, base, headers, color))
+        await ws.close()
 
     d_med, d_p99 = summary(direct)
     f_med, f_p99 = summary(fleet)

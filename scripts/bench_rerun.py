@@ -17,21 +17,12 @@ import asyncio
 import io
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from local_fleet import local_fleet  # scripts/, beside this file
 from PIL import Image
-
-from comfyfleet.admin import create_token
-from comfyui_sim import SimSettings, start_simulator
-from control_plane.app import create_app
-from control_plane.settings import Settings
-from runner_agent.agent import Agent
-from runner_agent.config import AgentSettings
 
 WORKFLOW: dict[str, Any] = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "$file(image)"}},
@@ -92,42 +83,17 @@ async def rerun_last(
 
 
 async def main(rounds: int, delay_s: float) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        sim_settings = SimSettings(
-            data_dir=root / "comfyui", node_delays_s={"ImageBlur": delay_s, "ImageInvert": delay_s}
-        )
-        sim_runner, sim = await start_simulator(sim_settings, port=0)
-        settings = Settings(data_dir=root / "cp").validate()
-        cp_runner = web.AppRunner(create_app(settings), access_log=None)
-        await cp_runner.setup()
-        site = web.TCPSite(cp_runner, "127.0.0.1", 0)
-        await site.start()
-        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        headers = {
-            "Authorization": f"Bearer {await create_token(settings, 'bench', 'enterprise', 'client', None)}"
-        }
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{base}/v1/runner", json={"name": "bench"}, headers=headers) as resp:
-                runner = await resp.json()
-            agent = Agent(
-                AgentSettings(
-                    server_url=base, token=runner["token"], comfyui_url=sim, data_dir=root / "agent"
-                )
-            )
-            agent_task = asyncio.create_task(agent.run())
-            full: list[float] = []
-            rerun: list[float] = []
-            for n in range(rounds):
-                wf_id, elapsed = await full_run(http, base, headers, shade=n * 37 % 256)
-                full.append(elapsed)
-                rerun.append(await rerun_last(http, base, headers, wf_id, n))
-            async with http.get(f"{sim}/sim/log") as resp:
-                last = (await resp.json())["prompts"][-1]
-            await agent.stop()
-            await asyncio.wait_for(agent_task, 10)
-        await cp_runner.cleanup()
-        await sim_runner.cleanup()
+    delays = {"ImageBlur": delay_s, "ImageInvert": delay_s}
+    async with local_fleet({"node_delays_s": delays}) as fleet:
+        http, base, headers = fleet.http, fleet.base, fleet.headers
+        full: list[float] = []
+        rerun: list[float] = []
+        for n in range(rounds):
+            wf_id, elapsed = await full_run(http, base, headers, shade=n * 37 % 256)
+            full.append(elapsed)
+            rerun.append(await rerun_last(http, base, headers, wf_id, n))
+        async with http.get(f"{fleet.sim}/sim/log") as resp:
+            last = (await resp.json())["prompts"][-1]
 
     f_med, r_med = statistics.median(full) * 1000, statistics.median(rerun) * 1000
     print(f"rounds: {rounds}; ImageBlur and ImageInvert each delayed {delay_s:g} s")

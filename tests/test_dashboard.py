@@ -17,14 +17,12 @@ import pytest
 from aiohttp import web
 from playwright.async_api import Dialog, Page, async_playwright, expect
 
-from control_plane import dashboard
 from control_plane.app import create_app
 from control_plane.settings import Settings
 from control_plane.tables import Workflow, tag_index, utcnow
 from runner_agent.agent import Agent
 from runner_agent.capacity import NvmlProbe
-from runner_agent.config import AgentSettings
-from tests.conftest import ControlPlane
+from tests.conftest import AgentFactory, ControlPlane
 from tests.fake_nvml import FakeNvml, h100
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,24 +68,10 @@ OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total ca
 # -- a control plane with the dashboard's routes, and agents with (stand-in) GPUs -----------
 
 
-def with_dashboard(app: web.Application) -> web.Application:
-    """Add the dashboard's routes unless the app already serves them."""
-    if not any(getattr(r, "canonical", None) == "/v1/dashboard" for r in app.router.resources()):
-        app.router.add_routes(dashboard.routes)
-    return app
-
-
 @pytest.fixture
-async def dcp(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[ControlPlane]:
-    settings = Settings(data_dir=tmp_path / "cp", runner_grace_s=2.0, heartbeat_s=1.0).validate()
-    app = with_dashboard(create_app(settings))
-    runner = web.AppRunner(app, access_log=None, lingering_time=1.0, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield ControlPlane(f"http://127.0.0.1:{port}", settings, app, runner, http)
-    await runner.cleanup()
+def dcp(cp: ControlPlane) -> ControlPlane:
+    """The control plane (it serves the dashboard's routes)."""
+    return cp
 
 
 TWO_H100 = [h100(0, 87, 61, 66, 512), h100(1, 23, 18, 48, 164)]
@@ -96,29 +80,16 @@ GpuAgentFactory = Callable[..., Awaitable[Agent]]
 
 
 @pytest.fixture
-async def gpu_agent(tmp_path: Path) -> AsyncIterator[GpuAgentFactory]:
+def gpu_agent(start_agent: AgentFactory) -> GpuAgentFactory:
     """Real agents against the simulator whose NVML answers with the GPUs given."""
-    running: list[tuple[Agent, asyncio.Task[Any]]] = []
 
     async def start(server: str, token: str, comfyui: str, gpus: list[dict[str, Any]]) -> Agent:
-        settings = AgentSettings(
-            server_url=server,
-            token=token,
-            comfyui_url=comfyui,
-            data_dir=tmp_path / f"gpu-agent{len(running)}",
-            reconnect_initial_s=0.05,
-            reconnect_max_s=0.5,
-            shutdown_grace_s=1.0,
+        agent: Agent = await start_agent(
+            server, token, comfyui, nvml=NvmlProbe(FakeNvml(gpus)), shutdown_grace_s=1.0
         )
-        agent = Agent(settings, nvml=NvmlProbe(FakeNvml(gpus)))
-        running.append((agent, asyncio.create_task(agent.run())))
         return agent
 
-    yield start
-    for agent, task in running:
-        await agent.stop()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, 10)
+    return start
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -455,7 +426,7 @@ async def test_open_streams_end_when_the_server_shuts_down(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     settings = Settings(data_dir=tmp_path / "cp").validate()
-    app = with_dashboard(create_app(settings))
+    app = create_app(settings)
     # aiohttp's default: a stream that ignored the shutdown would hold it up for a minute.
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
