@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from control_plane.auth import bearer_token
 from control_plane.capabilities import Offers
@@ -116,7 +116,10 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
     finally:
         conn.fail_pending()
         if svc.registry.remove(conn):
-            svc.fleet.runner_disconnected(conn)
+            # An agent that says goodbye (1001 after a drain) will not finish what it still
+            # holds here: those jobs move now rather than after the grace period.
+            said_goodbye = ws.close_code == WSCloseCode.GOING_AWAY and not svc.fleet.stopping
+            await svc.fleet.runner_disconnected(conn, left=said_goodbye)
             await svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity)
         log.info("runner %s disconnected (close code %s)", runner.id, ws.close_code)
     return ws

@@ -20,7 +20,7 @@ from control_plane.graph import downstream
 from control_plane.http_util import json_body
 from control_plane.services import Services
 from control_plane.store import TERMINAL
-from control_plane.submissions import check_tier, rerun_with_parameters
+from control_plane.submissions import check_parameter_count, check_runner_available, rerun_with_parameters
 from control_plane.tables import Task, Workflow
 from control_plane.views import workflow_view
 from protocol.placeholders import ParameterError, PlaceholderError, declared_parameters, merge_values
@@ -159,7 +159,12 @@ async def rerun_from_task(request: web.Request) -> web.Response:
                 params["values"] = merge_values(parameters, params.get("values", {}), texts, choices)
             except (PlaceholderError, ParameterError) as exc:
                 raise BadRequest(str(exc)) from exc
-            await check_tier(svc, principal.account, len(texts) + len(choices))
+            # The same workflow runs again: the daily workflow count does not move.
+            check_parameter_count(svc, principal.account, len(texts) + len(choices))
+        # New values and merged task inputs are checked as a submission's are.
+        await check_runner_available(
+            svc, principal.account, current.tags, workflow_json, params.get("values", {})
+        )
         changes["workflow_params"] = params
         if body.get("correlationId"):
             changes["correlation_id"] = body["correlationId"]

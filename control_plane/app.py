@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from aiohttp import WSCloseCode, web
 
@@ -18,6 +19,7 @@ from control_plane import (
     api_templates,
     api_workflows,
     dashboard,
+    idempotency,
 )
 from control_plane.auth import Authenticator
 from control_plane.blobs import BlobStore
@@ -30,6 +32,7 @@ from control_plane.registry import Registry
 from control_plane.services import Services
 from control_plane.settings import Settings
 from control_plane.store import Store
+from control_plane.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ def create_app(settings: Settings) -> web.Application:
         engine = make_engine(settings.resolved_database_url)
         await create_schema(engine)
         store = Store(engine)
+        await store.forget_idempotent_before(utcnow() - timedelta(seconds=idempotency.KEEP_S))
         blobs = BlobStore(settings.blob_dir)
         await asyncio.to_thread(blobs.setup)
         hub, registry = EventHub(), Registry()
@@ -72,6 +76,7 @@ def create_app(settings: Settings) -> web.Application:
         # Agents see GOING_AWAY and reconnect to whoever serves next.
         svc = app.get(Services.KEY)
         if svc is not None:
+            svc.fleet.stopping = True
             svc.hub.close()  # open SSE streams end, or they would hold the shutdown up
             for conn in svc.registry.all():
                 await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"control plane shutting down")

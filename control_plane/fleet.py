@@ -81,6 +81,7 @@ class Fleet:
         # Set (and replaced) whenever a runner or a workflow changes: wakes ``wait_for`` and
         # anything else following the fleet live (the dashboard).
         self._changed = asyncio.Event()
+        self.stopping = False  # set when the control plane shuts down
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -136,12 +137,9 @@ class Fleet:
 
     async def dispatch_waiting(self) -> None:
         waiting = await self.store.waiting_workflows()
-        position: dict[str, int] = {}
         for wf in waiting:
             conn = self._pick_runner(wf)
             if conn is None:
-                # Its place in the line of workflows of the same account still waiting.
-                position[wf.account_id] = position.get(wf.account_id, 0) + 1
                 continue
             try:
                 job = build_job(wf)
@@ -175,8 +173,15 @@ class Fleet:
         ]
         preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
         if preferred is not None:
-            # Its ComfyUI cache holds the upstream nodes: worth waiting for its free slot.
-            return preferred if preferred.free_slots > 0 else None
+            if preferred.free_slots > 0:
+                return preferred
+            # Its ComfyUI cache holds the upstream nodes: worth waiting a while for a slot,
+            # but not for a runner whose ComfyUI is down (its cache is gone) nor for ever.
+            waited_s = (utcnow() - as_utc(wf.updated_at)).total_seconds()
+            left_s = self.settings.rerun_affinity_wait_s - waited_s
+            if preferred.healthy and left_s > 0:
+                asyncio.get_running_loop().call_later(left_s, self.kick)
+                return None
         free = [c for c in eligible if c.free_slots > 0]
         if not free:
             return None
@@ -215,9 +220,14 @@ class Fleet:
         conn.free_slots = max(0, min(free_slots, total - len(conn.jobs)))
         self.kick()
 
-    def runner_disconnected(self, conn: AgentConnection) -> None:
+    async def runner_disconnected(self, conn: AgentConnection, *, left: bool = False) -> None:
         self.changed()
-        if conn.jobs:
+        if not conn.jobs:
+            return
+        if left:
+            for wf in await self.store.inflight_workflows(conn.runner_id):
+                await self._requeue(wf, f"runner {conn.name} left before running it")
+        else:
             self._start_grace(conn.runner_id)
 
     async def runner_deleted(self, runner_id: str) -> None:

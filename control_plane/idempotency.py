@@ -16,10 +16,14 @@ from sqlalchemy.exc import IntegrityError
 
 from control_plane.errors import BadRequest, Conflict, Unprocessable
 from control_plane.services import Services
-from control_plane.tables import IdempotencyRecord
+from control_plane.tables import IdempotencyRecord, as_utc, utcnow
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
+# A key answers retries for a day; a reservation whose request never finished (the process
+# died under it) is given up after a few minutes.
+KEEP_S = 24 * 3600
+ABANDONED_S = 300
 
 
 def fingerprint(*parts: Any) -> str:
@@ -54,6 +58,10 @@ async def once(
         )
     except IntegrityError:
         record = await svc.store.get_idempotent(account_id, scoped)
+        age_s = (utcnow() - as_utc(record.created_at)).total_seconds() if record is not None else 0.0
+        if record is not None and (age_s > KEEP_S or (record.status == 0 and age_s > ABANDONED_S)):
+            await svc.store.delete_idempotent(account_id, scoped)
+            record = None
         if record is None:  # the first request failed and let the key go meanwhile
             return await once(request, account_id, request_hash, produce)
         if record.request_hash != request_hash:

@@ -39,6 +39,9 @@ class Settings:
     # A runner whose connection dropped keeps its jobs this long before they are requeued.
     runner_grace_s: float = 30.0
     max_attempts: int = 3
+    # A rerun from a node waits this long for the runner whose cache holds its upstream
+    # nodes to have a free slot, then goes to any runner that can run it.
+    rerun_affinity_wait_s: float = 60.0
     tiers: dict[str, Tier] = field(default_factory=lambda: dict(DEFAULT_TIERS))
 
     @property

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, cast, func, update
+from sqlalchemy import String, cast, delete, func, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -264,7 +264,15 @@ class Store:
                     col(Workflow.status) == "accepted",
                     col(Workflow.runner_id).is_(None),
                 )
-                .values(runner_id=runner_id, dispatched_at=now, updated_at=now, queue_number=None)
+                # The preference has done its job once the workflow is placed; a requeue of
+                # this attempt goes wherever it can.
+                .values(
+                    runner_id=runner_id,
+                    dispatched_at=now,
+                    updated_at=now,
+                    queue_number=None,
+                    preferred_runner_id=None,
+                )
             )  # type: ignore[call-overload]
             await s.commit()
             return bool(result.rowcount)
@@ -536,6 +544,11 @@ class Store:
                 .where(col(IdempotencyRecord.account_id) == account_id, col(IdempotencyRecord.key) == key)
                 .values(status=status, body=body)
             )  # type: ignore[call-overload]
+            await s.commit()
+
+    async def forget_idempotent_before(self, cutoff: datetime) -> None:
+        async with self.session() as s:
+            await s.exec(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff))  # type: ignore[call-overload]
             await s.commit()
 
     async def delete_idempotent(self, account_id: str, key: str) -> None:

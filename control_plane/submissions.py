@@ -24,12 +24,18 @@ from protocol.placeholders import (
 log = logging.getLogger(__name__)
 
 
-async def check_tier(svc: Services, account: Account, parameter_count: int) -> None:
+def check_parameter_count(svc: Services, account: Account, parameter_count: int) -> None:
     tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
     if parameter_count > tier.max_parameters:
         raise Forbidden(
             f"{parameter_count} parameters sent; the {tier.name} tier allows {tier.max_parameters}"
         )
+
+
+async def check_tier(svc: Services, account: Account, parameter_count: int) -> None:
+    """Parameters per request and workflows per day (a rerun that creates one counts)."""
+    check_parameter_count(svc, account, parameter_count)
+    tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
     used = await svc.store.count_workflows_since(account.id, day_ago())
     if used >= tier.max_workflows_per_day:
         raise Forbidden(

@@ -262,14 +262,19 @@ class Agent:
     async def capacity(self) -> CapacityUpdate:
         answers = await asyncio.gather(*(probe_system_stats(i, _HEARTBEAT_PROBE_S) for i in self.instances))
         came_back = []
+        went_down = False
         for instance, (_, error) in zip(self.instances, answers, strict=True):
             was_healthy = instance.healthy
             instance.answer_error = error
             if was_healthy and not instance.healthy:
                 log.warning("ComfyUI at %s stopped answering: %s", instance.url, error)
                 instance.info.invalidate()
+                went_down = True
             elif instance.healthy and not was_healthy:
                 came_back.append(instance.url)
+        if went_down and not self._stopping:
+            # Its slots are no longer on offer: say so before the next job arrives.
+            self._spawn(self.connection.send(Ready(free_slots=self.free_slots)))
         if came_back:
             # It may have restarted with other nodes or models: tell the control plane.
             self._spawn(self.connection.reconnect(f"ComfyUI at {', '.join(came_back)} answers again"))

@@ -133,8 +133,9 @@ async def test_comfyui_validation_error_makes_the_workflow_invalid(
 async def test_value_that_does_not_convert_is_invalid(
     cp: ControlPlane, sim: str, start_agent: AgentFactory
 ) -> None:
+    """Submitted while no runner has said what its ComfyUI declares (so the control plane
+    cannot check it), the value is caught by the agent: the workflow ends invalid."""
     runner = await cp.create_runner()
-    await start_agent(cp.base, runner["token"], sim)
     wf_json = {
         "1": {
             "class_type": "EmptyImage",
@@ -143,6 +144,7 @@ async def test_value_that_does_not_convert_is_invalid(
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
     }
     wf = await submit(cp, wf_json, **{"$width": "wide"})
+    await start_agent(cp.base, runner["token"], sim)
     done = await cp.wait_for_status(wf["id"], {"invalid", "failed", "completed"})
     assert done["status"] == "invalid"
     assert "'wide'" in done["exception_message"] and "INT" in done["exception_message"]

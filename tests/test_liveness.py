@@ -56,3 +56,30 @@ async def test_silent_runner_is_dropped_and_its_job_requeued(
         assert (data["status"], data["runner_id"]) == ("accepted", None)  # waiting for another runner
     finally:
         await runner.cleanup()
+
+
+async def test_an_agent_that_says_goodbye_hands_its_jobs_back_at_once(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    # A grace period far longer than the test: only an immediate hand-back passes.
+    runner, base, app, settings = await start_control_plane(tmp_path, runner_grace_s=600)
+    try:
+        cp = ControlPlane(base, settings, app, runner, http)
+        leaving = await cp.create_runner(name="leaving")
+        url = base.replace("http", "ws") + "/v1/agent/connect"
+        async with connect(url, additional_headers={"Authorization": f"Bearer {leaving['token']}"}) as ws:
+            hello = Hello(agent_version="test", capacity=Capacity(), comfyui=ComfyUIInfo(url="http://x"))
+            await ws.send(dump_message(hello))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            await ws.send(dump_message(Ready(free_slots=1)))
+            status, body = await cp.request("POST", "/v1/workflow", data=seed_form(TRIVIAL))
+            assert status == 201
+            assert json.loads(await ws.recv())["type"] == "job"
+            await ws.close(1001, "agent stopping")  # as a draining agent does
+        async with asyncio.timeout(5):
+            async for event, data in cp.events(body["id"]):
+                if event == "status" and data["attempt"] == 2:
+                    break
+        assert (data["status"], data["runner_id"]) == ("accepted", None)
+    finally:
+        await runner.cleanup()

@@ -496,3 +496,59 @@ async def test_templates(fleet: tuple[ControlPlane, str, dict[str, Any]]) -> Non
     bad.add_field("body", json.dumps({"1": {"class_type": "X", "inputs": {"a": "$choice(c)"}}}))
     status, body = await cp.request("POST", "/v1/template", data=bad)
     assert status == 400 and "choice" in body["message"]
+
+
+async def test_a_rerun_does_not_wait_for_a_runner_whose_comfyui_is_down(
+    cp: ControlPlane, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    from comfyui_sim import SimSettings, start_simulator
+
+    sim_a_runner, sim_a = await start_simulator(SimSettings(data_dir=tmp_path / "a"), port=0)
+    sim_b_runner, sim_b = await start_simulator(SimSettings(data_dir=tmp_path / "b"), port=0)
+    try:
+        a = await cp.create_runner(name="a")
+        await start_agent(cp.base, a["token"], sim_a)
+        wf = await submit(cp, WORKFLOW, **{"$prompt": "x", "$input_image": png_bytes((1, 2, 3))})
+        first = await completed(cp, wf["id"])
+        assert first["runner_id"] == a["id"]
+        b = await cp.create_runner(name="b")
+        await start_agent(cp.base, b["token"], sim_b)
+        await sim_a_runner.cleanup()  # a's ComfyUI goes away: a is still connected, unhealthy
+        registry = cp.services.registry
+        await cp.services.fleet.wait_for(
+            lambda: (
+                (c := registry.get(a["id"])) is not None
+                and not c.healthy
+                and registry.get(b["id"]) is not None
+            ),
+            timeout_s=15,
+        )
+        status, _ = await api_rerun(
+            cp, wf["id"], {"reRunFromTaskId": "6", "taskInput": {"filename_prefix": "moved"}}
+        )
+        assert status == 200
+        done = await completed(cp, wf["id"])
+        assert (done["attempt"], done["runner_id"]) == (2, b["id"])
+    finally:
+        await sim_b_runner.cleanup()
+
+
+async def test_seed_000_new_values_are_checked_like_a_submission(
+    fleet: tuple[ControlPlane, str, dict[str, Any]],
+) -> None:
+    cp, _, _ = fleet
+    wf = await submit(cp, WORKFLOW, tags="gpu", **{"$prompt": "a", "$input_image": png_bytes((1, 2, 3))})
+    await completed(cp, wf["id"])
+    status, body = await api_rerun(cp, wf["id"], {"workflowInput": {"width": "wide"}})
+    assert (status, json.loads(body)["message"]) == (400, "node 4 input 'width': 'wide' is not an INT")
+    # An Idempotency-Key makes a retried rerun a no-op: still one new attempt.
+    for _ in range(2):
+        status, text = await api_rerun(
+            cp,
+            wf["id"],
+            {"reRunFromTaskId": "6", "taskInput": {"filename_prefix": "k"}},
+            **{"Idempotency-Key": "r-1"},
+        )
+        assert (status, text) == (200, wf["id"])
+    done = await completed(cp, wf["id"])
+    assert done["attempt"] == 2
