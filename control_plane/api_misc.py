@@ -43,4 +43,10 @@ async def healthz(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     async with svc.store.session() as s:
         await s.exec(text("SELECT 1"))  # type: ignore[call-overload]
-    return web.json_response({"status": "ok", "runners_connected": len(svc.registry.all())})
+    return web.json_response(
+        {
+            "status": "ok",
+            "database": svc.store.engine.dialect.name,
+            "runners_connected": len(svc.registry.all()),
+        }
+    )

@@ -25,8 +25,9 @@ def make_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    if url.startswith("postgresql://"):
-        url = "postgresql+asyncpg://" + url.removeprefix("postgresql://")
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            url = "postgresql+asyncpg://" + url.removeprefix(plain)
     return create_async_engine(url, pool_pre_ping=True)
 
 

@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environment in .venv and install comfyfleet into it
 # (editable, with the test tools). Re-installs only when pyproject.toml changed.
+#   --with-browser    also Debian's chromium, for the dashboard's browser test
+#   --with-postgres   also Debian's postgresql, for the tests that run the store on PostgreSQL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The dashboard's browser test drives Debian's Chromium (never a downloaded browser).
-if [ "${1:-}" = "--with-browser" ] && [ ! -x /usr/bin/chromium ]; then
-    echo "installing Debian's chromium for the browser tests"
-    sudo_cmd=""
+with_browser=0
+with_postgres=0
+for arg in "$@"; do
+    case "$arg" in
+        --with-browser) with_browser=1 ;;
+        --with-postgres) with_postgres=1 ;;
+        *) echo "bootstrap.sh: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
+
+apt_install() {
+    local sudo_cmd=""
     [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
     $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "$@" >/dev/null
+}
+
+# Never a downloaded browser: Playwright drives the system's Chromium.
+if [ "$with_browser" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+    echo "installing Debian's chromium for the browser tests"
+    apt_install chromium
+fi
+# The tests start their own throwaway server from these binaries; none is left running.
+if [ "$with_postgres" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    echo "installing Debian's postgresql for the database tests"
+    apt_install postgresql
 fi
 
 PYTHON=${PYTHON:-python3}

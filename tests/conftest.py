@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from comfyfleet.admin import create_token
 from control_plane.app import create_app
 from control_plane.services import Services
 from control_plane.settings import Settings
+from tests.pg_server import PgServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -121,9 +122,28 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    server = PgServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest) -> str:
+    """Every test that uses the control plane runs on both databases."""
+    if request.param == "sqlite":
+        return ""
+    server: PgServer = request.getfixturevalue("pg_server")
+    return await server.new_database()
+
+
 @pytest.fixture
-async def cp(tmp_path: Path, http: aiohttp.ClientSession) -> AsyncIterator[ControlPlane]:
-    runner, base, app, settings = await start_control_plane(tmp_path, runner_grace_s=2.0, heartbeat_s=1.0)
+async def cp(tmp_path: Path, http: aiohttp.ClientSession, database_url: str) -> AsyncIterator[ControlPlane]:
+    runner, base, app, settings = await start_control_plane(
+        tmp_path, runner_grace_s=2.0, heartbeat_s=1.0, database_url=database_url
+    )
     yield ControlPlane(base, settings, app, runner, http)
     await runner.cleanup()
 

@@ -54,3 +54,9 @@ async def test_other_accounts_runner_is_404(cp: ControlPlane) -> None:
     assert "not found" in body["message"]
     status, _ = await cp.request("DELETE", f"/v1/runner/{runner['id']}", account="mallory")
     assert status == 404
+
+
+async def test_healthz_says_which_database_it_runs_on(cp: ControlPlane, database_url: str) -> None:
+    status, body = await cp.request("GET", "/healthz", account=None)
+    assert status == 200
+    assert body["database"] == ("postgresql" if database_url else "sqlite")
