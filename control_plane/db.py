@@ -1,12 +1,15 @@
-"""Engine creation: SQLite (WAL, busy timeout, foreign keys) by default, PostgreSQL by URL."""
+"""Engine creation (SQLite with WAL, busy timeout and foreign keys by default; PostgreSQL by
+URL) and the schema, built by alembic migrations."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlmodel import SQLModel
 
 from control_plane import tables  # noqa: F401  (registers the tables on the metadata)
 
@@ -31,6 +34,17 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True)
 
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
 async def create_schema(engine: AsyncEngine) -> None:
+    """Bring the database to the newest schema (alembic upgrade head)."""
     async with engine.begin() as conn:
-        await conn.run_sync(SQLModel.metadata.create_all)
+        await conn.run_sync(lambda sync: command.upgrade(alembic_config(sync), "head"))
