@@ -252,15 +252,17 @@ async def test_agent_reconnects_after_control_plane_restart_and_finishes_its_job
 async def test_cancel_while_uploaded_keeps_the_prompt_from_running(
     cp: ControlPlane, sim: str, start_agent: AgentFactory, http: aiohttp.ClientSession
 ) -> None:
-    # ComfyUI is slow to accept the prompt: the job sits in "uploaded" meanwhile.
-    await sim_config(http, sim, prompt_accept_delay_s=1.0)
+    # ComfyUI is slow to accept the prompt: the job sits in "uploaded" meanwhile. Its first
+    # node is slow too, so that a cancel that lands while the prompt is being accepted can
+    # still stop it before its output node (a prompt that finished is beyond stopping).
+    await sim_config(http, sim, prompt_accept_delay_s=1.0, node_delays_s={"LoadImage": 1.0})
     runner = await cp.create_runner()
     await start_agent(cp.base, runner["token"], sim)
     wf = await submit(cp, WORKFLOW, **{"$prompt": "a", "$input_image": png_bytes((1, 2, 3))})
     await cp.wait_for_status(wf["id"], {"uploaded"})
     status, body = await cp.request("POST", f"/v1/workflow/{wf['id']}/cancel")
     assert (status, body["status"]) == (200, "cancelled")
-    await sim_config(http, sim, prompt_accept_delay_s=0)
+    await sim_config(http, sim, prompt_accept_delay_s=0, node_delays_s={})
     nxt = await submit(cp, WORKFLOW, **{"$prompt": "b", "$input_image": png_bytes((1, 2, 3))})
     done = await cp.wait_for_status(nxt["id"], {"completed", "failed"})
     assert done["status"] == "completed"
