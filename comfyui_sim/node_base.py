@@ -7,6 +7,7 @@ implements :meth:`Node.run`, which gets resolved input values as keyword argumen
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -74,7 +75,7 @@ class NodeContext:
     hidden: dict[str, Any] = field(default_factory=dict)
 
 
-class Node:
+class Node(ABC):
     """Base of every simulated node class. Class attributes mirror ComfyUI's."""
 
     class_type: ClassVar[str]
@@ -95,9 +96,9 @@ class Node:
     self_validated: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
+    @abstractmethod
     def input_types(cls, paths: SimPaths) -> InputSections:
         """{"required": {...}, "optional": {...}}; may look at the disk (LoadImage)."""
-        raise NotImplementedError
 
     @classmethod
     def check_inputs(cls, paths: SimPaths, values: dict[str, Any]) -> bool | str:
@@ -110,5 +111,6 @@ class Node:
         its inputs did not (a file's contents, the clock). Runs in a worker thread."""
         return None
 
+    @abstractmethod
     async def run(self, ctx: NodeContext, **inputs: Any) -> NodeOutput:
-        raise NotImplementedError
+        """Execute the node on its inputs (the names of its INPUT_TYPES)."""
