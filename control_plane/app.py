@@ -20,6 +20,7 @@ from control_plane import (
     api_workflows,
     dashboard,
     idempotency,
+    openapi,
 )
 from control_plane.auth import Authenticator
 from control_plane.blobs import BlobStore
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> web.Application:
         agent_http,
         api_metrics,
         dashboard,
+        openapi,
     ):
         app.router.add_routes(module.routes)
     app[METRICS_KEY] = figures = Metrics()
