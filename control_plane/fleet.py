@@ -251,6 +251,8 @@ class Fleet:
         if self.registry.get(runner_id) is not None:
             return
         for wf in await self.store.inflight_workflows(runner_id):
+            if self.registry.get(runner_id) is not None:
+                return  # it came back while we were at it: its hello reconciles the rest
             await self._requeue(
                 wf, f"runner {runner_id} did not come back within {self.settings.runner_grace_s:g} s"
             )
