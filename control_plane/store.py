@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import String, cast, delete, func, update
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import defer
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -59,11 +60,17 @@ class Store:
             yield s
 
     @asynccontextmanager
-    async def locked_workflow(self, workflow_id: str) -> AsyncIterator[tuple[AsyncSession, Workflow | None]]:
-        """A session holding the workflow's row for a read-check-write."""
+    async def locked_workflow(
+        self, workflow_id: str, *, without_graph: bool = False
+    ) -> AsyncIterator[tuple[AsyncSession, Workflow | None]]:
+        """A session holding the workflow's row for a read-check-write. ``without_graph``
+        leaves the workflow JSON (which can be large) unread: fencing an agent's report needs
+        only a few small columns."""
+        query = select(Workflow).where(Workflow.id == workflow_id).with_for_update()
+        if without_graph:
+            query = query.options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
         async with self._rmw_lock if self._sqlite else contextlib.nullcontext(), self.session() as s:
-            wf = (await s.exec(select(Workflow).where(Workflow.id == workflow_id).with_for_update())).first()
-            yield s, wf
+            yield s, (await s.exec(query)).first()
 
     # -- accounts and tokens -------------------------------------------------------------
 
@@ -304,7 +311,7 @@ class Store:
         """Apply an agent's report in one transaction, fenced: only the runner holding the
         current attempt of a workflow that is not finished may change it, its tasks
         included. ``None`` when the report is stale."""
-        async with self.locked_workflow(workflow_id) as (s, wf):
+        async with self.locked_workflow(workflow_id, without_graph=True) as (s, wf):
             if wf is None or wf.attempt != attempt or wf.runner_id != runner_id or wf.status in TERMINAL:
                 return None
             for key, value in changes.items():
