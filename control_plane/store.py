@@ -9,7 +9,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import String, cast, delete, func, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -114,13 +114,6 @@ class Store:
             await s.exec(update(ApiToken).where(col(ApiToken.id) == token_id).values(last_used_at=utcnow()))  # type: ignore[call-overload]
             await s.commit()
 
-    async def get_account(self, account_id: str) -> Account:
-        async with self.session() as s:
-            account = await s.get(Account, account_id)
-            if account is None:
-                raise NotFound("account not found")
-            return account
-
     # -- runners -------------------------------------------------------------------------
 
     async def create_runner(self, account_id: str, name: str, tags: list[str]) -> tuple[str, Runner]:
@@ -150,29 +143,15 @@ class Store:
 
     async def get_runner(self, account_id: str | None, runner_id: str) -> Runner:
         async with self.session() as s:
-            runner = await s.get(Runner, runner_id)
-            if runner is None or (account_id is not None and runner.account_id != account_id):
-                raise NotFound(f"runner {runner_id} not found")
-            return runner
+            return await _owned(s, Runner, runner_id, account_id)
 
     async def update_runner(self, account_id: str, runner_id: str, changes: dict[str, Any]) -> Runner:
         async with self.session() as s:
-            runner = await s.get(Runner, runner_id)
-            if runner is None or runner.account_id != account_id:
-                raise NotFound(f"runner {runner_id} not found")
-            for key, value in changes.items():
-                setattr(runner, key, value)
-            runner.updated_at = utcnow()
-            s.add(runner)
-            await s.commit()
-            return runner
+            return await _update(s, await _owned(s, Runner, runner_id, account_id), changes)
 
     async def delete_runner(self, account_id: str, runner_id: str) -> None:
         async with self.session() as s:
-            runner = await s.get(Runner, runner_id)
-            if runner is None or runner.account_id != account_id:
-                raise NotFound(f"runner {runner_id} not found")
-            await s.delete(runner)
+            await s.delete(await _owned(s, Runner, runner_id, account_id))
             await s.commit()
 
     async def runner_by_token(self, raw: str) -> Runner | None:
@@ -206,10 +185,7 @@ class Store:
 
     async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
         async with self.session() as s:
-            wf = await s.get(Workflow, workflow_id)
-            if wf is None or (account_id is not None and wf.account_id != account_id):
-                raise NotFound(f"workflow {workflow_id} not found")
-            return wf
+            return await _owned(s, Workflow, workflow_id, account_id)
 
     async def list_workflows(
         self, account_id: str, offset: int, limit: int, filters: dict[str, str]
@@ -451,22 +427,11 @@ class Store:
 
     async def get_template(self, account_id: str, template_id: str) -> Template:
         async with self.session() as s:
-            template = await s.get(Template, template_id)
-            if template is None or template.account_id != account_id:
-                raise NotFound(f"template {template_id} not found")
-            return template
+            return await _owned(s, Template, template_id, account_id)
 
     async def update_template(self, account_id: str, template_id: str, changes: dict[str, Any]) -> Template:
         async with self.session() as s:
-            template = await s.get(Template, template_id)
-            if template is None or template.account_id != account_id:
-                raise NotFound(f"template {template_id} not found")
-            for key, value in changes.items():
-                setattr(template, key, value)
-            template.updated_at = utcnow()
-            s.add(template)
-            await s.commit()
-            return template
+            return await _update(s, await _owned(s, Template, template_id, account_id), changes)
 
     async def list_templates(self, account_id: str, offset: int, limit: int) -> tuple[list[Template], int]:
         async with self.session() as s:
@@ -511,10 +476,7 @@ class Store:
 
     async def get_output(self, account_id: str, output_id: str) -> Output:
         async with self.session() as s:
-            out = await s.get(Output, output_id)
-            if out is None or out.account_id != account_id:
-                raise NotFound(f"output {output_id} not found")
-            return out
+            return await _owned(s, Output, output_id, account_id)
 
     async def blob_referenced(self, sha256: str) -> bool:
         """Whether any workflow (as an input) or output refers to the blob."""
@@ -564,6 +526,27 @@ class Store:
             if record is not None:
                 await s.delete(record)
                 await s.commit()
+
+
+_Owned = TypeVar("_Owned", Runner, Workflow, Template, Output)
+
+
+async def _owned(s: AsyncSession, model: type[_Owned], object_id: str, account_id: str | None) -> _Owned:
+    """The object if it exists and is the account's (``None``: any account's); another
+    account's objects are as absent as missing ones: 404, never 403."""
+    found = await s.get(model, object_id)
+    if found is None or (account_id is not None and found.account_id != account_id):
+        raise NotFound(f"{model.__tablename__} {object_id} not found")
+    return found
+
+
+async def _update(s: AsyncSession, obj: _Owned, changes: dict[str, Any]) -> _Owned:
+    for key, value in changes.items():
+        setattr(obj, key, value)
+    obj.updated_at = utcnow()  # type: ignore[union-attr]
+    s.add(obj)
+    await s.commit()
+    return obj
 
 
 async def _close_tasks(s: AsyncSession, workflow_id: str, attempt: int, status: str) -> None:
