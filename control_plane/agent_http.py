@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import mimetypes
 
+import aiohttp
 from aiohttp import web
 
 from control_plane.errors import BadRequest, Conflict, NotFound
@@ -36,6 +37,9 @@ async def download_input(request: web.Request) -> web.StreamResponse:
 
 @routes.put("/v1/agent/jobs/{workflow_id}/outputs")
 async def upload_output(request: web.Request) -> web.Response:
+    """One output of the runner's current attempt, streamed into the blob store and checked
+    against its sha256. The same file sent again (a retry, or an agent that restarted) is
+    answered with the output already recorded (200 rather than 201)."""
     svc: Services = request.app[Services.KEY]
     runner = await svc.auth.runner(request)
     wf = await svc.store.get_workflow(runner.account_id, request.match_info["workflow_id"])
@@ -50,18 +54,17 @@ async def upload_output(request: web.Request) -> web.Response:
     content_type = (
         request.headers.get("Content-Type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
     )
-    stored = await svc.blobs.write(
-        request.content.iter_chunked(64 * 1024),
-        max_bytes=MAX_OUTPUT_BYTES,
-        expected_sha256=request.headers.get("X-Content-SHA256"),
-    )
-    # The upload took a while: the attempt may have been cancelled or replaced meanwhile.
-    current = await svc.store.get_workflow(runner.account_id, wf.id)
-    if current.runner_id != runner.id or current.attempt != attempt or current.status in TERMINAL:
-        if stored.created and not await svc.store.blob_referenced(stored.sha256):
-            await svc.blobs.delete(stored.sha256)
-        raise Conflict(f"attempt {attempt} of workflow {wf.id} ended while its output was uploaded")
-    out = await svc.store.add_output(
+    try:
+        stored = await svc.blobs.write(
+            request.content.iter_chunked(64 * 1024),
+            max_bytes=MAX_OUTPUT_BYTES,
+            expected_sha256=request.headers.get("X-Content-SHA256"),
+        )
+    except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+        # The agent went away mid-upload (it retries, or its job runs again): nothing is kept.
+        log.info("workflow %s: output upload from runner %s broke off: %s", wf.id, runner.id, exc)
+        raise BadRequest("the upload broke off before its end") from None
+    recorded = await svc.store.add_output(
         Output(
             workflow_id=wf.id,
             account_id=wf.account_id,
@@ -72,17 +75,26 @@ async def upload_output(request: web.Request) -> web.Response:
             content_type=content_type,
             size_bytes=stored.size_bytes,
             sha256=stored.sha256,
-        )
-    )
-    log.info(
-        "workflow %s: output %s (%s, %d bytes) from runner %s",
-        wf.id,
-        out.filename,
-        out.kind,
-        out.size_bytes,
+        ),
         runner.id,
     )
-    svc.hub.publish(wf.id, "output", output_view(out))
+    if recorded is None:
+        # The upload took a while: the attempt was cancelled or replaced meanwhile.
+        if stored.created and not await svc.store.blob_referenced(stored.sha256):
+            await svc.blobs.delete(stored.sha256)
+        raise Conflict(f"attempt {attempt} of workflow {wf.id} ended while its output was uploaded")
+    out, created = recorded
+    if created:
+        log.info(
+            "workflow %s: output %s (%s, %d bytes) from runner %s",
+            wf.id,
+            out.filename,
+            out.kind,
+            out.size_bytes,
+            runner.id,
+        )
+        svc.hub.publish(wf.id, "output", output_view(out))
     return web.json_response(
-        {"output_id": out.id, "size_bytes": out.size_bytes, "sha256": out.sha256}, status=201
+        {"output_id": out.id, "size_bytes": out.size_bytes, "sha256": out.sha256},
+        status=201 if created else 200,
     )

@@ -14,10 +14,12 @@ from typing import Any
 from aiohttp import web
 
 from control_plane import idempotency
+from control_plane.api_workflows import created_receipt
 from control_plane.errors import BadRequest, Conflict
 from control_plane.forms import uploaded_form
 from control_plane.graph import downstream
 from control_plane.http_util import json_body
+from control_plane.json_limits import check_depth
 from control_plane.services import Services
 from control_plane.store import TERMINAL
 from control_plane.submissions import check_parameter_count, check_runner_available, rerun_with_parameters
@@ -39,8 +41,8 @@ async def rerun_with_new_parameters(request: web.Request) -> web.Response:
         request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
     ) as form:
 
-        async def produce() -> web.Response:
-            wf = await rerun_with_parameters(svc, principal.account, original, form)
+        async def produce(claim: idempotency.Claim | None) -> web.Response:
+            wf = await rerun_with_parameters(svc, principal.account, original, form, created_receipt(claim))
             return web.json_response(workflow_view(wf), status=201)
 
         return await idempotency.once(request, principal.account.id, form.fingerprint(), produce)
@@ -108,7 +110,7 @@ async def rerun_from_task(request: web.Request) -> web.Response:
         if body.get(key) is not None and not isinstance(body[key], dict):
             raise BadRequest(f"{key} must be an object")
 
-    async def produce() -> web.Response:
+    async def produce(claim: idempotency.Claim | None) -> web.Response:
         current = await svc.store.get_workflow(principal.account.id, wf.id)
         from_workflow = body.get("reRunFromWorkflowId")
         if from_workflow and from_workflow not in await svc.store.lineage_ids(current.id):
@@ -129,6 +131,7 @@ async def rerun_from_task(request: web.Request) -> web.Response:
         if task_ref:
             node_id = _find_task(await svc.store.tasks(current.id, current.attempt), task_ref, workflow_json)
             if task_input:
+                check_depth(task_input, "taskInput")
                 workflow_json = _merge_task_input(workflow_json, node_id, task_input)
                 changes["workflow_json"] = workflow_json
             rerun_nodes = downstream(workflow_json, node_id)
@@ -168,7 +171,8 @@ async def rerun_from_task(request: web.Request) -> web.Response:
         changes["workflow_params"] = params
         if body.get("correlationId"):
             changes["correlation_id"] = body["correlationId"]
-        updated = await svc.fleet.start_new_attempt(current, changes, rerun_nodes)
+        receipt = claim.receipt(200, current.id, "text/plain") if claim is not None else None
+        updated = await svc.fleet.start_new_attempt(current, changes, rerun_nodes, receipt)
         if updated is None:
             raise Conflict(f"workflow {current.id} changed while the rerun was prepared; try again")
         return web.Response(text=updated.id, content_type="text/plain")

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from control_plane import idempotency
+from control_plane.api_workflows import created_receipt
 from control_plane.errors import BadRequest
 from control_plane.forms import SubmittedForm, uploaded_form
 from control_plane.http_util import paging
@@ -26,6 +27,7 @@ def template_view(template: Template) -> dict[str, Any]:
         "name": template.name,
         "description": template.description,
         "body": template.body,
+        "timeout_s": template.timeout_s,
         # What a client needs to build a form: name, kind, field, default, options, required.
         "parameters": [p.to_dict() for p in declared_parameters(template.body).values()],
         "created_at": iso(template.created_at),
@@ -44,6 +46,11 @@ def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, Any]:
         changes["name"] = name
     if "description" in form.fields:
         changes["description"] = form.fields["description"]
+    if "timeout_s" in form.fields:
+        raw = form.fields["timeout_s"].strip()
+        if raw and (not raw.isdigit() or int(raw) < 1):
+            raise BadRequest("timeout_s must be a whole number of seconds, 1 or more (empty: the tier's)")
+        changes["timeout_s"] = int(raw) if raw else None
     if form.workflow_json is not None or "body" in form.fields or not partial:
         form.workflow_json = form.workflow_json or form.fields.get("body", "").encode() or None
         if form.workflow_json is None:
@@ -113,7 +120,7 @@ async def run_template(request: web.Request) -> web.Response:
     template = await svc.store.get_template(principal.account.id, request.match_info["id"])
     async with _template_form(request, svc) as form:
 
-        async def produce() -> web.Response:
+        async def produce(claim: idempotency.Claim | None) -> web.Response:
             if form.workflow_json is not None:
                 raise BadRequest(
                     "a template run takes its workflow from the template; do not send workflow_json"
@@ -125,6 +132,8 @@ async def run_template(request: web.Request) -> web.Response:
                 workflow_json=template.body,
                 name=form.fields.get("name", "").strip() or template.name,
                 tags=form.tags(),
+                default_timeout_s=template.timeout_s,
+                receipt=created_receipt(claim),
             )
             return web.json_response(workflow_view(wf), status=201)
 

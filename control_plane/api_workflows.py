@@ -11,11 +11,13 @@ from aiohttp import web
 
 from control_plane import idempotency
 from control_plane.errors import BadRequest
+from control_plane.events import Event
 from control_plane.forms import uploaded_form
 from control_plane.http_util import paging
 from control_plane.services import Services
 from control_plane.store import TERMINAL
-from control_plane.submissions import create_workflow
+from control_plane.submissions import Receipt, create_workflow
+from control_plane.tables import Workflow
 from control_plane.views import output_view, workflow_status_event, workflow_summary, workflow_view
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,13 @@ def services(request: web.Request) -> Services:
     return request.app[Services.KEY]
 
 
+def created_receipt(claim: idempotency.Claim | None) -> Receipt | None:
+    """For a request that creates a workflow: its 201 answer, kept for the key's retries."""
+    if claim is None:
+        return None
+    return lambda wf: claim.receipt(201, json.dumps(workflow_view(wf)))
+
+
 @routes.post("/v1/workflow")
 async def submit_workflow(request: web.Request) -> web.Response:
     svc = services(request)
@@ -35,7 +44,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
         request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
     ) as form:
 
-        async def produce() -> web.Response:
+        async def produce(claim: idempotency.Claim | None) -> web.Response:
             wf = await create_workflow(
                 svc,
                 principal.account,
@@ -43,6 +52,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
                 workflow_json=form.workflow(),
                 name=form.fields.get("name", "").strip() or "untitled",
                 tags=form.tags(),
+                receipt=created_receipt(claim),
             )
             return web.json_response(workflow_view(wf), status=201)
 
@@ -118,6 +128,28 @@ def _sse(event: str, data: dict[str, object]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+async def _stream(
+    resp: web.StreamResponse, queue: asyncio.Queue[Event], wf: Workflow, queue_number: int | None
+) -> None:
+    """The current status first, then every change, until a terminal state (or shutdown)."""
+    await resp.write(_sse("status", workflow_status_event(wf) | {"queue_number": queue_number}))
+    last = (wf.status, wf.attempt)
+    while last[0] not in TERMINAL:
+        try:
+            event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
+        except TimeoutError:
+            await resp.write(b": keepalive\n\n")
+            continue
+        if event.name == "shutdown":
+            break
+        if event.name == "status":
+            now = (str(event.data["status"]), int(event.data["attempt"]))
+            if now == last and event.data.get("queue_number") is None:
+                continue
+            last = now
+        await resp.write(_sse(event.name, event.data))
+
+
 @routes.get("/v1/workflow/{id}/subscribe")
 async def subscribe(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: the current status first, then every change; closes once the
@@ -135,22 +167,11 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
             }
         )
         await resp.prepare(request)
-        snapshot = workflow_status_event(wf) | {"queue_number": await svc.queue_position(wf)}
-        await resp.write(_sse("status", snapshot))
-        last = (wf.status, wf.attempt)
-        while last[0] not in TERMINAL:
-            try:
-                event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
-            except TimeoutError:
-                await resp.write(b": keepalive\n\n")
-                continue
-            if event.name == "shutdown":
-                break
-            if event.name == "status":
-                now = (str(event.data["status"]), int(event.data["attempt"]))
-                if now == last and event.data.get("queue_number") is None:
-                    continue
-                last = now
-            await resp.write(_sse(event.name, event.data))
+        try:
+            await _stream(resp, queue, wf, await svc.queue_position(wf))
+        except ConnectionResetError:
+            # The client left: an ordinary end of a stream, not an error.
+            log.info("workflow %s: event stream closed by the client", wf.id)
+            return resp
     await resp.write_eof()
     return resp

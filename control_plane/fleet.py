@@ -3,6 +3,14 @@
 One Fleet per control-plane process. Dispatch runs in a single background task woken by
 ``kick()``, so two dispatches never race for the same free slot; the store's conditional
 claim keeps a workflow from being given out twice all the same.
+
+Failures are kept apart by whose they are. The workflow's own (ComfyUI rejected the prompt,
+a node raised) end it at once. The fleet's (a runner lost, its ComfyUI down, a prompt lost, a
+transfer that could not get through) start the next attempt after a short backoff, on
+another runner where one can run it, until ``max_attempts``. A node out of GPU memory gets
+one more try on a runner with more free GPU memory, when the fleet has one. Deadlines
+(``timeout_s`` per attempt, ``queue_timeout_s`` waiting for a runner) are swept every
+``deadline_sweep_s``.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from control_plane.capabilities import missing, needs
@@ -17,10 +26,21 @@ from control_plane.events import EventHub
 from control_plane.metrics import Metrics
 from control_plane.registry import AgentConnection, Registry
 from control_plane.settings import Settings
-from control_plane.store import TERMINAL, Store
-from control_plane.tables import Workflow, as_utc, utcnow
-from control_plane.views import workflow_status_event
-from protocol.messages import Cancel, HeldJob, Job, JobDone, JobFile, JobUpdate
+from control_plane.store import TERMINAL, Fault, Store
+from control_plane.tables import IdempotencyRecord, Workflow, as_utc, utcnow
+from control_plane.views import workflow_cause_event, workflow_status_event
+from protocol.messages import (
+    Cancel,
+    HeldJob,
+    Job,
+    JobAck,
+    JobDone,
+    JobError,
+    JobFile,
+    JobUpdate,
+    Proceed,
+    dump_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +96,7 @@ class Fleet:
         self.registry = registry
         self.hub = hub
         self._wake = asyncio.Event()
+        self._wake_later: asyncio.TimerHandle | None = None
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         # Set (and replaced) whenever a runner or a workflow changes: wakes ``wait_for`` and
@@ -92,12 +113,15 @@ class Fleet:
         for runner_id in {wf.runner_id for wf in held if wf.runner_id}:
             self._start_grace(runner_id)
         self._spawn(self._dispatch_loop())
+        self._spawn(self._deadline_loop())
         self.kick()
 
     async def stop(self) -> None:
         for handle in self._grace.values():
             handle.cancel()
         self._grace.clear()
+        if self._wake_later is not None:
+            self._wake_later.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -110,6 +134,16 @@ class Fleet:
     def kick(self) -> None:
         self._wake.set()
         self.changed()
+
+    def _kick_in(self, delay_s: float) -> None:
+        """Dispatch again in ``delay_s`` (a retry's backoff ends then); one timer, the earliest."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay_s
+        if self._wake_later is not None and self._wake_later.when() <= when:
+            return
+        if self._wake_later is not None:
+            self._wake_later.cancel()
+        self._wake_later = loop.call_at(when, self.kick)
 
     def changed(self) -> None:
         self._changed.set()
@@ -124,6 +158,12 @@ class Fleet:
     async def next_change(self) -> None:
         await self._changed.wait()
 
+    def publish_status(self, wf: Workflow) -> None:
+        if wf.status == "failed":
+            self.hub.publish(wf.id, "cause", workflow_cause_event(wf))
+        self.hub.publish(wf.id, "status", workflow_status_event(wf))
+        self.changed()
+
     # -- dispatch ------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
@@ -136,60 +176,102 @@ class Fleet:
                 log.exception("dispatch round failed")
 
     async def dispatch_waiting(self) -> None:
-        waiting = await self.store.waiting_workflows()
-        for wf in waiting:
-            conn = self._pick_runner(wf)
-            if conn is None:
+        now = utcnow()
+        backoff_ends: list[float] = []
+        for wf in await self.store.waiting_workflows():
+            if wf.not_before is not None and as_utc(wf.not_before) > now:
+                backoff_ends.append((as_utc(wf.not_before) - now).total_seconds())
                 continue
-            try:
-                job = build_job(wf)
-            except (KeyError, TypeError, ValueError):
-                log.exception("workflow %s: cannot build its job", wf.id)
-                continue
-            if not await self.store.claim_workflow(wf.id, wf.attempt, conn.runner_id):
-                continue
-            conn.free_slots -= 1
-            conn.jobs.add(wf.id)
-            models = needs(wf.workflow_json, wf.workflow_params.get("values", {})).model_files
-            if models:
-                conn.warm_models = models
-            if await conn.send(job):
-                if self.metrics is not None:
-                    self.metrics.dispatch_latency.observe((utcnow() - as_utc(wf.updated_at)).total_seconds())
-                log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
-            else:
-                conn.jobs.discard(wf.id)
-                await self.store.unclaim_workflow(wf.id, wf.attempt, conn.runner_id)
+            conn = self._pick_runner(wf, now)
+            if conn is not None:
+                await self._send_job(wf, conn)
+        if backoff_ends:
+            self._kick_in(min(backoff_ends))
 
-    def _pick_runner(self, wf: Workflow) -> AgentConnection | None:
-        """DESIGN §6, in order: the runner a rerun-from-task names; runners whose ComfyUI
-        has every node class and model; with a free slot; warm with the same models; the
-        least loaded. Ties go to the longest connected: never random."""
+    async def _send_job(self, wf: Workflow, conn: AgentConnection) -> None:
+        try:
+            frame = dump_message(build_job(wf))
+        except Exception as exc:  # a boundary: this workflow only, whatever broke
+            log.warning("workflow %s: its job cannot be built: %s", wf.id, exc)
+            await self._fail_waiting(wf, f"its job cannot be built for a runner: {exc}")
+            return
+        if not await self.store.claim_workflow(wf.id, wf.attempt, conn.runner_id, wf.timeout_s):
+            return
+        conn.free_slots -= 1
+        conn.jobs.add(wf.id)
+        models = needs(wf.workflow_json, wf.workflow_params.get("values", {})).model_files
+        if models:
+            conn.warm_models = models
+        if await conn.send_frame(frame):
+            if self.metrics is not None:
+                self.metrics.dispatch_latency.observe((utcnow() - as_utc(wf.updated_at)).total_seconds())
+            log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
+        else:
+            conn.jobs.discard(wf.id)
+            conn.free_slots += 1
+            await self.store.unclaim_workflow(wf.id, wf.attempt, conn.runner_id, wf.queue_timeout_s)
+
+    async def _fail_waiting(self, wf: Workflow, message: str) -> None:
+        failed = await self.store.update_current(
+            wf.id,
+            wf.attempt,
+            None,
+            {
+                "status": "failed",
+                "completed_at": utcnow(),
+                "failure_reason": "workflow",
+                "exception_type": "UnsendableJob",
+                "exception_message": message,
+            },
+        )
+        if failed is not None:
+            self.publish_status(failed)
+
+    def _eligible(self, wf: Workflow) -> list[AgentConnection]:
         need = needs(wf.workflow_json, wf.workflow_params.get("values", {}))
-        eligible = [
+        return [
             c
             for c in self.registry.all()
             if c.account_id == wf.account_id and c.accepts(wf.tags) and not missing(need, c.offers)
         ]
+
+    def _worth_waiting(self, wf: Workflow, now: datetime) -> bool:
+        """A rerun's preferred runner (or one with the GPU memory it needs) is busy: wait for
+        it a while, but not for ever."""
+        left_s = self.settings.rerun_affinity_wait_s - (now - as_utc(wf.updated_at)).total_seconds()
+        if left_s <= 0:
+            return False
+        asyncio.get_running_loop().call_later(left_s, self.kick)
+        return True
+
+    def _pick_runner(self, wf: Workflow, now: datetime) -> AgentConnection | None:
+        """In order: the runner a rerun from a task names; runners whose ComfyUI has every
+        node class and model; after an out-of-memory failure, those with more free GPU memory;
+        with a free slot; not where an earlier attempt met a fault; warm with the same models;
+        the least loaded. Ties go to the longest connected: never random."""
+        eligible = self._eligible(wf)
         preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
         if preferred is not None:
             if preferred.free_slots > 0:
                 return preferred
             # Its ComfyUI cache holds the upstream nodes: worth waiting a while for a slot,
-            # but not for a runner whose ComfyUI is down (its cache is gone) nor for ever.
-            waited_s = (utcnow() - as_utc(wf.updated_at)).total_seconds()
-            left_s = self.settings.rerun_affinity_wait_s - waited_s
-            if preferred.healthy and left_s > 0:
-                asyncio.get_running_loop().call_later(left_s, self.kick)
+            # but not for a runner whose ComfyUI is down (its cache is gone).
+            if preferred.healthy and self._worth_waiting(wf, now):
                 return None
+        if wf.min_gpu_free_bytes is not None:
+            roomy = [c for c in eligible if c.gpu_free_bytes >= wf.min_gpu_free_bytes]
+            if roomy and not any(c.free_slots > 0 for c in roomy) and self._worth_waiting(wf, now):
+                return None
+            eligible = roomy or eligible
         free = [c for c in eligible if c.free_slots > 0]
         if not free:
             return None
-        wanted = need.model_files
+        wanted = needs(wf.workflow_json, wf.workflow_params.get("values", {})).model_files
+        avoid = set(wf.avoid_runner_ids)
 
-        def rank(c: AgentConnection) -> tuple[bool, int, float, float]:
+        def rank(c: AgentConnection) -> tuple[bool, bool, int, float, float]:
             warm = bool(wanted) and wanted <= c.warm_models
-            return (not warm, len(c.jobs), _gpu_busy(c), c.connected_at)
+            return (c.runner_id in avoid, not warm, len(c.jobs), _gpu_busy(c), c.connected_at)
 
         return min(free, key=rank)
 
@@ -197,7 +279,8 @@ class Fleet:
 
     async def runner_connected(self, conn: AgentConnection, held: list[HeldJob]) -> list[HeldJob]:
         """Reconcile what a (re)connecting runner holds with what we think it holds.
-        Returns the held jobs it must drop."""
+        Returns the held jobs it must drop (finished ones included: their result is
+        applied already, or no longer wanted)."""
         handle = self._grace.pop(conn.runner_id, None)
         if handle is not None:
             handle.cancel()
@@ -257,19 +340,37 @@ class Fleet:
                 wf, f"runner {runner_id} did not come back within {self.settings.runner_grace_s:g} s"
             )
 
-    async def _requeue(self, wf: Workflow, reason: str) -> None:
-        updated = await self.store.requeue(
-            wf.id, wf.attempt, wf.runner_id, self.settings.max_attempts, reason
+    def _fault(self, kind: str, reason: str, **extra: Any) -> Fault:
+        return Fault(
+            kind=kind,
+            reason=reason,
+            max_attempts=self.settings.max_attempts,
+            backoff_s=self.settings.retry_backoff_s,
+            **extra,
         )
+
+    async def _requeue(self, wf: Workflow, reason: str) -> None:
+        await self._retry(wf.id, wf.attempt, wf.runner_id, self._fault("infrastructure", reason))
+
+    async def _retry(self, workflow_id: str, attempt: int, runner_id: str | None, fault: Fault) -> bool:
+        updated = await self.store.retry(workflow_id, attempt, runner_id, fault)
         if updated is None:
-            return
-        log.warning("workflow %s attempt %d requeued: %s", wf.id, wf.attempt, reason)
+            return False
         if updated.status == "failed":
-            self.hub.publish(wf.id, "cause", {"exception_message": updated.exception_message})
-        self.hub.publish(wf.id, "status", workflow_status_event(updated))
+            log.warning("workflow %s failed after attempt %d: %s", workflow_id, attempt, fault.reason)
+        else:
+            log.warning(
+                "workflow %s attempt %d runs again (%s): %s", workflow_id, attempt, fault.kind, fault.reason
+            )
+        self.publish_status(updated)
         self.kick()
+        return True
 
     async def job_update(self, conn: AgentConnection, msg: JobUpdate) -> None:
+        error = msg.error
+        if msg.status == "failed" and error is not None and error.kind != "workflow":
+            await self._attempt_faulted(conn, msg, error)
+            return
         changes: dict[str, Any] = {}
         if msg.prompt_id is not None:
             changes["prompt_id"] = msg.prompt_id
@@ -283,47 +384,78 @@ class Fleet:
                 changes["started_at"] = utcnow()
             if msg.status in TERMINAL:
                 changes["completed_at"] = utcnow()
-        if msg.error is not None:
+            if msg.status in ("failed", "invalid"):
+                changes["failure_reason"] = "workflow"
+        if error is not None:
             changes.update(
-                error_node=msg.error.node_id,
-                exception_type=msg.error.exception_type,
-                exception_message=msg.error.message,
-                node_errors=msg.error.node_errors,
+                error_node=error.node_id,
+                exception_type=error.exception_type,
+                exception_message=error.message,
+                node_errors=error.node_errors,
             )
-        node_event = None
-        if msg.node is not None:
-            node_event = (msg.node.node_id, msg.node.class_type, msg.node.event)
         wf = await self.store.update_current(
             msg.workflow_id,
             msg.attempt,
             conn.runner_id,
             changes,
             resolved_params=msg.resolved_params,
-            node_event=node_event,
+            node_event=(msg.node.node_id, msg.node.class_type, msg.node.event) if msg.node else None,
+            failed_node=(error.node_id, error.message, error.kind) if error and error.node_id else None,
         )
         if wf is None:
             log.info("workflow %s: dropped stale update for attempt %d", msg.workflow_id, msg.attempt)
-            await self._stale(conn, msg.workflow_id, msg.attempt)
+            await self._stale(conn, msg.workflow_id, msg.attempt, final=msg.status in TERMINAL)
             return
         if msg.node is not None:
             self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})
             self.changed()
-        if msg.error is not None:
-            self.hub.publish(
-                wf.id,
-                "cause",
-                {
-                    "error_node": wf.error_node,
-                    "exception_type": wf.exception_type,
-                    "exception_message": wf.exception_message,
-                    "node_errors": wf.node_errors,
-                },
-            )
+        if error is not None and wf.status != "failed":
+            self.hub.publish(wf.id, "cause", workflow_cause_event(wf))
         if "status" in changes or "queue_number" in changes:
-            self.hub.publish(wf.id, "status", workflow_status_event(wf))
-            self.changed()
+            self.publish_status(wf)
+        if msg.status == "uploaded":
+            # The go-ahead, once ``uploaded`` is on record: a workflow cancelled before that
+            # point was stale above and got ``cancel`` instead, so its prompt never runs.
+            await conn.send(Proceed(workflow_id=wf.id, attempt=wf.attempt))
         if wf.status in TERMINAL:
             conn.jobs.discard(wf.id)
+            await conn.send(JobAck(workflow_id=wf.id, attempt=wf.attempt))
+
+    async def _attempt_faulted(self, conn: AgentConnection, msg: JobUpdate, error: JobError) -> None:
+        """An attempt ended by the fleet's fault, or by a node out of GPU memory."""
+        where = f"on runner {conn.name}: {error.message}"
+        if error.kind == "out_of_memory":
+            fault = await self._out_of_memory_retry(conn, msg.workflow_id, error, where)
+            if fault is None:
+                # Nowhere with more memory to go: the workflow's own failure after all.
+                final = msg.model_copy(update={"error": error.model_copy(update={"kind": "workflow"})})
+                await self.job_update(conn, final)
+                return
+        else:
+            fault = self._fault("infrastructure", where, exception_type=error.exception_type)
+        if not await self._retry(msg.workflow_id, msg.attempt, conn.runner_id, fault):
+            log.info("workflow %s: dropped stale failure of attempt %d", msg.workflow_id, msg.attempt)
+        conn.jobs.discard(msg.workflow_id)
+        await conn.send(JobAck(workflow_id=msg.workflow_id, attempt=msg.attempt))
+
+    async def _out_of_memory_retry(
+        self, conn: AgentConnection, workflow_id: str, error: JobError, where: str
+    ) -> Fault | None:
+        """One more try on a runner with more free GPU memory, if the fleet has one and the
+        workflow has not had that try already."""
+        wf = await self.store.get_workflow(None, workflow_id)
+        if any(entry.get("kind") == "out_of_memory" for entry in wf.attempt_log):
+            return None
+        had = conn.gpu_free_bytes
+        if not any(c.gpu_free_bytes > had for c in self._eligible(wf) if c is not conn):
+            return None
+        return self._fault(
+            "out_of_memory",
+            f"out of GPU memory {where}; retried on a runner with more than {had} bytes free",
+            exception_type=error.exception_type,
+            node_id=error.node_id,
+            min_gpu_free_bytes=had + 1,
+        )
 
     async def job_done(self, conn: AgentConnection, msg: JobDone) -> None:
         now = utcnow()
@@ -332,28 +464,59 @@ class Fleet:
             msg.attempt,
             conn.runner_id,
             {"status": "completed", "completed_at": now, "progress": 1.0, "queue_number": None},
+            texts=msg.texts,
         )
         if wf is None:
             log.info("workflow %s: dropped stale completion of attempt %d", msg.workflow_id, msg.attempt)
-            await self._stale(conn, msg.workflow_id, msg.attempt)
+            await self._stale(conn, msg.workflow_id, msg.attempt, final=True)
             return
-        if msg.texts:
-            await self.store.set_params(wf.id, {**wf.workflow_params, "texts": msg.texts})
         log.info("workflow %s completed on runner %s (%d outputs)", wf.id, conn.runner_id, len(msg.outputs))
         if self.metrics is not None and wf.started_at is not None:
             self.metrics.execution_duration.observe((now - as_utc(wf.started_at)).total_seconds())
-        self.hub.publish(wf.id, "status", workflow_status_event(wf))
-        self.changed()
+        self.publish_status(wf)
         conn.jobs.discard(wf.id)
+        await conn.send(JobAck(workflow_id=wf.id, attempt=wf.attempt))
 
-    async def _stale(self, conn: AgentConnection, workflow_id: str, attempt: int) -> None:
-        """A runner reports on work that is no longer its own (cancelled, requeued, rerun):
-        forget it on that runner and tell the agent to stop spending its GPU on it."""
+    async def _stale(self, conn: AgentConnection, workflow_id: str, attempt: int, *, final: bool) -> None:
+        """A runner reports on work that is no longer its own (cancelled, requeued, rerun,
+        or already applied): forget it on that runner. A last report is acknowledged, so the
+        agent lets it go; a job still running is told to stop spending its GPU on it."""
         current = await self.store.get_workflow(None, workflow_id)
         holds_current = current.runner_id == conn.runner_id and current.status not in TERMINAL
         if not holds_current:
             conn.jobs.discard(workflow_id)
-        if not (holds_current and current.attempt == attempt):
+        if final:
+            await conn.send(JobAck(workflow_id=workflow_id, attempt=attempt))
+        elif not (holds_current and current.attempt == attempt):
+            await conn.send(Cancel(workflow_id=workflow_id, attempt=attempt))
+
+    # -- deadlines -----------------------------------------------------------------------
+
+    async def _deadline_loop(self) -> None:
+        while True:
+            # A periodic sweep, not a wait for an event: deadlines pass on their own.
+            await asyncio.sleep(self.settings.deadline_sweep_s)
+            try:
+                await self.expire_deadlines()
+            except Exception:  # a loop boundary: log and keep sweeping
+                log.exception("deadline sweep failed")
+
+    async def expire_deadlines(self) -> None:
+        now = utcnow()
+        for workflow_id in await self.store.expired(now):
+            expired = await self.store.expire(workflow_id, now)
+            if expired is None:
+                continue
+            wf, held_by = expired
+            log.warning("workflow %s failed: %s", wf.id, wf.exception_message)
+            if held_by is not None:
+                await self._tell_runner_to_stop(held_by, wf.id, wf.attempt)
+            self.publish_status(wf)
+
+    async def _tell_runner_to_stop(self, runner_id: str, workflow_id: str, attempt: int) -> None:
+        conn = self.registry.get(runner_id)
+        if conn is not None:
+            conn.jobs.discard(workflow_id)
             await conn.send(Cancel(workflow_id=workflow_id, attempt=attempt))
 
     # -- what clients ask ----------------------------------------------------------------
@@ -365,28 +528,26 @@ class Fleet:
             return None
         # The fresh row says who holds it now: the dispatcher may have sent it meanwhile.
         if cancelled.runner_id is not None:
-            conn = self.registry.get(cancelled.runner_id)
-            if conn is not None:
-                conn.jobs.discard(wf.id)
-                await conn.send(Cancel(workflow_id=wf.id, attempt=cancelled.attempt))
+            await self._tell_runner_to_stop(cancelled.runner_id, wf.id, cancelled.attempt)
         log.info("workflow %s cancelled (was %s)", wf.id, wf.status)
-        self.hub.publish(wf.id, "status", workflow_status_event(cancelled))
-        self.changed()
+        self.publish_status(cancelled)
         return cancelled
 
     async def start_new_attempt(
-        self, wf: Workflow, changes: dict[str, Any], rerun_nodes: set[str] | None
+        self,
+        wf: Workflow,
+        changes: dict[str, Any],
+        rerun_nodes: set[str] | None,
+        receipt: IdempotencyRecord | None = None,
     ) -> Workflow | None:
-        """Seed 000: the next attempt of ``wf``. An ongoing attempt is interrupted on its
-        runner; the new one waits for a runner like any other (the preferred one, if set)."""
-        updated = await self.store.new_attempt(wf.id, wf.attempt, changes, rerun_nodes)
+        """The Conductor-compatible rerun: the next attempt of ``wf``. An ongoing attempt is
+        interrupted on its runner; the new one waits for a runner like any other (the
+        preferred one, if set)."""
+        updated = await self.store.new_attempt(wf.id, wf.attempt, changes, rerun_nodes, receipt)
         if updated is None:
             return None
         if wf.runner_id is not None and wf.status not in TERMINAL:
-            conn = self.registry.get(wf.runner_id)
-            if conn is not None:
-                conn.jobs.discard(wf.id)
-                await conn.send(Cancel(workflow_id=wf.id, attempt=wf.attempt))
+            await self._tell_runner_to_stop(wf.runner_id, wf.id, wf.attempt)
         log.info("workflow %s: attempt %d replaces attempt %d", wf.id, updated.attempt, wf.attempt)
         self.hub.publish(wf.id, "status", workflow_status_event(updated))
         self.kick()

@@ -19,6 +19,7 @@ from aiohttp import BodyPartReader, web
 
 from control_plane.blobs import BlobStore
 from control_plane.errors import BadRequest, TooLarge
+from control_plane.json_limits import parse_json
 
 _CHUNK = 64 * 1024
 # Plain fields are read into memory; none of them needs to be big.
@@ -60,10 +61,7 @@ class SubmittedForm:
     def workflow(self) -> dict[str, Any]:
         if self.workflow_json is None:
             raise BadRequest("workflow_json is required (a file part or a field)")
-        try:
-            data = json.loads(self.workflow_json)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"workflow_json is not valid JSON: {exc}") from exc
+        data = parse_json(self.workflow_json, "workflow_json")
         if not isinstance(data, dict) or not data:
             raise BadRequest("workflow_json must be a non-empty object of nodes (ComfyUI API format)")
         return data

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from control_plane.errors import BadRequest
+from control_plane.json_limits import parse_json
 
 
 def paging(request: web.Request) -> tuple[int, int]:
@@ -32,10 +32,7 @@ async def json_body(request: web.Request, limit: int = 1024 * 1024) -> dict[str,
         raise BadRequest(f"body is larger than {limit} bytes")
     if not raw.strip():
         return {}
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    data = parse_json(raw, "body")
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     return data

@@ -62,15 +62,25 @@ class AgentConnection:
 
     async def send(self, message: Any) -> bool:
         """Send one protocol message; false when the socket is gone."""
+        return await self.send_frame(dump_message(message))
+
+    async def send_frame(self, frame: str) -> bool:
+        """Send a message already serialised (dispatch serialises before it claims)."""
         if self.ws.closed:
             return False
         async with self._send_lock:
             try:
-                await self.ws.send_str(dump_message(message))
+                await self.ws.send_str(frame)
             except (ConnectionError, RuntimeError) as exc:
                 log.info("runner %s: send failed: %s", self.runner_id, exc)
                 return False
         return True
+
+    @property
+    def gpu_free_bytes(self) -> int:
+        """The most free memory on any one of the runner's GPUs, as last reported."""
+        gpus = self.capacity.get("gpus") or []
+        return max((g.get("memory_free_bytes") or 0 for g in gpus), default=0)
 
     def accepts(self, workflow_tags: list[str]) -> bool:
         """DESIGN §6: untagged runners take anything; tagged ones need every workflow tag."""

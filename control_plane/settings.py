@@ -16,12 +16,39 @@ class Tier:
     name: str
     max_parameters: int  # dynamic parameters one request may send
     max_workflows_per_day: int  # submissions and reruns in the last 24 h
+    # An attempt that runs longer than its timeout_s is interrupted and the workflow fails
+    # with reason "timeout"; a request or template may ask for less, or more up to the max.
+    default_timeout_s: int = 3600
+    max_timeout_s: int = 4 * 3600
+    # A workflow that no runner takes within this long fails with reason "queue_timeout".
+    max_queue_s: int = 24 * 3600
 
 
 DEFAULT_TIERS: dict[str, Tier] = {
-    "free": Tier("free", max_parameters=20, max_workflows_per_day=500),
-    "pro": Tier("pro", max_parameters=100, max_workflows_per_day=20_000),
-    "enterprise": Tier("enterprise", max_parameters=500, max_workflows_per_day=1_000_000),
+    "free": Tier(
+        "free",
+        max_parameters=20,
+        max_workflows_per_day=500,
+        default_timeout_s=600,
+        max_timeout_s=3600,
+        max_queue_s=3600,
+    ),
+    "pro": Tier(
+        "pro",
+        max_parameters=100,
+        max_workflows_per_day=20_000,
+        default_timeout_s=1800,
+        max_timeout_s=4 * 3600,
+        max_queue_s=6 * 3600,
+    ),
+    "enterprise": Tier(
+        "enterprise",
+        max_parameters=500,
+        max_workflows_per_day=1_000_000,
+        default_timeout_s=3600,
+        max_timeout_s=24 * 3600,
+        max_queue_s=24 * 3600,
+    ),
 }
 
 
@@ -38,7 +65,13 @@ class Settings:
     runner_timeout_s: float = 30.0
     # A runner whose connection dropped keeps its jobs this long before they are requeued.
     runner_grace_s: float = 30.0
-    max_attempts: int = 3
+    # Attempts a workflow gets when the fleet fails it (a runner lost, a ComfyUI down, a
+    # prompt lost); its own failures are not retried.
+    max_attempts: int = 5
+    # The pause before a retried attempt is dispatched: this, doubled per attempt, up to 30 s.
+    retry_backoff_s: float = 1.0
+    # How often deadlines (timeouts, queue limits) are looked at.
+    deadline_sweep_s: float = 1.0
     # A rerun from a node waits this long for the runner whose cache holds its upstream
     # nodes to have a free slot, then goes to any runner that can run it.
     rerun_affinity_wait_s: float = 60.0
@@ -63,6 +96,8 @@ class Settings:
             raise ValueError("runner_timeout_s must be at least twice heartbeat_s")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.retry_backoff_s < 0 or self.deadline_sweep_s <= 0:
+            raise ValueError("retry_backoff_s must not be negative and deadline_sweep_s must be positive")
         return self
 
 

@@ -8,10 +8,12 @@ import hashlib
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import String, cast, delete, func, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import defer
 from sqlmodel import col, select
@@ -27,14 +29,21 @@ from control_plane.tables import (
     Task,
     Template,
     Workflow,
+    as_utc,
     utcnow,
 )
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "invalid"})
 # What a task still open becomes when its workflow ends this way.
 _TASK_END = {"completed": "COMPLETED", "failed": "FAILED", "invalid": "FAILED", "cancelled": "CANCELED"}
+# How long a retried attempt waits before it is dispatched: doubling per attempt up to this.
+_MAX_BACKOFF_S = 30.0
 CLIENT_TOKEN_PREFIX = "cf_"
 RUNNER_TOKEN_PREFIX = "cfr_"
+
+
+class KeyTaken(Exception):
+    """An Idempotency-Key was taken by a request that committed first; nothing was written."""
 
 
 def hash_token(raw: str) -> str:
@@ -177,10 +186,15 @@ class Store:
 
     # -- workflows -----------------------------------------------------------------------
 
-    async def add_workflow(self, workflow: Workflow) -> Workflow:
+    async def add_workflow(self, workflow: Workflow, receipt: IdempotencyRecord | None = None) -> Workflow:
+        """Insert a workflow, and the answer to its Idempotency-Key in the same transaction,
+        so that a crash leaves both or neither. Raises :class:`KeyTaken` when the key went to
+        a request that committed first."""
         async with self.session() as s:
             s.add(workflow)
-            await s.commit()
+            if receipt is not None:
+                s.add(receipt)
+            await _commit_receipt(s, receipt)
             return workflow
 
     async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
@@ -235,8 +249,9 @@ class Store:
             )
             return list(rows)
 
-    async def claim_workflow(self, workflow_id: str, attempt: int, runner_id: str) -> bool:
-        """Give a waiting workflow to a runner; false if someone else changed it meanwhile."""
+    async def claim_workflow(self, workflow_id: str, attempt: int, runner_id: str, timeout_s: int) -> bool:
+        """Give a waiting workflow to a runner, whose attempt must end within ``timeout_s``;
+        false if someone else changed it meanwhile."""
         now = utcnow()
         async with self.session() as s:
             result = await s.exec(
@@ -255,12 +270,17 @@ class Store:
                     updated_at=now,
                     queue_number=None,
                     preferred_runner_id=None,
+                    deadline_at=now + timedelta(seconds=timeout_s),
                 )
             )  # type: ignore[call-overload]
             await s.commit()
             return bool(result.rowcount)
 
-    async def unclaim_workflow(self, workflow_id: str, attempt: int, runner_id: str) -> None:
+    async def unclaim_workflow(
+        self, workflow_id: str, attempt: int, runner_id: str, queue_timeout_s: int
+    ) -> None:
+        """The job never reached the runner: the workflow waits again, with a fresh wait."""
+        now = utcnow()
         async with self.session() as s:
             await s.exec(
                 update(Workflow)
@@ -270,7 +290,9 @@ class Store:
                     col(Workflow.runner_id) == runner_id,
                     col(Workflow.status) == "accepted",
                 )
-                .values(runner_id=None, dispatched_at=None)
+                .values(
+                    runner_id=None, dispatched_at=None, deadline_at=now + timedelta(seconds=queue_timeout_s)
+                )
             )  # type: ignore[call-overload]
             await s.commit()
 
@@ -282,33 +304,39 @@ class Store:
         changes: dict[str, Any],
         *,
         resolved_params: dict[str, Any] | None = None,
+        texts: dict[str, list[str]] | None = None,
         node_event: tuple[str, str | None, str] | None = None,
+        failed_node: tuple[str, str, str] | None = None,
     ) -> Workflow | None:
         """Apply an agent's report in one transaction, fenced: only the runner holding the
         current attempt of a workflow that is not finished may change it, its tasks
-        included. ``None`` when the report is stale."""
+        included. ``failed_node`` is (node id, reason, failure kind) of the node whose error
+        ended the attempt. ``None`` when the report is stale."""
         async with self.locked_workflow(workflow_id, without_graph=True) as (s, wf):
-            if wf is None or wf.attempt != attempt or wf.runner_id != runner_id or wf.status in TERMINAL:
+            if not _holds_current(wf, attempt, runner_id):
                 return None
+            assert wf is not None
             for key, value in changes.items():
                 setattr(wf, key, value)
-            if resolved_params is not None:
-                wf.workflow_params = {**wf.workflow_params, "resolved": resolved_params}
+            if resolved_params is not None or texts:
+                params = dict(wf.workflow_params)
+                if resolved_params is not None:
+                    params["resolved"] = resolved_params
+                if texts:
+                    params["texts"] = texts
+                wf.workflow_params = params
             wf.updated_at = utcnow()
+            if wf.status in TERMINAL:
+                wf.deadline_at = None
             s.add(wf)
             if node_event is not None:
                 await _record_node_event(s, workflow_id, attempt, *node_event)
+            if failed_node is not None:
+                await _note_task(s, workflow_id, attempt, *failed_node)
             if wf.status in TERMINAL:
                 await _close_tasks(s, workflow_id, attempt, _TASK_END[wf.status])
             await s.commit()
             return wf
-
-    async def set_params(self, workflow_id: str, params: dict[str, Any]) -> None:
-        async with self.session() as s:
-            await s.exec(
-                update(Workflow).where(col(Workflow.id) == workflow_id).values(workflow_params=params)
-            )  # type: ignore[call-overload]
-            await s.commit()
 
     async def cancel_workflow(self, workflow_id: str) -> Workflow | None:
         """Mark a workflow cancelled unless it already finished (then ``None``)."""
@@ -316,7 +344,7 @@ class Store:
         async with self.locked_workflow(workflow_id) as (s, wf):
             if wf is None or wf.status in TERMINAL:
                 return None
-            wf.status, wf.completed_at, wf.updated_at = "cancelled", now, now
+            wf.status, wf.completed_at, wf.updated_at, wf.deadline_at = "cancelled", now, now, None
             await _close_tasks(s, workflow_id, wf.attempt, "CANCELED")
             s.add(wf)
             await s.commit()
@@ -330,31 +358,49 @@ class Store:
         async with self.session() as s:
             return list(await s.exec(select(Workflow).where(*conds)))
 
-    async def requeue(
-        self, workflow_id: str, attempt: int, runner_id: str | None, max_attempts: int, reason: str
+    async def retry(
+        self, workflow_id: str, attempt: int, runner_id: str | None, fault: Fault
     ) -> Workflow | None:
-        """Take a workflow back from a lost runner: attempt + 1 and waiting again, or failed
-        with the reason once it has had ``max_attempts``. The lost attempt's open tasks are
-        closed. ``None`` if the workflow moved on (finished, or held by another runner)."""
+        """An attempt ended by a fault of the fleet (or a node out of GPU memory): the next
+        attempt waits for a runner after a backoff, elsewhere where possible; or, once the
+        workflow has had ``fault.max_attempts``, it fails, naming every attempt's reason.
+        The attempt's open tasks are closed with the reason. ``None`` if the workflow moved
+        on (finished, or held by another runner)."""
         now = utcnow()
         async with self.locked_workflow(workflow_id) as (s, wf):
-            if wf is None or wf.attempt != attempt or wf.runner_id != runner_id or wf.status in TERMINAL:
+            if not _holds_current(wf, attempt, runner_id):
                 return None
-            if wf.attempt >= max_attempts:
-                await _close_tasks(s, workflow_id, wf.attempt, "FAILED")
-                wf.status = "failed"
+            assert wf is not None
+            wf.attempt_log = [
+                *wf.attempt_log,
+                {
+                    "attempt": wf.attempt,
+                    "runner_id": runner_id,
+                    "kind": fault.kind,
+                    "reason": fault.reason,
+                    "at": now.isoformat(),
+                },
+            ]
+            if fault.node_id is not None:
+                await _note_task(s, workflow_id, attempt, fault.node_id, fault.reason, fault.kind, "FAILED")
+            if wf.attempt >= fault.max_attempts:
+                await _close_tasks(s, workflow_id, wf.attempt, "FAILED", fault.reason, fault.kind)
                 tries = "attempt" if wf.attempt == 1 else "attempts"
-                wf.exception_message = f"{reason}; gave up after {wf.attempt} {tries}"
-                wf.completed_at = now
+                every = "; ".join(f"attempt {e['attempt']}: {e['reason']}" for e in wf.attempt_log)
+                wf.status, wf.completed_at, wf.deadline_at = "failed", now, None
+                wf.failure_reason = "workflow" if fault.kind == "out_of_memory" else "infrastructure"
+                wf.exception_type = fault.exception_type or wf.exception_type
+                wf.exception_message = f"gave up after {wf.attempt} {tries}: {every}"
             else:
-                await _close_tasks(s, workflow_id, wf.attempt, "CANCELED")
-                wf.attempt += 1
-                wf.status = "accepted"
-                wf.runner_id = None
-                wf.dispatched_at = None
-                wf.prompt_id = None
-                wf.queue_number = None
-                wf.progress = None
+                await _close_tasks(s, workflow_id, wf.attempt, "CANCELED", fault.reason, fault.kind)
+                start_next_attempt(wf, now)
+                wf.not_before = now + timedelta(
+                    seconds=min(_MAX_BACKOFF_S, fault.backoff_s * 2 ** (attempt - 1))
+                )
+                if runner_id is not None and runner_id not in wf.avoid_runner_ids:
+                    wf.avoid_runner_ids = [*wf.avoid_runner_ids, runner_id]
+                if fault.min_gpu_free_bytes is not None:
+                    wf.min_gpu_free_bytes = fault.min_gpu_free_bytes
             wf.updated_at = now
             s.add(wf)
             await s.commit()
@@ -366,11 +412,14 @@ class Store:
         expected_attempt: int,
         changes: dict[str, Any],
         rerun_nodes: set[str] | None,
+        receipt: IdempotencyRecord | None = None,
     ) -> Workflow | None:
-        """Seed 000: start attempt + 1 of a workflow in one transaction. The previous attempt's
-        tasks of the nodes that rerun (all of them when ``rerun_nodes`` is None) become
-        CANCELED, completed ones included; of the others, those that had not completed were
-        interrupted and become CANCELED too. ``None`` if the attempt moved on meanwhile."""
+        """The Conductor-compatible rerun: start attempt + 1 of a workflow in one transaction
+        (with the answer to its Idempotency-Key). The previous attempt's tasks of the nodes
+        that rerun (all of them when ``rerun_nodes`` is None) become CANCELED, completed ones
+        included; of the others, those that had not completed were interrupted and become
+        CANCELED too. ``None`` if the attempt moved on meanwhile; :class:`KeyTaken` when the
+        key went to a request that committed first."""
         now = utcnow()
         async with self.locked_workflow(workflow_id) as (s, wf):
             if wf is None or wf.attempt != expected_attempt:
@@ -385,18 +434,50 @@ class Store:
                     s.add(task)
             for key, value in changes.items():
                 setattr(wf, key, value)
-            wf.attempt += 1
-            wf.status = "accepted"
-            wf.runner_id = None
-            wf.dispatched_at = None
-            wf.prompt_id = wf.queue_number = wf.progress = None
-            wf.error_node = wf.exception_type = wf.exception_message = None
+            start_next_attempt(wf, now)
+            # A rerun asked for by the user starts afresh: earlier faults are history.
+            wf.attempt_log, wf.avoid_runner_ids, wf.min_gpu_free_bytes = [], [], None
+            wf.error_node = wf.exception_type = wf.exception_message = wf.failure_reason = None
             wf.node_errors = None
             wf.started_at = wf.completed_at = None
             wf.updated_at = now
             s.add(wf)
-            await s.commit()
+            if receipt is not None:
+                s.add(receipt)
+            await _commit_receipt(s, receipt)
             return wf
+
+    async def expired(self, now: datetime) -> list[str]:
+        """Workflows whose deadline has passed and that have not finished."""
+        async with self.session() as s:
+            rows = await s.exec(
+                select(Workflow.id).where(
+                    col(Workflow.deadline_at) < now, col(Workflow.status).not_in(TERMINAL)
+                )
+            )
+            return list(rows)
+
+    async def expire(self, workflow_id: str, now: datetime) -> tuple[Workflow, str | None] | None:
+        """Fail a workflow whose deadline passed: ``queue_timeout`` when no runner took it,
+        ``timeout`` when its attempt ran too long. Returns it with the runner that held it
+        (to be told to stop), or ``None`` if it moved on meanwhile."""
+        async with self.locked_workflow(workflow_id, without_graph=True) as (s, wf):
+            if wf is None or wf.status in TERMINAL or wf.deadline_at is None or as_utc(wf.deadline_at) >= now:
+                return None
+            held_by = wf.runner_id
+            if held_by is None:
+                wf.failure_reason, wf.exception_type = "queue_timeout", "QueueTimeout"
+                wf.exception_message = f"no runner took it within {wf.queue_timeout_s} s (the queue limit)"
+                reason = "the workflow waited past its queue limit"
+            else:
+                wf.failure_reason, wf.exception_type = "timeout", "Timeout"
+                wf.exception_message = f"attempt {wf.attempt} ran longer than its timeout of {wf.timeout_s} s"
+                reason = wf.exception_message
+            wf.status, wf.completed_at, wf.updated_at, wf.deadline_at = "failed", now, now, None
+            await _close_tasks(s, workflow_id, wf.attempt, "CANCELED", reason, "workflow")
+            s.add(wf)
+            await s.commit()
+            return wf, held_by
 
     async def lineage_ids(self, workflow_id: str) -> set[str]:
         """The workflow, its ancestors (parent_id chain) and all its reruns' descendants."""
@@ -460,11 +541,29 @@ class Store:
 
     # -- outputs -------------------------------------------------------------------------
 
-    async def add_output(self, output: Output) -> Output:
-        async with self.session() as s:
+    async def add_output(self, output: Output, runner_id: str) -> tuple[Output, bool] | None:
+        """Record an uploaded output of the current attempt, fenced like a report; the same
+        file uploaded again (a retry, an agent that restarted) gives the output already
+        recorded. ``(output, created)``, or ``None`` when the attempt is no longer current."""
+        async with self.locked_workflow(output.workflow_id, without_graph=True) as (s, wf):
+            if not _holds_current(wf, output.attempt, runner_id):
+                return None
+            same = (
+                await s.exec(
+                    select(Output).where(
+                        Output.workflow_id == output.workflow_id,
+                        Output.attempt == output.attempt,
+                        Output.node_id == output.node_id,
+                        Output.filename == output.filename,
+                        Output.sha256 == output.sha256,
+                    )
+                )
+            ).first()
+            if same is not None:
+                return same, False
             s.add(output)
             await s.commit()
-            return output
+            return output, True
 
     async def outputs(self, workflow_id: str, attempt: int | None = None) -> list[Output]:
         conds = [Output.workflow_id == workflow_id]
@@ -500,18 +599,13 @@ class Store:
         async with self.session() as s:
             return await s.get(IdempotencyRecord, (account_id, key))
 
-    async def put_idempotent(self, record: IdempotencyRecord) -> None:
-        """Insert; raises IntegrityError when the key is taken."""
-        async with self.session() as s:
-            s.add(record)
-            await s.commit()
-
-    async def finish_idempotent(self, account_id: str, key: str, status: int, body: str) -> None:
+    async def forget_idempotent(self, account_id: str, key: str) -> None:
+        """Let an expired key go (it answers retries for a limited time only)."""
         async with self.session() as s:
             await s.exec(
-                update(IdempotencyRecord)
-                .where(col(IdempotencyRecord.account_id) == account_id, col(IdempotencyRecord.key) == key)
-                .values(status=status, body=body)
+                delete(IdempotencyRecord).where(
+                    col(IdempotencyRecord.account_id) == account_id, col(IdempotencyRecord.key) == key
+                )
             )  # type: ignore[call-overload]
             await s.commit()
 
@@ -519,13 +613,6 @@ class Store:
         async with self.session() as s:
             await s.exec(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff))  # type: ignore[call-overload]
             await s.commit()
-
-    async def delete_idempotent(self, account_id: str, key: str) -> None:
-        async with self.session() as s:
-            record = await s.get(IdempotencyRecord, (account_id, key))
-            if record is not None:
-                await s.delete(record)
-                await s.commit()
 
 
 _Owned = TypeVar("_Owned", Runner, Workflow, Template, Output)
@@ -549,9 +636,62 @@ async def _update(s: AsyncSession, obj: _Owned, changes: dict[str, Any]) -> _Own
     return obj
 
 
-async def _close_tasks(s: AsyncSession, workflow_id: str, attempt: int, status: str) -> None:
+@dataclass(frozen=True)
+class Fault:
+    """Why an attempt ended without a result, and what the retry should take into account."""
+
+    kind: str  # "infrastructure" or "out_of_memory"
+    reason: str
+    max_attempts: int
+    backoff_s: float
+    exception_type: str | None = None
+    node_id: str | None = None  # the node that failed (out of memory)
+    min_gpu_free_bytes: int | None = None
+
+
+def start_next_attempt(wf: Workflow, now: datetime) -> None:
+    """The one reset for a new attempt: waiting for a runner again, nothing of the last
+    attempt's run left on the workflow, and a fresh queue deadline."""
+    wf.attempt += 1
+    wf.status = "accepted"
+    wf.runner_id = None
+    wf.dispatched_at = None
+    wf.prompt_id = wf.queue_number = wf.progress = None
+    wf.not_before = None
+    wf.deadline_at = now + timedelta(seconds=wf.queue_timeout_s)
+
+
+def _holds_current(wf: Workflow | None, attempt: int, runner_id: str | None) -> bool:
+    """The fence: the report is about the attempt the workflow is on, from the runner that
+    holds it, and the workflow has not finished."""
+    return (
+        wf is not None and wf.attempt == attempt and wf.runner_id == runner_id and wf.status not in TERMINAL
+    )
+
+
+async def _commit_receipt(s: AsyncSession, receipt: IdempotencyRecord | None) -> None:
+    try:
+        await s.commit()
+    except IntegrityError:
+        if receipt is None:
+            raise
+        await s.rollback()
+        raise KeyTaken(receipt.key) from None
+
+
+async def _close_tasks(
+    s: AsyncSession,
+    workflow_id: str,
+    attempt: int,
+    status: str,
+    reason: str | None = None,
+    kind: str | None = None,
+) -> None:
     """Close an attempt's open tasks (ComfyUI sends ``executed`` for output nodes only, so a
     node that started and heard nothing more ended with the prompt)."""
+    values: dict[str, Any] = {"status": status, "ended_at": utcnow()}
+    if reason is not None:
+        values.update(reason=reason, failure_kind=kind)
     await s.exec(
         update(Task)
         .where(
@@ -559,7 +699,29 @@ async def _close_tasks(s: AsyncSession, workflow_id: str, attempt: int, status: 
             col(Task.attempt) == attempt,
             col(Task.status).in_(("SCHEDULED", "IN_PROGRESS")),
         )
-        .values(status=status, ended_at=utcnow())
+        .values(**values)
+    )  # type: ignore[call-overload]
+
+
+async def _note_task(
+    s: AsyncSession,
+    workflow_id: str,
+    attempt: int,
+    node_id: str,
+    reason: str,
+    kind: str,
+    status: str | None = None,
+) -> None:
+    """Say on a node's task why it did not complete (its error, and whose fault it was)."""
+    values: dict[str, Any] = {"reason": reason, "failure_kind": kind}
+    if status is not None:
+        values.update(status=status, ended_at=utcnow())
+    await s.exec(
+        update(Task)
+        .where(
+            col(Task.workflow_id) == workflow_id, col(Task.attempt) == attempt, col(Task.node_id) == node_id
+        )
+        .values(**values)
     )  # type: ignore[call-overload]
 
 
@@ -595,4 +757,13 @@ def day_ago() -> datetime:
     return utcnow() - timedelta(days=1)
 
 
-__all__: Sequence[str] = ("TERMINAL", "Store", "day_ago", "hash_token", "new_token")
+__all__: Sequence[str] = (
+    "TERMINAL",
+    "Fault",
+    "KeyTaken",
+    "Store",
+    "day_ago",
+    "hash_token",
+    "new_token",
+    "start_next_attempt",
+)

@@ -4,6 +4,8 @@ pass through here, so each checks the same things in the same order."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from control_plane.capabilities import Offers, check_values, missing, needs
@@ -11,8 +13,9 @@ from control_plane.errors import BadRequest, Forbidden
 from control_plane.forms import SubmittedForm
 from control_plane.registry import tags_match
 from control_plane.services import Services
+from control_plane.settings import Tier
 from control_plane.store import day_ago
-from control_plane.tables import Account, Workflow, tag_index
+from control_plane.tables import Account, IdempotencyRecord, Workflow, tag_index, utcnow
 from protocol.placeholders import (
     ParameterError,
     PlaceholderError,
@@ -23,9 +26,41 @@ from protocol.placeholders import (
 
 log = logging.getLogger(__name__)
 
+# The Idempotency-Key's answer for a new workflow, stored in the transaction that creates it.
+Receipt = Callable[[Workflow], IdempotencyRecord | None]
+
+
+def _tier(svc: Services, account: Account) -> Tier:
+    return svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
+
+
+def resolve_timeout(svc: Services, account: Account, requested: str | None, fallback: int | None) -> int:
+    """The attempt timeout: what the request asks for (up to the tier's maximum), else the
+    template's or the original's, else the tier's default."""
+    tier = _tier(svc, account)
+    if requested is None or not requested.strip():
+        return min(fallback, tier.max_timeout_s) if fallback is not None else tier.default_timeout_s
+    try:
+        value = int(requested)
+    except ValueError:
+        raise BadRequest(f"timeout_s must be a whole number of seconds, not {requested!r}") from None
+    if not 1 <= value <= tier.max_timeout_s:
+        raise BadRequest(f"timeout_s must be between 1 and {tier.max_timeout_s} s on the {tier.name} tier")
+    return value
+
+
+def waiting(wf: Workflow, svc: Services, account: Account, timeout_s: int) -> Workflow:
+    """A new workflow's limits and its first wait for a runner."""
+    now = utcnow()
+    wf.created_at = wf.updated_at = now
+    wf.timeout_s = timeout_s
+    wf.queue_timeout_s = _tier(svc, account).max_queue_s
+    wf.deadline_at = now + timedelta(seconds=wf.queue_timeout_s)
+    return wf
+
 
 def check_parameter_count(svc: Services, account: Account, parameter_count: int) -> None:
-    tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
+    tier = _tier(svc, account)
     if parameter_count > tier.max_parameters:
         raise Forbidden(
             f"{parameter_count} parameters sent; the {tier.name} tier allows {tier.max_parameters}"
@@ -35,7 +70,7 @@ def check_parameter_count(svc: Services, account: Account, parameter_count: int)
 async def check_tier(svc: Services, account: Account, parameter_count: int) -> None:
     """Parameters per request and workflows per day (a rerun that creates one counts)."""
     check_parameter_count(svc, account, parameter_count)
-    tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
+    tier = _tier(svc, account)
     used = await svc.store.count_workflows_since(account.id, day_ago())
     if used >= tier.max_workflows_per_day:
         raise Forbidden(
@@ -86,6 +121,8 @@ async def create_workflow(
     workflow_json: dict[str, Any],
     name: str,
     tags: list[str],
+    default_timeout_s: int | None = None,
+    receipt: Receipt | None = None,
 ) -> Workflow:
     """A new workflow from a form's parameters (submit and template run)."""
     try:
@@ -93,9 +130,10 @@ async def create_workflow(
         values = validate_values(parameters, form.texts, form.choices, form.files.keys())
     except (PlaceholderError, ParameterError) as exc:
         raise BadRequest(str(exc)) from exc
+    timeout_s = resolve_timeout(svc, account, form.fields.get("timeout_s"), default_timeout_s)
     await check_tier(svc, account, form.parameter_count)
     await check_runner_available(svc, account, tags, workflow_json, values)
-    wf = await svc.store.add_workflow(
+    wf = waiting(
         Workflow(
             account_id=account.id,
             name=name,
@@ -107,8 +145,12 @@ async def create_workflow(
                 "files": {n: form.files[n].to_param() for n in parameters if n in form.files},
             },
             correlation_id=form.fields.get("correlation_id") or None,
-        )
+        ),
+        svc,
+        account,
+        timeout_s,
     )
+    wf = await svc.store.add_workflow(wf, receipt(wf) if receipt is not None else None)
     log.info("workflow %s accepted for account %s", wf.id, account.name)
     svc.fleet.kick()
     return wf
@@ -119,16 +161,16 @@ _FIXED_ON_RERUN = ("workflow_json", "name", "tags")
 
 
 async def rerun_with_parameters(
-    svc: Services, account: Account, original: Workflow, form: SubmittedForm
+    svc: Services, account: Account, original: Workflow, form: SubmittedForm, receipt: Receipt | None = None
 ) -> Workflow:
-    """Seed 003: a new workflow with the original's structure, name and tags; the parameters
-    sent replace the original's, the others (files included) keep their values, and
-    ``$random()``/``$timestamp()`` are drawn afresh on the runner."""
+    """The rerun with new parameters: a new workflow with the original's structure, name and
+    tags; the parameters sent replace the original's, the others (files included) keep their
+    values, and ``$random()``/``$timestamp()`` are drawn afresh on the runner."""
     fixed = [f for f in _FIXED_ON_RERUN if f in form.fields or (f == "workflow_json" and form.workflow_json)]
     if fixed:
         raise BadRequest(
             f"a rerun copies {', '.join(fixed)} from the original; "
-            "send only $text, $file and #choice parameters"
+            "send only $text, $file and #choice parameters (and timeout_s)"
         )
     try:
         parameters = declared_parameters(original.workflow_json)
@@ -136,11 +178,12 @@ async def rerun_with_parameters(
         values = merge_values(parameters, previous, form.texts, form.choices, form.files.keys())
     except (PlaceholderError, ParameterError) as exc:
         raise BadRequest(str(exc)) from exc
+    timeout_s = resolve_timeout(svc, account, form.fields.get("timeout_s"), original.timeout_s)
     await check_tier(svc, account, form.parameter_count)
     await check_runner_available(svc, account, original.tags, original.workflow_json, values)
     files = dict(original.workflow_params.get("files", {}))
     files.update({n: f.to_param() for n, f in form.files.items()})
-    wf = await svc.store.add_workflow(
+    wf = waiting(
         Workflow(
             account_id=account.id,
             name=original.name,
@@ -150,8 +193,12 @@ async def rerun_with_parameters(
             workflow_params={"values": values, "files": files},
             correlation_id=original.correlation_id,
             parent_id=original.id,
-        )
+        ),
+        svc,
+        account,
+        timeout_s,
     )
+    wf = await svc.store.add_workflow(wf, receipt(wf) if receipt is not None else None)
     log.info("workflow %s is a rerun of %s", wf.id, original.id)
     svc.fleet.kick()
     return wf

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
 from sqlmodel import Field, SQLModel
 
 
@@ -91,6 +91,26 @@ class Workflow(SQLModel, table=True):
     exception_type: str | None = None
     exception_message: str | None = None
     node_errors: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Whose fault a failure was: "workflow" (its own graph), "infrastructure" (the fleet's,
+    # once max_attempts ran out), "timeout" (an attempt ran past timeout_s), "queue_timeout"
+    # (no runner took it within queue_timeout_s).
+    failure_reason: str | None = None
+    # Each attempt that ended without a result: {attempt, runner_id, kind, reason, at}.
+    attempt_log: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Runners where an earlier attempt met an infrastructure fault: others are tried first.
+    avoid_runner_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # A retried attempt waits out its backoff before it is dispatched.
+    not_before: datetime | None = _ts()
+    # After a node ran out of GPU memory: a runner with at least this much free is wanted.
+    min_gpu_free_bytes: int | None = Field(default=None, sa_column=Column(BigInteger))
+    # Limits, resolved at submit from the request, the template and the account's tier.
+    timeout_s: int = 3600
+    queue_timeout_s: int = 86400
+    # When the current wait runs out: for a runner while accepted and unclaimed, for the
+    # attempt's end once a runner holds it.
+    deadline_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True, index=True)
+    )
     created_at: datetime = _created()
     updated_at: datetime = _created()
     started_at: datetime | None = _ts()
@@ -105,6 +125,8 @@ class Template(SQLModel, table=True):
     name: str
     description: str = ""
     body: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    # Runs of the template get this timeout unless they ask for another (None: the tier's).
+    timeout_s: int | None = None
     created_at: datetime = _created()
     updated_at: datetime = _created()
 
@@ -126,6 +148,10 @@ class Task(SQLModel, table=True):
     cached: bool = False
     started_at: datetime | None = _ts()
     ended_at: datetime | None = _ts()
+    # Why a task did not complete: the node's error, or the fault that ended its attempt;
+    # failure_kind as the protocol says it ("workflow", "infrastructure", "out_of_memory").
+    reason: str | None = None
+    failure_kind: str | None = None
 
 
 class Output(SQLModel, table=True):

@@ -50,6 +50,11 @@ def workflow_view(
         exception_type=wf.exception_type,
         exception_message=wf.exception_message,
         node_errors=wf.node_errors,
+        failure_reason=wf.failure_reason,
+        # Every attempt that ended without a result, and why.
+        attempts=wf.attempt_log,
+        timeout_s=wf.timeout_s,
+        queue_timeout_s=wf.queue_timeout_s,
     )
     if children is not None:
         view["reruns"] = children
@@ -70,6 +75,18 @@ def workflow_status_event(wf: Workflow) -> dict[str, Any]:
     }
 
 
+def workflow_cause_event(wf: Workflow) -> dict[str, Any]:
+    """Why the workflow failed or is invalid: its error, whose fault, every attempt's reason."""
+    return {
+        "error_node": wf.error_node,
+        "exception_type": wf.exception_type,
+        "exception_message": wf.exception_message,
+        "node_errors": wf.node_errors,
+        "failure_reason": wf.failure_reason,
+        "attempts": wf.attempt_log,
+    }
+
+
 def task_view(task: Task) -> dict[str, Any]:
     return {
         "task_id": task.task_id,
@@ -81,6 +98,8 @@ def task_view(task: Task) -> dict[str, Any]:
         "cached": task.cached,
         "started_at": iso(task.started_at),
         "ended_at": iso(task.ended_at),
+        "reason": task.reason,
+        "failure_kind": task.failure_kind,
     }
 
 

@@ -14,9 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocol.capacity import Capacity
 
-PROTOCOL_VERSION = 1
+# 2: the agent waits for ``proceed`` before it posts a prompt; ``job_ack`` ends a job.
+PROTOCOL_VERSION = 2
 
 JobStatus = Literal["uploaded", "queued", "running", "completed", "failed", "cancelled", "invalid"]
+# Who a failure belongs to. "workflow": the graph's own (ComfyUI rejected the prompt, a node
+# raised); final. "infrastructure": the fleet's (ComfyUI unreachable or restarted, the prompt
+# lost, a transfer that could not get through, the agent broke); the control plane runs the
+# job again as the next attempt, elsewhere where it can. "out_of_memory": a node ran out of GPU
+# memory; worth one more try on a runner with more free GPU memory, final otherwise.
+FailureKind = Literal["workflow", "infrastructure", "out_of_memory"]
 
 
 class _Message(BaseModel):
@@ -43,6 +50,9 @@ class ComfyUIInfo(BaseModel):
 class HeldJob(BaseModel):
     workflow_id: str
     attempt: int
+    # The job ended on the runner and its last report (job_done, or a final job_update) is
+    # kept on the agent's disk until the control plane acknowledges it with ``job_ack``.
+    finished: bool = False
 
 
 class Hello(_Message):
@@ -106,6 +116,8 @@ class JobError(BaseModel):
     exception_type: str | None = None
     # ComfyUI's node_errors for an invalid prompt, kept verbatim
     node_errors: dict[str, Any] | None = None
+    # An older agent says nothing: its failures are taken as the workflow's own.
+    kind: FailureKind = "workflow"
 
 
 class NodeEvent(BaseModel):
@@ -153,6 +165,27 @@ class JobDone(_Message):
     texts: dict[str, list[str]] = Field(default_factory=dict)
 
 
+class Proceed(_Message):
+    """Control plane -> agent, the answer to ``job_update`` ``uploaded``: post the prompt now.
+
+    The agent never posts a prompt without it. It is sent from the fenced transaction that
+    records ``uploaded``; a workflow cancelled before that gets ``cancel`` instead, so its
+    prompt never reaches ComfyUI at all."""
+
+    type: Literal["proceed"] = "proceed"
+    workflow_id: str
+    attempt: int
+
+
+class JobAck(_Message):
+    """Control plane -> agent: the job's last report is applied (or no longer wanted); the
+    agent may forget the job and delete what it kept of it on disk."""
+
+    type: Literal["job_ack"] = "job_ack"
+    workflow_id: str
+    attempt: int
+
+
 class Cancel(_Message):
     type: Literal["cancel"] = "cancel"
     workflow_id: str
@@ -198,6 +231,8 @@ Message = Annotated[
     | Job
     | JobUpdate
     | JobDone
+    | Proceed
+    | JobAck
     | Cancel
     | CapacityUpdate
     | Interrupt
@@ -215,6 +250,8 @@ KNOWN_TYPES = frozenset(
         Job,
         JobUpdate,
         JobDone,
+        Proceed,
+        JobAck,
         Cancel,
         CapacityUpdate,
         Interrupt,

@@ -21,10 +21,13 @@ from protocol.capacity import Capacity
 from protocol.messages import (
     Cancel,
     CapacityUpdate,
+    HeldJob,
     Hello,
     Interrupt,
     Job,
+    JobAck,
     Message,
+    Proceed,
     Ready,
     Reply,
     StatsRequest,
@@ -38,7 +41,6 @@ from runner_agent.connection import (
     GiveUp,
     JobKey,
     Sleep,
-    held,
 )
 from runner_agent.control_files import ControlPlaneFiles
 from runner_agent.executor import JobExecution
@@ -50,6 +52,7 @@ from runner_agent.instances import (
     probe_system_stats,
     unhealthy_reason,
 )
+from runner_agent.job_folder import JobFolder, load_saved_jobs
 from runner_agent.runner_requests import interrupt_running, stats_data
 from runner_agent.supervisor import ComfyUIProcess
 
@@ -78,9 +81,14 @@ class Agent:
     ) -> None:
         self.settings = settings
         self.files = ControlPlaneFiles(
-            settings.http_base_url, settings.token, read_timeout_s=settings.http_read_timeout_s
+            settings.http_base_url,
+            settings.token,
+            read_timeout_s=settings.http_read_timeout_s,
+            retry_s=settings.transfer_retry_s,
         )
-        self.instances = build_instances(settings, self.files)
+        self.instances = build_instances(settings, self.files, self._instance_unreachable)
+        # One folder per job (job_folder.py): what a restart needs to lose nothing.
+        self.jobs_root = settings.data_dir / "jobs"
         # The first instance, for callers that know of one ComfyUI only.
         self.comfy = self.instances[0].comfy
         self.comfy_info = self.instances[0].info
@@ -99,6 +107,9 @@ class Agent:
             settings, self, connect_fn=connect_fn, sleep=sleep, rand=rand
         )
         self.jobs: dict[JobKey, JobExecution] = {}
+        # Jobs that ended and whose last report waits for the control plane's job_ack.
+        self.unacked: dict[JobKey, JobExecution] = {}
+        self._resend: list[JobExecution] = []
         self._placed: dict[JobKey, ComfyUIInstance] = {}
         self._tasks: dict[JobKey, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
@@ -126,6 +137,7 @@ class Agent:
             self.settings.total_slots,
         )
         await asyncio.to_thread(self.settings.data_dir.mkdir, parents=True, exist_ok=True)
+        await self._resume_saved_jobs()
         for process in self.processes.values():
             process.start()
         try:
@@ -215,10 +227,21 @@ class Agent:
             agent_version=self.settings.agent_version,
             capacity=capacity,
             comfyui=infos[0] if infos else described[0][0],
-            jobs=held(self.active_jobs | buffered),
+            jobs=self._held(buffered),
             healthy=reason is None,
             unhealthy_reason=reason,
         )
+
+    def _held(self, buffered: set[JobKey]) -> list[HeldJob]:
+        """What hello names: jobs still running, and jobs whose last report is not yet
+        acknowledged (``finished``), so the control plane keeps them rather than run them
+        again."""
+        finished = {key for key, e in self.jobs.items() if e.final is not None} | set(self.unacked)
+        running = (self.active_jobs | buffered) - finished
+        return [
+            HeldJob(workflow_id=w, attempt=a, finished=(w, a) in finished)
+            for w, a in sorted(running | finished)
+        ]
 
     async def on_welcome(self, welcome: Welcome) -> None:
         if welcome.status != "active":
@@ -226,7 +249,8 @@ class Agent:
                 "runner %s is %s on the control plane: it will get no work", welcome.runner_id, welcome.status
             )
         for dropped in welcome.drop_jobs:
-            execution = self.jobs.get((dropped.workflow_id, dropped.attempt))
+            key = (dropped.workflow_id, dropped.attempt)
+            execution = self.jobs.get(key)
             if execution is not None:
                 log.info(
                     "workflow %s attempt %d: the control plane dropped it",
@@ -234,8 +258,17 @@ class Agent:
                     dropped.attempt,
                 )
                 execution.abandon()
+            self._forget(key)
+        # Last reports that went out on an earlier connection may never have arrived; those
+        # still in the connection's buffer go out with it.
+        buffered = self.connection.buffer.keys()
+        self._resend = [e for key, e in self.unacked.items() if key not in buffered]
 
     async def on_connected(self) -> None:
+        for execution in self._resend:
+            if execution.final is not None and execution.key in self.unacked:
+                await self.connection.send(execution.final)
+        self._resend = []
         # Even when it is none (every ComfyUI down): the control plane learns where it stands.
         if not self._stopping:
             await self.connection.send(Ready(free_slots=self.free_slots))
@@ -243,16 +276,29 @@ class Agent:
     async def on_message(self, message: Message) -> None:
         if isinstance(message, Job):
             self._start(message)
-        elif isinstance(message, Cancel):
+        elif isinstance(message, Proceed):
             execution = self.jobs.get((message.workflow_id, message.attempt))
-            if execution is None:
+            if execution is not None:
+                execution.proceed()
+        elif isinstance(message, JobAck):
+            key = (message.workflow_id, message.attempt)
+            execution = self.jobs.get(key)
+            if execution is not None:
+                execution.acknowledge()  # its task removes the folder when it ends
+            self._forget(key)
+        elif isinstance(message, Cancel):
+            key = (message.workflow_id, message.attempt)
+            execution = self.jobs.get(key)
+            if execution is not None:
+                execution.cancel()
+            elif key in self.unacked:
+                self._forget(key)  # finished, but the control plane does not want it any more
+            else:
                 log.info(
                     "workflow %s attempt %d: cancel for a job not held here; ignored",
                     message.workflow_id,
                     message.attempt,
                 )
-            else:
-                execution.cancel()
         elif isinstance(message, Interrupt):
             # Off the receive loop: a slow ComfyUI must not hold up jobs and cancels.
             self._spawn(self._answer(message.request_id, self._interrupt(message.request_id)))
@@ -310,6 +356,17 @@ class Agent:
             instance.info.invalidate()
             self._spawn(self._report_health())
 
+    def _instance_unreachable(self, number: int, reason: str) -> None:
+        """A job found an instance not answering: no more work goes there until the
+        heartbeat's probe hears from it again (which then sends a fresh hello)."""
+        instance = self.instances[number]
+        if instance.answer_error is not None:
+            return
+        instance.answer_error = reason
+        instance.info.invalidate()
+        log.warning("ComfyUI at %s is out of service until it answers again: %s", instance.url, reason)
+        self._spawn(self._report_health())
+
     async def _report_health(self) -> None:
         """Tell the control plane now, not at the next heartbeat."""
         await self.connection.send(await self.capacity())
@@ -357,10 +414,38 @@ class Agent:
 
     # -- jobs -------------------------------------------------------------------------------
 
+    async def _resume_saved_jobs(self) -> None:
+        """Jobs found in their folders at start: finished ones wait for their job_ack, those
+        whose prompt was posted are followed to their end."""
+        for saved in await asyncio.to_thread(load_saved_jobs, self.jobs_root, self.settings.state_keep_s):
+            instance = next((i for i in self.instances if i.url == saved.prompt.instance_url), None)
+            if instance is None:
+                log.warning(
+                    "%s: its ComfyUI %s is no longer configured; dropping it",
+                    saved.folder.path.name,
+                    saved.prompt.instance_url,
+                )
+                await saved.folder.remove()
+                continue
+            execution = JobExecution(saved.job, instance.deps, self.connection.send, saved.folder, saved)
+            if saved.final is not None:
+                execution.restore_final(saved.final)
+                self.unacked[execution.key] = execution
+                log.info(
+                    "%s: finished before a restart; its report waits for the control plane", execution.tag
+                )
+            else:
+                self._place(execution, instance)
+
+    def _forget(self, key: JobKey) -> None:
+        execution = self.unacked.pop(key, None)
+        if execution is not None:
+            self._spawn(execution.folder.remove())
+
     def _start(self, job: Job) -> None:
         key = (job.workflow_id, job.attempt)
         tag = f"workflow {job.workflow_id} attempt {job.attempt}"
-        if key in self.jobs:
+        if key in self.jobs or key in self.unacked:
             log.info("%s: already running here; duplicate ignored", tag)
             return
         if self._stopping:
@@ -378,10 +463,9 @@ class Agent:
         if self.free_slots == 0:
             log.warning("%s: no free slot (%d running); ComfyUI will queue it", tag, len(self.active_jobs))
         instance = choose_instance(self.instances)
-        execution = JobExecution(job, instance.deps, self.connection.send)
-        self.jobs[key] = execution
-        self._placed[key] = instance
-        instance.jobs[key] = execution
+        execution = JobExecution(
+            job, instance.deps, self.connection.send, JobFolder(self.jobs_root, job.workflow_id, job.attempt)
+        )
         log.info(
             "%s: received (%d nodes, %d files); runs on ComfyUI %s",
             tag,
@@ -389,7 +473,14 @@ class Agent:
             len(job.files),
             instance.url,
         )
-        self._tasks[key] = asyncio.create_task(self._run_job(execution), name=f"job {tag}")
+        self._place(execution, instance)
+
+    def _place(self, execution: JobExecution, instance: ComfyUIInstance) -> None:
+        key = execution.key
+        self.jobs[key] = execution
+        self._placed[key] = instance
+        instance.jobs[key] = execution
+        self._tasks[key] = asyncio.create_task(self._run_job(execution), name=f"job {execution.tag}")
 
     async def _run_job(self, execution: JobExecution) -> None:
         try:
@@ -400,6 +491,10 @@ class Agent:
             instance = self._placed.pop(execution.key, None)
             if instance is not None:
                 instance.jobs.pop(execution.key, None)
+            if execution.final is not None and not execution.acked:
+                self.unacked[execution.key] = execution
+            else:
+                await execution.folder.remove()
         await self._ready()
 
     async def _ready(self) -> None:

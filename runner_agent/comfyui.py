@@ -32,7 +32,12 @@ class ComfyUIError(Exception):
 
 
 class ComfyUIUnavailable(ComfyUIError):
-    """ComfyUI could not be reached at all."""
+    """ComfyUI could not be reached at all. ``refused``: nothing listens at its address, so
+    the process is gone (stopped, crashed or restarting) and with it its queue."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ComfyUIHTTPError(ComfyUIError):
@@ -122,7 +127,8 @@ class ComfyUIClient:
             # Refused, reset, disconnected mid-body, timed out: all mean "not there" to us.
             raise ComfyUIUnavailable(
                 f"ComfyUI at {self.base_url} is unreachable ({method} {path}): "
-                f"{exc.__class__.__name__}: {exc}"
+                f"{exc.__class__.__name__}: {exc}",
+                refused=_refused(exc),
             ) from exc
 
     # -- endpoints --------------------------------------------------------------------------
@@ -243,8 +249,13 @@ class ComfyUIClient:
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ComfyUIUnavailable(
-                f"ComfyUI websocket at {self.ws_url} is unreachable: {exc.__class__.__name__}: {exc}"
+                f"ComfyUI websocket at {self.ws_url} is unreachable: {exc.__class__.__name__}: {exc}",
+                refused=_refused(exc),
             ) from exc
+
+
+def _refused(exc: BaseException) -> bool:
+    return isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError)
 
 
 def _json_or_empty(method: str, path: str, text: str, *, strict: bool = True) -> Any:

@@ -77,8 +77,14 @@ class AgentSettings:
     welcome_timeout_s: float = 15.0
     history_poll_slow_s: float = 2.0
     history_poll_fast_s: float = 0.2
-    # A job whose ComfyUI stays unreachable this long while it runs is failed.
+    # A job whose ComfyUI stays unreachable (not answering, rather than refusing) this long
+    # while it runs is handed back to the control plane to run elsewhere.
     comfyui_down_grace_s: float = 120.0
+    # How long input downloads, output uploads and the wait for the control plane's
+    # go-ahead keep trying while the control plane is away (a restart, a network cut).
+    transfer_retry_s: float = 600.0
+    # Job folders older than this are removed at start, whatever they hold.
+    state_keep_s: float = 7 * 24 * 3600.0
     # On stop, running jobs get this long to finish before they are abandoned.
     shutdown_grace_s: float = 30.0
     # Per-read timeout on HTTP calls to ComfyUI and the control plane.
@@ -161,6 +167,8 @@ class AgentSettings:
             "comfyui_start_timeout_s",
             "comfyui_restart_max_s",
             "stats_timeout_s",
+            "transfer_retry_s",
+            "state_keep_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -30,7 +30,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from protocol.messages import (
     CapacityUpdate,
-    HeldJob,
     Hello,
     JobDone,
     JobUpdate,
@@ -370,7 +369,3 @@ def _parse(raw: str | bytes) -> Message | None:
     except ProtocolError as exc:
         log.warning("ignoring a malformed message from the control plane: %s", exc)
         return None
-
-
-def held(keys: set[JobKey]) -> list[HeldJob]:
-    return [HeldJob(workflow_id=w, attempt=a) for w, a in sorted(keys)]

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_RETRIES = 3
-_RETRY_BASE_S = 0.5
+_RETRY_BASE_S = 0.25
+_RETRY_MAX_S = 10.0
+# Damaged bytes (a sha256 mismatch) are resent a few times, not for as long as an outage lasts.
+_DAMAGED_RETRIES = 3
 
 
 class TransferError(Exception):
@@ -40,12 +42,21 @@ class AttemptSuperseded(TransferError):
 
 
 class _Retryable(TransferError):
-    pass
+    """Worth another try: the control plane is away or restarting, or the bytes got damaged."""
+
+    def __init__(self, message: str, *, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
 
 class ControlPlaneFiles:
-    def __init__(self, base_url: str, token: str, *, read_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, base_url: str, token: str, *, read_timeout_s: float = 300.0, retry_s: float = 600.0
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        # How long a transfer keeps trying while the control plane cannot be reached: long
+        # enough to outlast a restart of it, after which the job fails as the fleet's fault.
+        self.retry_s = retry_s
         self._auth = {"Authorization": f"Bearer {token}"}
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -97,11 +108,14 @@ class ControlPlaneFiles:
                 await asyncio.to_thread(dest.unlink, missing_ok=True)
                 raise _Retryable(
                     f"input {file.name!r} arrived damaged: {stored.size_bytes} bytes, sha256 "
-                    f"{stored.sha256}, expected {file.size_bytes} bytes, {file.sha256}"
+                    f"{stored.sha256}, expected {file.size_bytes} bytes, {file.sha256}",
+                    damaged=True,
                 )
             return stored
 
-        return await _with_retries(attempt, f"{tag}: download of input {file.name!r} ({file.url})")
+        return await _with_retries(
+            attempt, f"{tag}: download of input {file.name!r} ({file.url})", self.retry_s
+        )
 
     async def upload_output(
         self,
@@ -112,8 +126,11 @@ class ControlPlaneFiles:
         kind: str,
         filename: str,
         content_type: str,
-        stored: StoredFile,
+        path: Path,
+        sha256: str,
+        size_bytes: int,
     ) -> OutputRef:
+        """Stream one output file from disk to the control plane, which checks its sha256."""
         url = f"{self.base_url}/v1/agent/jobs/{workflow_id}/outputs"
         params = {
             "attempt": str(attempt),
@@ -124,24 +141,26 @@ class ControlPlaneFiles:
         headers = {
             **self._auth,
             "Content-Type": content_type,
-            "X-Content-SHA256": stored.sha256,
+            "X-Content-SHA256": sha256,
             # Known up front, so the control plane can refuse an oversized body early.
-            "Content-Length": str(stored.size_bytes),
+            "Content-Length": str(size_bytes),
         }
 
         async def put_once() -> OutputRef:
             try:
                 async with self.session.put(
-                    url, params=params, headers=headers, data=read_chunks(stored.path)
+                    url, params=params, headers=headers, data=read_chunks(path)
                 ) as resp:
                     text = await resp.text()
                     if resp.status == 409:
                         raise AttemptSuperseded(
                             f"output upload for attempt {attempt} refused: no longer current"
                         )
-                    if resp.status == 400 or resp.status >= 500:
-                        # 400 is a sha256 mismatch: the bytes were damaged on the way; resend.
+                    if resp.status >= 500:
                         raise _Retryable(f"PUT outputs answered {resp.status}: {text[:200]}")
+                    if resp.status == 400:
+                        # A sha256 mismatch: the bytes were damaged on the way; resend.
+                        raise _Retryable(f"PUT outputs answered 400: {text[:200]}", damaged=True)
                     if resp.status not in (200, 201):
                         raise TransferError(f"PUT outputs answered {resp.status}: {text[:200]}")
                     body = _json_object(text)
@@ -153,12 +172,14 @@ class ControlPlaneFiles:
                 filename=filename,
                 kind=kind,
                 content_type=content_type,
-                size_bytes=int(body.get("size_bytes", stored.size_bytes)),
-                sha256=str(body.get("sha256", stored.sha256)),
+                size_bytes=int(body.get("size_bytes", size_bytes)),
+                sha256=str(body.get("sha256", sha256)),
             )
 
         return await _with_retries(
-            put_once, f"upload of output {filename!r} of workflow {workflow_id} attempt {attempt}"
+            put_once,
+            f"upload of output {filename!r} of workflow {workflow_id} attempt {attempt}",
+            self.retry_s,
         )
 
 
@@ -172,15 +193,22 @@ def _json_object(text: str) -> dict[str, Any]:
     return data
 
 
-async def _with_retries(operation: Callable[[], Awaitable[T]], what: str) -> T:
-    """A few tries with growing pauses for what may be a passing failure (a restart of the
-    control plane, a reset connection); anything else fails at once."""
-    for number in range(1, _RETRIES + 1):
+async def _with_retries(operation: Callable[[], Awaitable[T]], what: str, retry_s: float) -> T:
+    """Try again, with pauses doubling up to a few seconds, for as long as ``retry_s`` allows
+    (a control plane that restarts is back within it); damaged bytes only a few times.
+    Anything that is not worth retrying fails at once."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + retry_s
+    failures = damaged = 0
+    while True:
         try:
             return await operation()
         except _Retryable as exc:
-            if number == _RETRIES:
-                raise TransferError(f"{exc} (gave up after {_RETRIES} tries)") from exc
-            log.warning("%s failed, retrying: %s", what, exc)
-            await asyncio.sleep(_RETRY_BASE_S * 2 ** (number - 1))
-    raise AssertionError("unreachable")
+            failures += 1
+            damaged += exc.damaged
+            pause_s = min(_RETRY_MAX_S, _RETRY_BASE_S * 2 ** min(failures - 1, 16))
+            if damaged >= _DAMAGED_RETRIES or loop.time() + pause_s > give_up_at:
+                raise TransferError(f"{exc} (gave up after {failures} tries)") from exc
+            if failures == 1 or failures % 10 == 0:
+                log.warning("%s failed, trying again: %s", what, exc)
+            await asyncio.sleep(pause_s)  # the retry's own pace, not a wait for an event

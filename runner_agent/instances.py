@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,12 @@ class ComfyUIInstance:
         }
 
 
-def build_instances(settings: AgentSettings, files: ControlPlaneFiles) -> list[ComfyUIInstance]:
+def build_instances(
+    settings: AgentSettings,
+    files: ControlPlaneFiles,
+    on_unreachable: Callable[[int, str], None],
+) -> list[ComfyUIInstance]:
+    """``on_unreachable(number, reason)``: a job found instance ``number`` not answering."""
     instances = []
     for number, (url, gpu_index) in enumerate(zip(settings.comfyui_urls, settings.comfyui_gpus, strict=True)):
         comfy = ComfyUIClient(
@@ -95,7 +101,9 @@ def build_instances(settings: AgentSettings, files: ControlPlaneFiles) -> list[C
                 slots=settings.slots,
                 comfy=comfy,
                 info=info,
-                deps=ExecutorDeps(settings, comfy, info, files),
+                deps=ExecutorDeps(
+                    settings, comfy, info, files, lambda reason, n=number: on_unreachable(n, reason)
+                ),
                 supervised=supervised,
                 process_down="starting" if supervised else None,
             )

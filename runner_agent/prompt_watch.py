@@ -54,6 +54,8 @@ class PromptOutcome:
     outputs: dict[str, Any] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
     messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # A lost prompt whose ComfyUI stopped answering: that instance is down.
+    comfyui_down: bool = False
 
 
 def _as_dict(value: object) -> dict[str, Any]:
@@ -96,9 +98,13 @@ class PromptWatch:
         poll_fast_s: float,
         down_grace_s: float,
         tag: str,
+        events: bool = True,
     ) -> None:
         self.comfy = comfy
         self.client_id = uuid.uuid4().hex
+        # False for a prompt posted before the agent restarted: its events go to a client id
+        # that no longer listens, so the history poll alone follows it.
+        self._want_events = events
         self._poll_slow_s = poll_slow_s
         self._poll_fast_s = poll_fast_s
         self._down_grace_s = down_grace_s
@@ -110,6 +116,8 @@ class PromptWatch:
         self.socket_open = False
 
     async def __aenter__(self) -> PromptWatch:
+        if not self._want_events:
+            return self
         try:
             self._ws = await self.comfy.connect_ws(self.client_id)
         except ComfyUIUnavailable as exc:
@@ -215,6 +223,14 @@ class _HistoryPoller:
             outcome = await self._look()
         except ComfyUIError as exc:
             now = loop.time()
+            if isinstance(exc, ComfyUIUnavailable) and exc.refused:
+                # Nothing listens where ComfyUI was: it stopped or restarted, and its queue,
+                # this prompt included, went with it. Waiting would only delay the retry.
+                return PromptOutcome(
+                    "lost",
+                    f"ComfyUI stopped while running prompt {self.prompt_id}: {exc}",
+                    comfyui_down=True,
+                )
             if self._down_since is None:
                 log.warning("%s: cannot poll prompt %s: %s", self.tag, self.prompt_id, exc)
                 self._down_since = now
@@ -223,6 +239,7 @@ class _HistoryPoller:
                     "lost",
                     f"ComfyUI stayed unreachable for {now - self._down_since:.0f} s "
                     f"while running prompt {self.prompt_id}: {exc}",
+                    comfyui_down=True,
                 )
             return None
         if self._down_since is not None:

@@ -28,10 +28,12 @@ from protocol.messages import (
     Hello,
     Interrupt,
     Job,
+    JobAck,
     JobDone,
     JobFile,
     JobUpdate,
     Message,
+    Proceed,
     Ready,
     StatsRequest,
     Welcome,
@@ -81,6 +83,9 @@ class FakeControlPlane:
     close_codes: list[int | None] = field(default_factory=list)
     # Close codes to hang up with right after the welcome, one per connection, in order.
     hang_ups: list[int] = field(default_factory=list)
+    # As the real control plane: the go-ahead after "uploaded", an ack for each last report.
+    auto_proceed: bool = True
+    acks: bool = True
 
     def __post_init__(self) -> None:
         self.received: asyncio.Queue[Received] = asyncio.Queue()
@@ -127,6 +132,15 @@ class FakeControlPlane:
             record = Received(number, message)
             self.history.append(record)
             self.received.put_nowait(record)
+            if isinstance(message, JobUpdate) and message.status == "uploaded" and self.auto_proceed:
+                await ws.send_str(
+                    dump_message(Proceed(workflow_id=message.workflow_id, attempt=message.attempt))
+                )
+            if self.acks and _is_last_report(message):
+                assert isinstance(message, JobUpdate | JobDone)
+                await ws.send_str(
+                    dump_message(JobAck(workflow_id=message.workflow_id, attempt=message.attempt))
+                )
             if isinstance(message, Hello):
                 welcome = Welcome(
                     runner_id="runner-1",
@@ -178,7 +192,7 @@ class FakeControlPlane:
             status=201,
         )
 
-    async def send(self, message: Job | Cancel | Interrupt | StatsRequest) -> None:
+    async def send(self, message: Job | Cancel | Interrupt | StatsRequest | Proceed | JobAck) -> None:
         assert self.ws is not None
         await self.ws.send_str(dump_message(message))
 
@@ -195,11 +209,14 @@ class FakeControlPlane:
         while True:
             message = (await self.next(lambda m: _about(m, workflow_id))).message
             seen.append(message)
-            if isinstance(message, JobDone) or (
-                isinstance(message, JobUpdate)
-                and message.status in ("failed", "invalid", "cancelled", "completed")
-            ):
+            if _is_last_report(message):
                 return seen
+
+
+def _is_last_report(message: Message) -> bool:
+    return isinstance(message, JobDone) or (
+        isinstance(message, JobUpdate) and message.status in ("failed", "invalid", "cancelled", "completed")
+    )
 
 
 def _about(message: Message, workflow_id: str) -> bool:

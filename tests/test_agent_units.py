@@ -27,6 +27,7 @@ from runner_agent.instances import (
     healthy_free_slots,
     unhealthy_reason,
 )
+from runner_agent.job_folder import JobFolder
 from runner_agent.node_events import EventTranslator, nodes_to_run
 from runner_agent.outputs import OutputFile, collect_outputs
 from runner_agent.prompt_watch import outcome_from_history
@@ -399,14 +400,15 @@ async def test_jobs_go_to_free_healthy_instances_least_loaded_first(tmp_path: Pa
         environ={},
     )
     files = ControlPlaneFiles(settings.http_base_url, settings.token)
-    a, b, c = build_instances(settings, files)
+    a, b, c = build_instances(settings, files, lambda number, reason: None)
     instances = [a, b, c]
 
     async def send(message: object) -> None:
         return None
 
     def place(instance: ComfyUIInstance, workflow_id: str) -> JobExecution:
-        execution = JobExecution(_job(workflow_id), instance.deps, send)
+        folder = JobFolder(tmp_path / "jobs", workflow_id, 1)
+        execution = JobExecution(_job(workflow_id), instance.deps, send, folder)
         instance.jobs[execution.key] = execution
         return execution
 

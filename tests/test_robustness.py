@@ -17,6 +17,7 @@ from control_plane.api_workflows import content_disposition
 from control_plane.blobs import BlobStore
 from control_plane.forms import SubmittedForm, _discard, _release
 from control_plane.registry import AgentConnection
+from control_plane.store import Fault
 from control_plane.tables import Workflow
 from tests.conftest import AgentFactory, ControlPlane, png_bytes, start_control_plane
 from tests.test_e2e import WORKFLOW, seed_form, sim_config, submit
@@ -55,7 +56,7 @@ async def test_requeue_and_a_completion_at_the_same_time_do_not_both_apply(cp: C
     for _ in range(40):
         wf = await new_running(cp, account.id)
         requeued, completed = await asyncio.gather(
-            store.requeue(wf.id, 1, "runner-1", 3, "lost"),
+            store.retry(wf.id, 1, "runner-1", Fault("infrastructure", "lost", max_attempts=3, backoff_s=0)),
             store.update_current(wf.id, 1, "runner-1", {"status": "completed"}),
         )
         final = await store.get_workflow(None, wf.id)
