@@ -92,6 +92,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     for key in SENSITIVE_EXTRA_DATA_KEYS:
         extra_data.pop(key, None)
     state.queue.put([number, prompt_id, prompt, extra_data, result.outputs])
+    state.queued.append(prompt_id)
     return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": result.node_errors})
 
 
@@ -149,6 +150,9 @@ async def post_interrupt(request: web.Request) -> web.Response:
     # With a prompt id, only that prompt may be interrupted, and only while it runs.
     if not prompt_id or state.queue.is_running(prompt_id):
         state.executor.request_interrupt()
+        running = prompt_id or next(iter(state.queue.running_ids()), None)
+        if running is not None:
+            state.interrupted.append(running)
     return web.Response(status=200)
 
 

@@ -73,6 +73,9 @@ class PromptQueue:
     def is_running(self, prompt_id: str) -> bool:
         return any(item[1] == prompt_id for item in self.running.values())
 
+    def running_ids(self) -> list[str]:
+        return [str(item[1]) for item in self.running.values()]
+
     def wipe(self) -> None:
         self._heap = []
         self._on_change()

@@ -3,7 +3,8 @@
 ``POST /sim/config`` replaces ``node_delays_s`` and/or ``fail_nodes`` (each key given
 replaces that whole map). A node that is sleeping through a delay re-reads it, so dropping
 a delay releases a node that is running now. ``GET /sim/log`` lists, for the last 100
-prompts, the nodes executed (in order) and the nodes ComfyUI reported as cached.
+prompts, the nodes executed (in order), the nodes ComfyUI reported as cached and whether the
+prompt succeeded; the ids of the last 100 prompts queued; and those an interrupt hit.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ async def post_config(request: web.Request) -> web.Response:
 
 
 async def get_log(request: web.Request) -> web.Response:
-    return web.json_response({"prompts": list(request.app[SIM_STATE].log)})
+    state = request.app[SIM_STATE]
+    return web.json_response(
+        {"prompts": list(state.log), "queued": list(state.queued), "interrupted": list(state.interrupted)}
+    )
 
 
 ROUTES: list[tuple[str, str, Any]] = [

@@ -26,8 +26,11 @@ class SimState:
         self.hub = WsHub()
         self.queue = PromptQueue(on_change=self.broadcast_status)
         self.executor = Executor(settings, self.paths, self.hub)
-        # What /sim/log reports: which nodes really ran, per prompt.
+        # What /sim/log reports: which nodes really ran, per prompt; every prompt queued; and
+        # the prompts an interrupt was aimed at while they ran.
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
+        self.queued: deque[str] = deque(maxlen=LOG_SIZE)
+        self.interrupted: deque[str] = deque(maxlen=LOG_SIZE)
         self._tasks: list[asyncio.Task[None]] = []
 
     def queue_info(self) -> dict[str, Any]:
@@ -42,6 +45,7 @@ class SimState:
                 "prompt_id": outcome.prompt_id,
                 "executed": list(outcome.executed),
                 "cached": list(outcome.cached),
+                "success": outcome.success,
             }
         )
 

@@ -169,9 +169,8 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         try:
             await _stream(resp, queue, wf, await svc.queue_position(wf))
+            await resp.write_eof()
         except ConnectionResetError:
             # The client left: an ordinary end of a stream, not an error.
             log.info("workflow %s: event stream closed by the client", wf.id)
-            return resp
-    await resp.write_eof()
     return resp

@@ -19,6 +19,7 @@ from control_plane import (
     api_templates,
     api_workflows,
     dashboard,
+    failpoints,
     idempotency,
     openapi,
 )
@@ -27,6 +28,7 @@ from control_plane.blobs import BlobStore
 from control_plane.db import create_schema, make_engine
 from control_plane.errors import error_middleware
 from control_plane.events import EventHub
+from control_plane.failpoints import FailPoints
 from control_plane.fleet import Fleet
 from control_plane.metrics import METRICS_KEY, Metrics
 from control_plane.registry import Registry
@@ -61,7 +63,7 @@ def create_app(settings: Settings) -> web.Application:
         await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url)
         await create_schema(engine)
-        store = Store(engine)
+        store = Store(engine, FailPoints(failpoints.parse(settings.failpoints)))
         await store.forget_idempotent_before(utcnow() - timedelta(seconds=idempotency.KEEP_S))
         blobs = BlobStore(settings.blob_dir)
         await asyncio.to_thread(blobs.setup)

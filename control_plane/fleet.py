@@ -143,7 +143,11 @@ class Fleet:
             return
         if self._wake_later is not None:
             self._wake_later.cancel()
-        self._wake_later = loop.call_at(when, self.kick)
+        self._wake_later = loop.call_at(when, self._kick_due)
+
+    def _kick_due(self) -> None:
+        self._wake_later = None
+        self.kick()
 
     def changed(self) -> None:
         self._changed.set()

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from control_plane import failpoints
+
 ENV_PREFIX = "COMFYFLEET_"
 
 
@@ -76,6 +78,8 @@ class Settings:
     # nodes to have a free slot, then goes to any runner that can run it.
     rerun_affinity_wait_s: float = 60.0
     tiers: dict[str, Tier] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    # Names of fail points where the process dies as a crash would (failpoints.py); tests only.
+    failpoints: str = ""
 
     @property
     def resolved_database_url(self) -> str:
@@ -96,6 +100,7 @@ class Settings:
             raise ValueError("runner_timeout_s must be at least twice heartbeat_s")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        failpoints.parse(self.failpoints)
         if self.retry_backoff_s < 0 or self.deadline_sweep_s <= 0:
             raise ValueError("retry_backoff_s must not be negative and deadline_sweep_s must be positive")
         return self

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +20,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from control_plane.errors import NotFound
+from control_plane.failpoints import FailPoints
 from control_plane.tables import (
     Account,
     ApiToken,
@@ -55,8 +56,9 @@ def new_token(prefix: str) -> str:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, fail_points: FailPoints | None = None) -> None:
         self.engine = engine
+        self._fail = fail_points or FailPoints()
         # Read-check-write of a workflow must not interleave with another. PostgreSQL locks
         # the row (SELECT ... FOR UPDATE); SQLite has no row locks, so one control-plane
         # process serialises these sections with this lock.
@@ -194,7 +196,8 @@ class Store:
             s.add(workflow)
             if receipt is not None:
                 s.add(receipt)
-            await _commit_receipt(s, receipt)
+            await _commit_receipt(s, receipt, lambda: self._fail.hit("before_workflow_commit"))
+            self._fail.hit("after_workflow_commit")
             return workflow
 
     async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
@@ -445,6 +448,7 @@ class Store:
             if receipt is not None:
                 s.add(receipt)
             await _commit_receipt(s, receipt)
+            self._fail.hit("after_attempt_commit")
             return wf
 
     async def expired(self, now: datetime) -> list[str]:
@@ -669,8 +673,14 @@ def _holds_current(wf: Workflow | None, attempt: int, runner_id: str | None) -> 
     )
 
 
-async def _commit_receipt(s: AsyncSession, receipt: IdempotencyRecord | None) -> None:
+async def _commit_receipt(
+    s: AsyncSession, receipt: IdempotencyRecord | None, before_commit: Callable[[], None] | None = None
+) -> None:
+    """Commit, turning a taken Idempotency-Key (written in this transaction) into KeyTaken."""
     try:
+        await s.flush()
+        if before_commit is not None:
+            before_commit()
         await s.commit()
     except IntegrityError:
         if receipt is None:

@@ -89,7 +89,10 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
         help="jobs run at once on each ComfyUI instance (env COMFYFLEET_AGENT_SLOTS; default 1)",
     )
     parser.add_argument(
-        "--data-dir", metavar="DIR", help="work folder for downloads (env COMFYFLEET_AGENT_DATA_DIR)"
+        "--data-dir",
+        metavar="DIR",
+        help="the agent's job folders, kept until the control plane has each result "
+        "(env COMFYFLEET_AGENT_DATA_DIR)",
     )
     parser.add_argument(
         "--heartbeat-s",

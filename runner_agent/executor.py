@@ -352,6 +352,7 @@ class JobExecution:
         never ran; ``False``: its end, which is on its way, is the confirmation."""
         pause_s = _STOP_RECHECK_S
         deleted = False
+        interrupts = 0
         while not following.done():
             try:
                 where = queue_position(await self.deps.comfy.queue(), prompt_id)
@@ -359,7 +360,14 @@ class JobExecution:
                     await self.deps.comfy.delete_from_queue([prompt_id])
                     deleted = True
                 elif where == "running":
-                    log.info("%s: interrupting running prompt %s", self.tag, prompt_id)
+                    # Said once; the look again and again that follows is not news.
+                    log.log(
+                        logging.DEBUG if interrupts else logging.INFO,
+                        "%s: interrupting running prompt %s",
+                        self.tag,
+                        prompt_id,
+                    )
+                    interrupts += 1
                     await self.deps.comfy.interrupt(prompt_id)
                 elif deleted:
                     log.info("%s: deleted prompt %s from ComfyUI's queue", self.tag, prompt_id)

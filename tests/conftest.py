@@ -189,6 +189,16 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[AgentFactory]:
             await asyncio.wait_for(task, 10)
 
 
+async def poll_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
+    """Until ``check()`` holds, looking again every 50 ms; TimeoutError past the deadline.
+    For state that sends no event (a file on disk, another process)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.05)  # the poll's pace, not a wait for something to happen
+
+
 def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")

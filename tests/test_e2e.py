@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import AgentFactory, ControlPlane, png_bytes, read_png, start_control_plane
+from tests.conftest import AgentFactory, ControlPlane, png_bytes, poll_until, read_png, start_control_plane
 
 WORKFLOW: dict[str, Any] = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "$file(input_image)"}},
@@ -252,16 +252,26 @@ async def test_agent_reconnects_after_control_plane_restart_and_finishes_its_job
 async def test_cancel_while_uploaded_keeps_the_prompt_from_running(
     cp: ControlPlane, sim: str, start_agent: AgentFactory, http: aiohttp.ClientSession
 ) -> None:
-    # ComfyUI is slow to accept the prompt: the job sits in "uploaded" meanwhile. Its first
-    # node is slow too, so that a cancel that lands while the prompt is being accepted can
-    # still stop it before its output node (a prompt that finished is beyond stopping).
-    await sim_config(http, sim, prompt_accept_delay_s=1.0, node_delays_s={"LoadImage": 1.0})
+    # ComfyUI is slow to accept the prompt: the job sits in "uploaded" meanwhile, its prompt on
+    # the way. Its first node takes a minute, so only the agent can keep the prompt from its
+    # outputs; that node is let go once the agent has acted, whichever way it went.
+    await sim_config(http, sim, prompt_accept_delay_s=1.0, node_delays_s={"LoadImage": 60.0})
     runner = await cp.create_runner()
-    await start_agent(cp.base, runner["token"], sim)
+    agent = await start_agent(cp.base, runner["token"], sim)
     wf = await submit(cp, WORKFLOW, **{"$prompt": "a", "$input_image": png_bytes((1, 2, 3))})
     await cp.wait_for_status(wf["id"], {"uploaded"})
     status, body = await cp.request("POST", f"/v1/workflow/{wf['id']}/cancel")
     assert (status, body["status"]) == (200, "cancelled")
+
+    async def agent_acted() -> bool:
+        # Either the cancel came before the prompt was posted (the job ended, nothing
+        # posted) or ComfyUI got the prompt and the agent interrupted it.
+        async with http.get(f"{sim}/sim/log") as resp:
+            log = await resp.json()
+        interrupted = bool(log["queued"]) and set(log["queued"]) <= set(log["interrupted"])
+        return interrupted or (wf["id"], 1) not in agent.jobs
+
+    await poll_until(agent_acted)
     await sim_config(http, sim, prompt_accept_delay_s=0, node_delays_s={})
     nxt = await submit(cp, WORKFLOW, **{"$prompt": "b", "$input_image": png_bytes((1, 2, 3))})
     done = await cp.wait_for_status(nxt["id"], {"completed", "failed"})
@@ -270,7 +280,7 @@ async def test_cancel_while_uploaded_keeps_the_prompt_from_running(
     async with http.get(f"{sim}/sim/log") as resp:
         ran = {p["prompt_id"]: p for p in (await resp.json())["prompts"]}
     others = [p for pid, p in ran.items() if pid != done["prompt_id"]]
-    assert all("5" not in p["executed"] for p in others)
+    assert all("5" not in p["executed"] and not p["success"] for p in others)
     _, final = await cp.request("GET", f"/v1/workflow/{wf['id']}")
     assert final["status"] == "cancelled"
     _, listing = await cp.request("GET", f"/v1/workflow/{wf['id']}/outputs")

@@ -322,7 +322,12 @@ async def test_load_invert_scale_save_computes_real_pixels(comfy: Sim) -> None:
     assert exact.shape == expected.shape
     assert np.abs(exact - expected).max() <= 1
     # LoadImage and ImageInvert were cached from the previous prompt.
-    assert (await comfy.log())[-1] == {"prompt_id": prompt_id, "executed": ["3", "4"], "cached": ["1", "2"]}
+    assert (await comfy.log())[-1] == {
+        "prompt_id": prompt_id,
+        "executed": ["3", "4"],
+        "cached": ["1", "2"],
+        "success": True,
+    }
 
     # A subfolder on both ends: "sub/name.png" in, "folder/prefix" out.
     status, answer = await comfy.upload(source_bytes, "probe_input.png", subfolder="sub")
