@@ -35,6 +35,9 @@ from control_plane.tables import (
 )
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "invalid"})
+# The order an attempt moves through; a report never moves a workflow back (a report said
+# again after a reconnect can arrive after a later one).
+_PROGRESS = {"accepted": 0, "uploaded": 1, "queued": 2, "running": 3}
 # What a task still open becomes when its workflow ends this way.
 _TASK_END = {"completed": "COMPLETED", "failed": "FAILED", "invalid": "FAILED", "cancelled": "CANCELED"}
 # How long a retried attempt waits before it is dispatched: doubling per attempt up to this.
@@ -319,6 +322,9 @@ class Store:
             if not _holds_current(wf, attempt, runner_id):
                 return None
             assert wf is not None
+            status = changes.get("status")
+            if status in _PROGRESS and _PROGRESS[status] < _PROGRESS.get(wf.status, 0):
+                changes = {k: v for k, v in changes.items() if k not in ("status", "started_at")}
             for key, value in changes.items():
                 setattr(wf, key, value)
             if resolved_params is not None or texts:

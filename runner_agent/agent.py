@@ -259,15 +259,21 @@ class Agent:
                 )
                 execution.abandon()
             self._forget(key)
-        # Last reports that went out on an earlier connection may never have arrived; those
-        # still in the connection's buffer go out with it.
+        # What went out on an earlier connection just before it dropped may never have
+        # arrived: last reports not yet acknowledged, and the "uploaded" that waits for its
+        # go-ahead. Those still in the connection's buffer go out with it.
         buffered = self.connection.buffer.keys()
-        self._resend = [e for key, e in self.unacked.items() if key not in buffered]
+        self._resend = [
+            e
+            for e in (*self.jobs.values(), *self.unacked.values())
+            if e.key not in buffered and ((e.final is not None and not e.acked) or e.awaiting_go is not None)
+        ]
 
     async def on_connected(self) -> None:
         for execution in self._resend:
-            if execution.final is not None and execution.key in self.unacked:
-                await self.connection.send(execution.final)
+            message = execution.final if execution.final is not None else execution.awaiting_go
+            if message is not None and not execution.acked:
+                await self.connection.send(message)
         self._resend = []
         # Even when it is none (every ComfyUI down): the control plane learns where it stands.
         if not self._stopping:

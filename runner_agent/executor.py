@@ -109,6 +109,9 @@ class JobExecution:
         # The last report, once said; kept in the folder until the control plane acknowledges it.
         self.final: FinalReport | None = None
         self.acked = False
+        # The "uploaded" report while it waits for the go-ahead: said again after a reconnect,
+        # since a message sent just before a connection drops may never have arrived.
+        self.awaiting_go: JobUpdate | None = None
         self._stop = asyncio.Event()
         self._go = asyncio.Event()
         self._report_stop = True
@@ -199,8 +202,18 @@ class JobExecution:
             return
         file_names = await self._unless_stopped(self._stage_inputs(self.folder.inputs))
         prompt, resolved = await self._fill_in(file_names)
-        await self._update(status="uploaded", resolved_params=resolved)
-        await self._wait_for_go()
+        uploaded = JobUpdate(
+            workflow_id=self.job.workflow_id,
+            attempt=self.job.attempt,
+            status="uploaded",
+            resolved_params=resolved,
+        )
+        self.awaiting_go = uploaded
+        try:
+            await self._send(uploaded)
+            await self._wait_for_go()
+        finally:
+            self.awaiting_go = None
         to_run = nodes_to_run(prompt, await self.deps.comfy_info.output_classes())
         translator = EventTranslator(prompt, to_run)
         async with self._watch(events=True) as watch:

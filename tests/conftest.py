@@ -18,10 +18,10 @@ from aiohttp import web
 from PIL import Image
 
 from comfyfleet.admin import create_token
+from comfyfleet.throwaway_postgres import PgServer
 from control_plane.app import create_app
 from control_plane.services import Services
 from control_plane.settings import Settings
-from tests.pg_server import PgServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -179,3 +179,23 @@ async def test_a_comfyui_that_stops_mid_prompt_is_the_fleets_fault_and_goes_out_
     assert final.error.kind == "infrastructure" and final.error.exception_type == "PromptLost"
     assert "ComfyUI stopped while running prompt" in final.error.message
     assert set(offers()) == {0}
+
+
+async def test_an_uploaded_report_lost_with_its_connection_is_said_again(
+    tmp_path: Path, sim: Sim, cp: FakeControlPlane
+) -> None:
+    cp.auto_proceed = False
+    agent = Agent(make_settings(tmp_path, cp, sim.url, reconnect_initial_s=0.05, reconnect_max_s=0.2))
+    async with running(agent):
+        await connect_and_ready(cp)
+        await cp.send(empty_image_job("wf-again"))
+        await cp.next(lambda m: isinstance(m, JobUpdate) and m.status == "uploaded")
+        assert cp.ws is not None
+        await cp.ws.close(code=1001)  # as if the control plane died before reading it
+        hello = (await cp.next(lambda m: isinstance(m, Hello))).message
+        assert isinstance(hello, Hello) and hello.jobs == [HeldJob(workflow_id="wf-again", attempt=1)]
+        again = (await cp.next(lambda m: isinstance(m, JobUpdate) and m.workflow_id == "wf-again")).message
+        assert isinstance(again, JobUpdate) and again.status == "uploaded"
+        await cp.send(Proceed(workflow_id="wf-again", attempt=1))
+        done = (await cp.until_job_ends("wf-again"))[-1]
+    assert isinstance(done, JobDone) and len(done.outputs) == 1

@@ -402,6 +402,24 @@ async def test_uploaded_gets_the_go_ahead_unless_the_workflow_was_cancelled_firs
         await ws.close()
 
 
+async def test_a_report_said_again_after_a_later_one_does_not_move_the_workflow_back(
+    cp: ControlPlane,
+) -> None:
+    ws, _ = await bare_agent(cp, "hand")
+    try:
+        await ws.send(dump_message(Ready(free_slots=1)))
+        wf = await submit(cp)
+        await next_of(ws, "job")
+        for status in ("uploaded", "running", "uploaded"):  # the last one resent after a reconnect
+            await ws.send(dump_message(JobUpdate(workflow_id=wf, attempt=1, status=status)))
+        assert (await next_of(ws, "proceed"))["workflow_id"] == wf
+        assert (await next_of(ws, "proceed"))["workflow_id"] == wf  # asked again, answered again
+        _, now = await cp.request("GET", f"/v1/workflow/{wf}")
+        assert now["status"] == "running"
+    finally:
+        await ws.close()
+
+
 async def test_a_result_sent_twice_is_applied_once_and_acknowledged_twice(cp: ControlPlane) -> None:
     ws, _ = await bare_agent(cp, "hand")
     try:

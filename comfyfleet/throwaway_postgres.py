@@ -1,6 +1,6 @@
-"""A throwaway PostgreSQL server for the tests: Debian's binaries, a data directory under
-/tmp, a free port on 127.0.0.1, no fsync. Started once per test session, stopped at its end;
-each test gets a database of its own."""
+"""A throwaway PostgreSQL server for local runs (the tests, the chaos run, the benchmarks):
+Debian's binaries, a data directory under /tmp, a free port on 127.0.0.1, no fsync. Each user
+of it gets a database of its own (:meth:`PgServer.new_database`)."""
 
 from __future__ import annotations
 
