@@ -111,6 +111,9 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
         watchdog = asyncio.create_task(_watchdog(svc, conn))
         try:
             await _receive_loop(svc, conn)
+        except ConnectionResetError as exc:
+            # The agent's host went away mid-frame: the ordinary end of a connection.
+            log.info("runner %s: connection reset: %s", runner.id, exc)
         finally:
             watchdog.cancel()
     finally:

@@ -72,6 +72,18 @@ SCHEMAS: dict[str, Any] = {
             "exception_type": _STRING_OR_NULL,
             "exception_message": _STRING_OR_NULL,
             "node_errors": {"type": ["object", "null"]},
+            "failure_reason": {
+                "enum": ["workflow", "infrastructure", "timeout", "queue_timeout", None],
+                "description": "whose failure it was: the workflow's own graph, the fleet's once "
+                "max_attempts ran out, an attempt past timeout_s, or no runner within the queue limit",
+            },
+            "attempts": {
+                "type": "array",
+                "description": "each attempt that ended without a result: attempt, runner_id, kind, reason, at",
+                "items": _ANY_OBJECT,
+            },
+            "timeout_s": {"type": "integer"},
+            "queue_timeout_s": {"type": "integer"},
             "reruns": {"type": "array", "items": {"type": "string"}},
             "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
         },
@@ -89,6 +101,8 @@ SCHEMAS: dict[str, Any] = {
             "cached": {"type": "boolean"},
             "started_at": _TIME_OR_NULL,
             "ended_at": _TIME_OR_NULL,
+            "reason": _STRING_OR_NULL,
+            "failure_kind": {"enum": ["workflow", "infrastructure", "out_of_memory", None]},
         },
     },
     "Output": {
@@ -133,6 +147,7 @@ SCHEMAS: dict[str, Any] = {
             "description": {"type": "string"},
             "body": _ANY_OBJECT,
             "parameters": {"type": "array", "items": _ANY_OBJECT},
+            "timeout_s": {"type": ["integer", "null"]},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"},
         },
@@ -152,7 +167,8 @@ _MULTIPART = {
     "multipart/form-data": {
         "schema": {
             "type": "object",
-            "description": "name, tags (comma list), workflow_json (file or field); $name text fields "
+            "description": "name, tags (comma list), workflow_json (file or field), correlation_id, "
+            "timeout_s (seconds an attempt may take, up to the tier's maximum); $name text fields "
             "and file parts, #name choice fields",
             "additionalProperties": True,
         }
