@@ -220,10 +220,12 @@ class Chaos:
         running: set[asyncio.Task[None]] = set()
         kill_at = self.rand.uniform(0.2, 0.6) * self.submit_every_s * len(self.subs)
         running.add(asyncio.create_task(self._later(kill_at, "cp-kill", http)))
-        while not self.done.is_set():
+        played = 1  # the control plane's kill, planned above
+        while not self.done.is_set() and (self.args.max_faults is None or played < self.args.max_faults):
             await asyncio.sleep(self.rand.uniform(0.5, 1.5) * self.args.fault_every_s)
             if self.done.is_set():
                 break
+            played += 1
             kind = planned.pop() if planned else self.rand.choice(FAULTS[:3])
             task = asyncio.create_task(self._play(kind, http))
             running.add(task)
@@ -478,6 +480,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--job-s", type=float, default=0.3, help="how long each workflow takes on ComfyUI")
     parser.add_argument("--fault-every-s", type=float, default=3.0, help="mean pause between faults")
+    parser.add_argument(
+        "--max-faults", type=int, help="stop after this many faults (at least 4: one of each)"
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="submissions in flight")
     parser.add_argument("--max-attempts", type=int, default=5)
     parser.add_argument("--drain-timeout-s", type=float, default=900.0)
