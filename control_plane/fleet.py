@@ -373,8 +373,11 @@ class Fleet:
     async def job_update(self, conn: AgentConnection, msg: JobUpdate) -> None:
         error = msg.error
         if msg.status == "failed" and error is not None and error.kind != "workflow":
-            await self._attempt_faulted(conn, msg, error)
-            return
+            fault = await self._fault_of(conn, msg.workflow_id, error)
+            if fault is not None:
+                await self._attempt_faulted(conn, msg, fault)
+                return
+            # Out of memory with nowhere roomier to go: the workflow's own failure after all.
         changes: dict[str, Any] = {}
         if msg.prompt_id is not None:
             changes["prompt_id"] = msg.prompt_id
@@ -425,28 +428,13 @@ class Fleet:
             conn.jobs.discard(wf.id)
             await conn.send(JobAck(workflow_id=wf.id, attempt=wf.attempt))
 
-    async def _attempt_faulted(self, conn: AgentConnection, msg: JobUpdate, error: JobError) -> None:
-        """An attempt ended by the fleet's fault, or by a node out of GPU memory."""
+    async def _fault_of(self, conn: AgentConnection, workflow_id: str, error: JobError) -> Fault | None:
+        """The retry an attempt ended by the fleet's fault gets; for a node out of GPU memory,
+        one more try on a runner with more free GPU memory, if the fleet has one and the
+        workflow has not had that try already (``None`` otherwise)."""
         where = f"on runner {conn.name}: {error.message}"
-        if error.kind == "out_of_memory":
-            fault = await self._out_of_memory_retry(conn, msg.workflow_id, error, where)
-            if fault is None:
-                # Nowhere with more memory to go: the workflow's own failure after all.
-                final = msg.model_copy(update={"error": error.model_copy(update={"kind": "workflow"})})
-                await self.job_update(conn, final)
-                return
-        else:
-            fault = self._fault("infrastructure", where, exception_type=error.exception_type)
-        if not await self._retry(msg.workflow_id, msg.attempt, conn.runner_id, fault):
-            log.info("workflow %s: dropped stale failure of attempt %d", msg.workflow_id, msg.attempt)
-        conn.jobs.discard(msg.workflow_id)
-        await conn.send(JobAck(workflow_id=msg.workflow_id, attempt=msg.attempt))
-
-    async def _out_of_memory_retry(
-        self, conn: AgentConnection, workflow_id: str, error: JobError, where: str
-    ) -> Fault | None:
-        """One more try on a runner with more free GPU memory, if the fleet has one and the
-        workflow has not had that try already."""
+        if error.kind != "out_of_memory":
+            return self._fault("infrastructure", where, exception_type=error.exception_type)
         wf = await self.store.get_workflow(None, workflow_id)
         if any(entry.get("kind") == "out_of_memory" for entry in wf.attempt_log):
             return None
@@ -460,6 +448,12 @@ class Fleet:
             node_id=error.node_id,
             min_gpu_free_bytes=had + 1,
         )
+
+    async def _attempt_faulted(self, conn: AgentConnection, msg: JobUpdate, fault: Fault) -> None:
+        if not await self._retry(msg.workflow_id, msg.attempt, conn.runner_id, fault):
+            log.info("workflow %s: dropped stale failure of attempt %d", msg.workflow_id, msg.attempt)
+        conn.jobs.discard(msg.workflow_id)
+        await conn.send(JobAck(workflow_id=msg.workflow_id, attempt=msg.attempt))
 
     async def job_done(self, conn: AgentConnection, msg: JobDone) -> None:
         now = utcnow()

@@ -79,7 +79,8 @@ SCHEMAS: dict[str, Any] = {
             },
             "attempts": {
                 "type": "array",
-                "description": "each attempt that ended without a result: attempt, runner_id, kind, reason, at",
+                "description": "each attempt that ended without a result "
+                "(attempt, runner_id, kind, reason, at)",
                 "items": _ANY_OBJECT,
             },
             "timeout_s": {"type": "integer"},

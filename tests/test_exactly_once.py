@@ -39,6 +39,15 @@ class Served:
         await self.part.start()
         await processes.wait_until_answers(f"{self.base}/healthz")
 
+    async def client(self, account: str) -> dict[str, str]:
+        """Headers with a client token of ``account``, made straight in the database."""
+        settings = Settings(data_dir=self.root, database_url=self.database_url).validate()
+        return {"Authorization": f"Bearer {await create_token(settings, account, None, 'client', None)}"}
+
+    async def add_runner(self, http: aiohttp.ClientSession, auth: dict[str, str]) -> None:
+        async with http.post(f"{self.base}/v1/runner", json={"name": "r"}, headers=auth) as resp:
+            assert resp.status == 201
+
     async def crashed(self) -> int | None:
         assert self.part is not None
         return await asyncio.wait_for(self.part.exited(), 30)
@@ -60,14 +69,11 @@ async def test_a_crash_around_the_commit_of_a_submit_leaves_exactly_one_workflow
     tmp_path: Path, database_url: str, http: aiohttp.ClientSession
 ) -> None:
     served = Served(tmp_path / "cp", database_url)
-    settings = Settings(data_dir=served.root, database_url=database_url).validate()
     try:
         for point, replayed in (("before_workflow_commit", False), ("after_workflow_commit", True)):
-            token = await create_token(settings, point, None, "client", None)
-            auth = {"Authorization": f"Bearer {token}"}
+            auth = await served.client(point)
             await served.start(point)
-            async with http.post(f"{served.base}/v1/runner", json={"name": "r"}, headers=auth) as resp:
-                assert resp.status == 201
+            await served.add_runner(http, auth)
             keyed = {**auth, "Idempotency-Key": f"submit-{point}"}
             with pytest.raises(aiohttp.ClientConnectionError):
                 await post(http, f"{served.base}/v1/workflow", keyed, data=seed_form(SLOW))
@@ -94,13 +100,10 @@ async def test_a_crash_after_a_rerun_from_a_task_commits_starts_one_new_attempt(
     tmp_path: Path, database_url: str, http: aiohttp.ClientSession
 ) -> None:
     served = Served(tmp_path / "cp", database_url)
-    settings = Settings(data_dir=served.root, database_url=database_url).validate()
-    token = await create_token(settings, "acme", None, "client", None)
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = await served.client("acme")
     try:
         await served.start("after_attempt_commit")
-        async with http.post(f"{served.base}/v1/runner", json={"name": "r"}, headers=auth) as resp:
-            assert resp.status == 201
+        await served.add_runner(http, auth)
         status, wf, _ = await post(http, f"{served.base}/v1/workflow", auth, data=seed_form(SLOW))
         assert status == 201
         status, _, _ = await post(http, f"{served.base}/v1/workflow/{wf['id']}/cancel", auth)
@@ -125,13 +128,10 @@ async def test_retries_at_the_same_time_create_one_workflow_and_get_one_answer(
     tmp_path: Path, database_url: str, http: aiohttp.ClientSession
 ) -> None:
     served = Served(tmp_path / "cp", database_url)
-    settings = Settings(data_dir=served.root, database_url=database_url).validate()
-    token = await create_token(settings, "acme", None, "client", None)
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = await served.client("acme")
     try:
         await served.start()
-        async with http.post(f"{served.base}/v1/runner", json={"name": "r"}, headers=auth) as resp:
-            assert resp.status == 201
+        await served.add_runner(http, auth)
         keyed = {**auth, "Idempotency-Key": "same"}
         answers = await asyncio.gather(
             *(post(http, f"{served.base}/v1/workflow", keyed, data=seed_form(SLOW)) for _ in range(8))

@@ -212,6 +212,9 @@ async def test_out_of_memory_gets_one_more_try_on_a_runner_with_more_free_gpu_me
     again = await cp.wait_for_status(await submit(cp, other), ENDS)
     assert (again["status"], again["failure_reason"]) == ("failed", "workflow")
     assert again["attempt"] == 2 and oom in again["exception_message"]
+    _, conductor = await cp.request("GET", f"/api/workflow/{again['id']}")
+    [last] = [t for t in conductor["tasks"] if t["attempt"] == 2 and t["node_id"] == "2"]
+    assert (last["status"], last["failure_kind"]) == ("FAILED", "out_of_memory")
 
 
 async def test_the_workflows_own_errors_are_not_retried(
