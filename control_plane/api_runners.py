@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from aiohttp import web
 
 from control_plane.errors import BadRequest, Conflict, GatewayTimeout
 from control_plane.http_util import json_body, paging
+from control_plane.names import check_tags
 from control_plane.services import Services
 from control_plane.tables import new_id
 from control_plane.views import runner_view
@@ -18,8 +18,6 @@ from protocol.messages import Interrupt, Reply, StatsRequest
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-_TAG = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-MAX_TAGS = 10
 CLOSE_RUNNER_DELETED = 4003
 
 
@@ -30,17 +28,11 @@ def _name(value: Any) -> str:
 
 
 def _tags(value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [t.strip() for t in value.split(",") if t.strip()]
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+    if not isinstance(value, str | list) or (
+        isinstance(value, list) and not all(isinstance(t, str) for t in value)
+    ):
         raise BadRequest("tags must be a list of strings or a comma-separated string")
-    tags = list(dict.fromkeys(value))
-    if len(tags) > MAX_TAGS:
-        raise BadRequest(f"at most {MAX_TAGS} tags")
-    for tag in tags:
-        if not _TAG.match(tag):
-            raise BadRequest(f"bad tag {tag!r}: use letters, digits and _ . : - (at most 64)")
-    return tags
+    return check_tags(value)
 
 
 @routes.post("/v1/runner")

@@ -10,7 +10,7 @@ from aiohttp import web
 from control_plane import idempotency
 from control_plane.api_workflows import created_receipt
 from control_plane.errors import BadRequest
-from control_plane.forms import SubmittedForm, uploaded_form
+from control_plane.forms import MAX_NAME_CHARS, SubmittedForm, uploaded_form
 from control_plane.http_util import paging
 from control_plane.services import Services
 from control_plane.submissions import create_workflow
@@ -35,7 +35,11 @@ def template_view(template: Template) -> dict[str, Any]:
     }
 
 
-def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, Any]:
+# A template's timeout is held to the tier's maximum when it runs; stored, it is bounded here.
+_MAX_TEMPLATE_TIMEOUT_S = 30 * 24 * 3600
+
+
+async def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, Any]:
     if form.texts or form.choices or form.files:
         raise BadRequest("a template takes name, description and body; parameters are sent when it runs")
     changes: dict[str, Any] = {}
@@ -48,14 +52,17 @@ def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, Any]:
         changes["description"] = form.fields["description"]
     if "timeout_s" in form.fields:
         raw = form.fields["timeout_s"].strip()
-        if raw and (not raw.isdigit() or int(raw) < 1):
-            raise BadRequest("timeout_s must be a whole number of seconds, 1 or more (empty: the tier's)")
+        if raw and not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= _MAX_TEMPLATE_TIMEOUT_S):
+            raise BadRequest(
+                f"timeout_s must be a whole number of seconds from 1 to {_MAX_TEMPLATE_TIMEOUT_S} "
+                "(empty: the tier's default)"
+            )
         changes["timeout_s"] = int(raw) if raw else None
     if form.workflow_json is not None or "body" in form.fields or not partial:
         form.workflow_json = form.workflow_json or form.fields.get("body", "").encode() or None
         if form.workflow_json is None:
             raise BadRequest("body is required (the workflow JSON, as a file part or a field)")
-        body = form.workflow()
+        body = await form.workflow("body")
         try:
             declared_parameters(body)
         except PlaceholderError as exc:
@@ -80,7 +87,7 @@ async def create_template(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
     async with _template_form(request, svc) as form:
-        changes = _template_fields(_body_part(form), partial=False)
+        changes = await _template_fields(_body_part(form), partial=False)
     template = await svc.store.add_template(Template(account_id=principal.account.id, **changes))
     return web.json_response(template_view(template), status=201)
 
@@ -108,7 +115,7 @@ async def update_template(request: web.Request) -> web.Response:
     principal = await svc.auth.client(request)
     await svc.store.get_template(principal.account.id, request.match_info["id"])
     async with _template_form(request, svc) as form:
-        changes = _template_fields(_body_part(form), partial=True)
+        changes = await _template_fields(_body_part(form), partial=True)
     template = await svc.store.update_template(principal.account.id, request.match_info["id"], changes)
     return web.json_response(template_view(template))
 
@@ -130,7 +137,7 @@ async def run_template(request: web.Request) -> web.Response:
                 principal.account,
                 form,
                 workflow_json=template.body,
-                name=form.fields.get("name", "").strip() or template.name,
+                name=form.text_field("name", MAX_NAME_CHARS) or template.name,
                 tags=form.tags(),
                 default_timeout_s=template.timeout_s,
                 receipt=created_receipt(claim),

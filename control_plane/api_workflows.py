@@ -12,7 +12,7 @@ from aiohttp import web
 from control_plane import idempotency
 from control_plane.errors import BadRequest
 from control_plane.events import Event
-from control_plane.forms import uploaded_form
+from control_plane.forms import MAX_NAME_CHARS, uploaded_form
 from control_plane.http_util import paging
 from control_plane.services import Services
 from control_plane.store import TERMINAL
@@ -49,8 +49,8 @@ async def submit_workflow(request: web.Request) -> web.Response:
                 svc,
                 principal.account,
                 form,
-                workflow_json=form.workflow(),
-                name=form.fields.get("name", "").strip() or "untitled",
+                workflow_json=await form.workflow(),
+                name=form.text_field("name", MAX_NAME_CHARS) or "untitled",
                 tags=form.tags(),
                 receipt=created_receipt(claim),
             )

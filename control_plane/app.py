@@ -26,7 +26,7 @@ from control_plane import (
 from control_plane.auth import Authenticator
 from control_plane.blobs import BlobStore
 from control_plane.db import create_schema, make_engine
-from control_plane.errors import error_middleware
+from control_plane.errors import error_middleware, url_middleware
 from control_plane.events import EventHub
 from control_plane.failpoints import FailPoints
 from control_plane.fleet import Fleet
@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> web.Application:
     # The 50 MB cap is enforced while streaming (forms.py); this only bounds aiohttp's own
     # buffered reads, which we do not use for uploads.
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, url_middleware], client_max_size=settings.max_request_bytes
+    )
     for module in (
         api_workflows,
         api_reruns,

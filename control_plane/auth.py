@@ -27,13 +27,17 @@ class Principal:
 
 
 def bearer_token(request: web.Request) -> str | None:
+    """The token sent, if any. Tokens are printable ASCII: anything else is no token of ours
+    (and bytes that are not even UTF-8 must not reach the hash)."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
-    alt = request.headers.get("X-Authorization", "").strip()
-    if alt.lower().startswith("bearer "):
-        alt = alt[7:].strip()
-    return alt or None
+        raw: str | None = header[7:].strip() or None
+    else:
+        alt = request.headers.get("X-Authorization", "").strip()
+        raw = (alt[7:].strip() if alt.lower().startswith("bearer ") else alt) or None
+    if raw is not None and not (raw.isascii() and raw.isprintable()):
+        raise Unauthorized("invalid token: a token is printable ASCII")
+    return raw
 
 
 class Authenticator:

@@ -84,3 +84,12 @@ async def error_middleware(request: web.Request, handler):  # type: ignore[no-un
         raise
     except json.JSONDecodeError as exc:
         return error_response(400, f"request body is not valid JSON: {exc.msg}")
+
+
+@web.middleware
+async def url_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """A NUL anywhere in the path or the query (ids, filters) is refused up front: PostgreSQL
+    cannot compare text with one, so every database answers the same."""
+    if "\x00" in request.path or any("\x00" in k or "\x00" in v for k, v in request.query.items()):
+        raise BadRequest("the URL holds a NUL character (%00)")
+    return await handler(request)

@@ -8,22 +8,38 @@ for its size is refused before its body is read.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from control_plane.blobs import BlobStore
 from control_plane.errors import BadRequest, TooLarge
+from control_plane.graph import check_graph
 from control_plane.json_limits import parse_json
+from control_plane.names import check_tags
 
 _CHUNK = 64 * 1024
 # Plain fields are read into memory; none of them needs to be big.
 _MAX_FIELD_BYTES = 8 * 1024 * 1024
+MAX_NAME_CHARS = 200
+# A form has at most this many parts: the largest tier's parameters and the plain fields fit.
+MAX_PARTS = 1000
+# The event loop gets a turn every so many parts.
+_YIELD_EVERY = 32
+_MAX_URLENCODED_BYTES = 1024 * 1024
+# What aiohttp's multipart reader raises for a body that is not well formed (no boundary, a
+# part cut short, a header it cannot parse): the sender's mistake, a 400.
+_MALFORMED = (ValueError, RuntimeError, AssertionError, LookupError, HttpProcessingError)
+# A workflow larger than this is parsed off the event loop.
+_PARSE_ON_LOOP_BYTES = 256 * 1024
 
 
 @dataclass
@@ -58,13 +74,14 @@ class SubmittedForm:
     def parameter_count(self) -> int:
         return len(self.texts) + len(self.choices) + len(self.files)
 
-    def workflow(self) -> dict[str, Any]:
+    async def workflow(self, what: str = "workflow_json") -> dict[str, Any]:
+        """The workflow sent, parsed and checked: nesting, and the shape of its graph."""
         if self.workflow_json is None:
-            raise BadRequest("workflow_json is required (a file part or a field)")
-        data = parse_json(self.workflow_json, "workflow_json")
-        if not isinstance(data, dict) or not data:
-            raise BadRequest("workflow_json must be a non-empty object of nodes (ComfyUI API format)")
-        return data
+            raise BadRequest(f"{what} is required (a file part or a field)")
+        raw = self.workflow_json
+        if len(raw) > _PARSE_ON_LOOP_BYTES:
+            return await asyncio.to_thread(_parse_workflow, raw, what)
+        return _parse_workflow(raw, what)
 
     def fingerprint(self) -> str:
         """What identifies this request for Idempotency-Key: fields, and file contents by hash."""
@@ -83,9 +100,22 @@ class SubmittedForm:
         return digest.hexdigest()
 
     def tags(self) -> list[str]:
-        raw = self.fields.get("tags", "")
-        tags = [t.strip() for t in raw.split(",") if t.strip()]
-        return list(dict.fromkeys(tags))
+        return check_tags(self.fields.get("tags", ""))
+
+    def text_field(self, name: str, max_chars: int) -> str | None:
+        """A plain field, stripped; ``None`` when absent or empty; 400 past ``max_chars``."""
+        value = self.fields.get(name, "").strip()
+        if len(value) > max_chars:
+            raise BadRequest(f"{name} is at most {max_chars} characters")
+        return value or None
+
+
+def _parse_workflow(raw: bytes, what: str) -> dict[str, Any]:
+    data = parse_json(raw, what)
+    if not isinstance(data, dict) or not data:
+        raise BadRequest(f"{what} must be a non-empty object of nodes (ComfyUI API format)")
+    check_graph(data)
+    return data
 
 
 class _Budget:
@@ -143,44 +173,12 @@ async def _read_form(
 ) -> SubmittedForm:
     check_declared_length(request, limit)
     if request.content_type == "application/x-www-form-urlencoded":
-        return _from_urlencoded(await request.post())
+        return _from_urlencoded(await _urlencoded_pairs(request))
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("send multipart/form-data (curl -F) or a url-encoded form")
-    budget = _Budget(limit)
     form = SubmittedForm()
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise BadRequest("nested multipart is not supported")
-            name = part.name or ""
-            if name.startswith("$") and part.filename is not None:
-                stored = await blobs.write(_chunks(part, budget), max_bytes=limit)
-                blobs.hold(stored.sha256)
-                form.held.append(stored.sha256)
-                if stored.created:
-                    form.new_blobs.append(stored.sha256)
-                form.files[name[1:]] = UploadedFile(
-                    sha256=stored.sha256,
-                    filename=part.filename,
-                    size_bytes=stored.size_bytes,
-                    content_type=part.headers.get("Content-Type", "application/octet-stream"),
-                )
-                continue
-            data = await _read_small(part, budget)
-            if name == "workflow_json":
-                form.workflow_json = data
-                continue
-            try:
-                text = data.decode()
-            except UnicodeDecodeError as exc:
-                raise BadRequest(f"field {name!r} is not UTF-8 text") from exc
-            if name.startswith("$"):
-                form.texts[name[1:]] = text
-            elif name.startswith("#"):
-                form.choices[name[1:]] = text
-            else:
-                form.fields[name] = text
+        await _read_parts(request, form, blobs, _Budget(limit))
     except BaseException:
         await _discard(form, blobs, referenced)
         _release(form, blobs)
@@ -188,21 +186,95 @@ async def _read_form(
     return form
 
 
-def _from_urlencoded(post: Any) -> SubmittedForm:
+async def _read_parts(request: web.Request, form: SubmittedForm, blobs: BlobStore, budget: _Budget) -> None:
+    try:
+        reader = await request.multipart()
+        count = 0
+        while (part := await reader.next()) is not None:
+            count += 1
+            if count > MAX_PARTS:
+                raise BadRequest(f"a form has at most {MAX_PARTS} parts")
+            if count % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a turn for everyone else: a long form must not stall them
+            await _take_part(part, form, blobs, budget)
+    except _MALFORMED as exc:
+        detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        raise BadRequest(f"malformed multipart body: {' '.join(detail.split())}"[:300]) from None
+
+
+async def _take_part(
+    part: BodyPartReader | MultipartReader, form: SubmittedForm, blobs: BlobStore, budget: _Budget
+) -> None:
+    if not isinstance(part, BodyPartReader):
+        raise BadRequest("nested multipart is not supported")
+    name = no_nul(part.name or "", "a part's name")
+    if name.startswith("$") and part.filename is not None:
+        filename = no_nul(part.filename, f"the file name of part {name!r}")
+        stored = await blobs.write(_chunks(part, budget), max_bytes=budget.limit)
+        blobs.hold(stored.sha256)
+        form.held.append(stored.sha256)
+        if stored.created:
+            form.new_blobs.append(stored.sha256)
+        form.files[name[1:]] = UploadedFile(
+            sha256=stored.sha256,
+            filename=filename,
+            size_bytes=stored.size_bytes,
+            content_type=part.headers.get("Content-Type", "application/octet-stream"),
+        )
+        return
+    data = await _read_small(part, budget)
+    if name == "workflow_json":
+        form.workflow_json = data
+        return
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"field {name!r} is not UTF-8 text") from exc
+    _put_text(form, name, text)
+
+
+def _put_text(form: SubmittedForm, name: str, text: str) -> None:
+    text = no_nul(text, f"field {name!r}")
+    if name.startswith("$"):
+        form.texts[name[1:]] = text
+    elif name.startswith("#"):
+        form.choices[name[1:]] = text
+    else:
+        form.fields[name] = text
+
+
+async def _urlencoded_pairs(request: web.Request) -> list[tuple[str, str]]:
+    raw = await request.content.read(_MAX_URLENCODED_BYTES + 1)
+    if len(raw) > _MAX_URLENCODED_BYTES:
+        raise TooLarge(
+            f"a url-encoded form is at most {_MAX_URLENCODED_BYTES} bytes; send files as multipart"
+        )
+    try:
+        text = raw.decode()
+        return parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_PARTS, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise BadRequest("a url-encoded form must be UTF-8") from None
+    except ValueError:
+        raise BadRequest(f"a form has at most {MAX_PARTS} fields") from None
+
+
+def _from_urlencoded(pairs: list[tuple[str, str]]) -> SubmittedForm:
     """A form without files (some clients send text-only forms url-encoded)."""
     form = SubmittedForm()
-    for name, value in post.items():
-        if not isinstance(value, str):
-            raise BadRequest(f"field {name!r} must be text in a url-encoded form")
+    for name, value in pairs:
+        name = no_nul(name, "a field's name")
         if name == "workflow_json":
             form.workflow_json = value.encode()
-        elif name.startswith("$"):
-            form.texts[name[1:]] = value
-        elif name.startswith("#"):
-            form.choices[name[1:]] = value
         else:
-            form.fields[name] = value
+            _put_text(form, name, value)
     return form
+
+
+def no_nul(text: str, what: str) -> str:
+    """PostgreSQL cannot store a NUL in text: refused on every database alike."""
+    if "\x00" in text:
+        raise BadRequest(f"{what} holds a NUL character")
+    return text
 
 
 async def _discard(form: SubmittedForm, blobs: BlobStore, referenced: Referenced) -> None:

@@ -1,8 +1,45 @@
-"""The node graph of a ComfyUI API-format workflow: which nodes feed which."""
+"""The node graph of a ComfyUI API-format workflow: its shape, and which nodes feed which."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from control_plane.errors import BadRequest
+
+
+def check_graph(workflow: dict[str, Any]) -> None:
+    """400 unless every node is ``{"class_type": str, "inputs": {...}}`` and every list among
+    the inputs is a link ``[node id, output index]`` to a node of the workflow (ComfyUI reads
+    any list input as a link), before anything else looks at the graph."""
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict):
+            raise BadRequest(f"node {node_id} must be an object with class_type and inputs")
+        class_type = node.get("class_type")
+        if not isinstance(class_type, str) or not class_type:
+            raise BadRequest(f"node {node_id}: class_type must be a non-empty string")
+        inputs = node.get("inputs", {})
+        if not isinstance(inputs, dict):
+            raise BadRequest(f"node {node_id}: inputs must be an object")
+        for name, value in inputs.items():
+            if isinstance(value, list):
+                _check_link(workflow, node_id, name, value)
+
+
+def _check_link(workflow: dict[str, Any], node_id: str, name: str, link: list[Any]) -> None:
+    well_formed = (
+        len(link) == 2
+        and isinstance(link[0], str | int)
+        and not isinstance(link[0], bool)
+        and isinstance(link[1], int)
+        and not isinstance(link[1], bool)
+        and link[1] >= 0
+    )
+    if not well_formed:
+        raise BadRequest(
+            f"node {node_id} input {name!r}: a link is [node id, output index], not {link!r}"[:300]
+        )
+    if str(link[0]) not in workflow:
+        raise BadRequest(f"node {node_id} input {name!r} links to node {link[0]}, which the workflow lacks")
 
 
 def links(workflow: dict[str, Any]) -> dict[str, set[str]]:

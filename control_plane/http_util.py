@@ -7,18 +7,21 @@ from typing import Any
 from aiohttp import web
 
 from control_plane.errors import BadRequest
-from control_plane.json_limits import parse_json
+from control_plane.json_limits import json_holds_nul, parse_json
+
+# Far beyond any list's end, and well inside what both databases take as an offset.
+MAX_PAGE = 1_000_000
 
 
 def paging(request: web.Request) -> tuple[int, int]:
-    """``page`` (from 1) and ``per_page`` (1..100, default 10) -> (offset, limit)."""
+    """``page`` (1..1,000,000) and ``per_page`` (1..100, default 10) -> (offset, limit)."""
     try:
         page = int(request.query.get("page", "1"))
         per_page = int(request.query.get("per_page", "10"))
     except ValueError as exc:
         raise BadRequest("page and per_page must be integers") from exc
-    if page < 1:
-        raise BadRequest("page must be 1 or more")
+    if not 1 <= page <= MAX_PAGE:
+        raise BadRequest(f"page must be between 1 and {MAX_PAGE}")
     if not 1 <= per_page <= 100:
         raise BadRequest("per_page must be between 1 and 100")
     return (page - 1) * per_page, per_page
@@ -35,4 +38,6 @@ async def json_body(request: web.Request, limit: int = 1024 * 1024) -> dict[str,
     data = parse_json(raw, "body")
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
+    if json_holds_nul(data):
+        raise BadRequest("body holds a NUL character (\\u0000), which cannot be stored")
     return data

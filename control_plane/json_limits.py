@@ -49,3 +49,19 @@ def parse_json(raw: str | bytes, what: str, limit: int = MAX_DEPTH) -> Any:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from exc
     check_depth(data, what, limit)
     return data
+
+
+def json_holds_nul(value: Any) -> bool:
+    """Whether a NUL is in any key or string of ``value`` (PostgreSQL cannot store one in text)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

@@ -144,7 +144,7 @@ async def create_workflow(
                 "values": values,
                 "files": {n: form.files[n].to_param() for n in parameters if n in form.files},
             },
-            correlation_id=form.fields.get("correlation_id") or None,
+            correlation_id=form.text_field("correlation_id", 255),
         ),
         svc,
         account,
