@@ -65,10 +65,20 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     account = _env("ACCOUNT")
     create.add_argument("--account", required=account is None, default=account, help="[COMFYFLEET_ACCOUNT]")
     create.add_argument("--tier", default=_env("TIER"), help="free, pro or enterprise [COMFYFLEET_TIER]")
-    create.add_argument("--scope", choices=("client", "operator"), default=_env("SCOPE", "client"))
+    create.add_argument(
+        "--scope",
+        choices=("client", "operator", "admin"),
+        default=_env("SCOPE", "client"),
+        help="client: act for the account; operator: watch its fleet; admin: watch every account's",
+    )
     create.add_argument("--expires-in-days", type=float, default=_env("EXPIRES_IN_DAYS"))
-    create.add_argument("--data-dir", default=None)
-    create.add_argument("--database-url", default=None)
+    listing = token.add_parser("list", help="list tokens (never the tokens themselves)")
+    listing.add_argument("--account", default=None, help="only this account's")
+    revoke = token.add_parser("revoke", help="revoke a token by its id (from 'token list')")
+    revoke.add_argument("token_id")
+    for command in (create, listing, revoke):
+        command.add_argument("--data-dir", default=None)
+        command.add_argument("--database-url", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,10 +127,28 @@ def _simulator(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from comfyfleet.admin import create_token
+    from comfyfleet.admin import create_token, list_tokens, revoke_token
     from control_plane.settings import load_settings
 
     settings = load_settings({"data_dir": args.data_dir, "database_url": args.database_url})
+    if args.token_cmd == "list":
+        rows = asyncio.run(list_tokens(settings, args.account))
+        print(f"{'id':36}  {'account':20}  {'scope':8}  {'created':20}  {'expires':20}  last used")
+        for row in rows:
+            when = {
+                k: row[k].strftime("%Y-%m-%d %H:%M:%S") if row[k] else "-" for k in row if k.endswith("_at")
+            }
+            print(
+                f"{row['id']:36}  {row['account'][:20]:20}  {row['scope']:8}  {when['created_at']:20}  "
+                f"{when['expires_at']:20}  {when['last_used_at']}"
+            )
+        return 0
+    if args.token_cmd == "revoke":
+        if not asyncio.run(revoke_token(settings, args.token_id)):
+            print(f"comfyfleet: error: no token {args.token_id}", file=sys.stderr)
+            return 1
+        print(f"revoked token {args.token_id}")
+        return 0
     raw = asyncio.run(create_token(settings, args.account, args.tier, args.scope, args.expires_in_days))
     print(f"created a {args.scope} token for account {args.account!r}; it is shown only once:")
     print(raw)

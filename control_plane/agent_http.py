@@ -8,7 +8,7 @@ import mimetypes
 import aiohttp
 from aiohttp import web
 
-from control_plane.errors import BadRequest, Conflict, NotFound
+from control_plane.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from control_plane.services import Services
 from control_plane.store import TERMINAL
 from control_plane.tables import Output
@@ -17,7 +17,7 @@ from control_plane.views import output_view
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-# Outputs can be videos: larger than client uploads, but still bounded.
+# Outputs can be videos: larger than client uploads, but still bounded, one by one and in all.
 MAX_OUTPUT_BYTES = 4 * 1024**3
 
 
@@ -51,13 +51,23 @@ async def upload_output(request: web.Request) -> web.Response:
         raise BadRequest("attempt, node_id and filename are required query parameters") from exc
     if wf.runner_id != runner.id or wf.attempt != attempt or wf.status in TERMINAL:
         raise Conflict(f"attempt {attempt} of workflow {wf.id} is not current on this runner")
+    # Refused on what it declares, before a byte of the body is read.
+    declared = request.content_length
+    if declared is not None and declared > MAX_OUTPUT_BYTES:
+        raise PayloadTooLarge(f"an output is at most {MAX_OUTPUT_BYTES} bytes; this one declares {declared}")
+    room = svc.settings.max_job_output_bytes - await svc.store.output_bytes(wf.id, attempt)
+    if declared is not None and declared > room:
+        raise PayloadTooLarge(
+            f"attempt {attempt} of workflow {wf.id} may upload {svc.settings.max_job_output_bytes} bytes "
+            f"of outputs in all; {max(room, 0)} are left"
+        )
     content_type = (
         request.headers.get("Content-Type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
     )
     try:
         stored = await svc.blobs.write(
             request.content.iter_chunked(64 * 1024),
-            max_bytes=MAX_OUTPUT_BYTES,
+            max_bytes=min(MAX_OUTPUT_BYTES, max(room, 0)),
             expected_sha256=request.headers.get("X-Content-SHA256"),
         )
     except (ConnectionError, aiohttp.ClientPayloadError) as exc:

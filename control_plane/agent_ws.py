@@ -129,11 +129,26 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _watchdog(svc: Services, conn: AgentConnection) -> None:
-    """Close the socket of a runner gone silent: its jobs then get their grace period."""
+    """Close the socket of a runner gone silent: its jobs then get their grace period.
+
+    Silence is counted only while the control plane itself was there to listen: when the
+    watchdog wakes late, the event loop was busy and the runner's frames may be sitting
+    unread, so that time is not held against the runner."""
     timeout_s = svc.settings.runner_timeout_s
+    check_s = timeout_s / 3
+    loop = asyncio.get_running_loop()
+    missed_s = 0.0  # of the silence so far, how long the loop was too busy to listen
+    heard = conn.heard_at
     while not conn.ws.closed:
-        await asyncio.sleep(timeout_s / 3)  # a periodic check, not a wait for an event
-        silent_s = time.time() - conn.last_seen_at
+        planned = loop.time() + check_s
+        await asyncio.sleep(check_s)  # a periodic check, not a wait for an event
+        late_s = loop.time() - planned
+        if conn.heard_at != heard:
+            heard, missed_s = conn.heard_at, 0.0
+        missed_s += max(0.0, late_s)
+        if late_s > check_s / 2:
+            continue  # just back from a stall: let the receive loop read what waited first
+        silent_s = loop.time() - conn.heard_at - missed_s
         if silent_s > timeout_s:
             log.warning(
                 "runner %s: nothing heard for %.0f s; closing its connection", conn.runner_id, silent_s
@@ -146,7 +161,7 @@ async def _receive_loop(svc: Services, conn: AgentConnection) -> None:
     async for frame in conn.ws:
         if frame.type != WSMsgType.TEXT:
             continue
-        conn.last_seen_at = time.time()
+        conn.heard()
         try:
             msg = parse_message(frame.data)
         except ProtocolError as exc:
@@ -169,7 +184,6 @@ async def _handle(svc: Services, conn: AgentConnection, msg: object) -> None:
         await svc.fleet.job_done(conn, msg)
     elif isinstance(msg, CapacityUpdate):
         conn.capacity = msg.capacity.model_dump()
-        conn.last_seen_at = time.time()
         was_healthy = conn.healthy
         conn.healthy, conn.unhealthy_reason = msg.healthy, msg.unhealthy_reason
         if conn.healthy != was_healthy:

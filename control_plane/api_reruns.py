@@ -22,7 +22,12 @@ from control_plane.http_util import json_body
 from control_plane.json_limits import check_depth
 from control_plane.services import Services
 from control_plane.store import TERMINAL
-from control_plane.submissions import check_parameter_count, check_runner_available, rerun_with_parameters
+from control_plane.submissions import (
+    check_parameter_count,
+    check_runner_available,
+    check_submit_rate,
+    rerun_with_parameters,
+)
 from control_plane.tables import Task, Workflow
 from control_plane.views import workflow_view
 from protocol.placeholders import ParameterError, PlaceholderError, declared_parameters, merge_values
@@ -36,6 +41,7 @@ _BODY_FIELDS = {"reRunFromTaskId", "reRunFromWorkflowId", "correlationId", "task
 async def rerun_with_new_parameters(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
+    check_submit_rate(svc, principal.account, principal.token_id)
     original = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
     async with uploaded_form(
         request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
@@ -96,6 +102,7 @@ def _merge_task_input(
 async def rerun_from_task(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
+    check_submit_rate(svc, principal.account, principal.token_id)
     body = await json_body(request)
     wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
     unknown = set(body) - _BODY_FIELDS

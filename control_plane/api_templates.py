@@ -13,7 +13,7 @@ from control_plane.errors import BadRequest
 from control_plane.forms import MAX_NAME_CHARS, SubmittedForm, uploaded_form
 from control_plane.http_util import paging
 from control_plane.services import Services
-from control_plane.submissions import create_workflow
+from control_plane.submissions import check_submit_rate, create_workflow
 from control_plane.tables import Template
 from control_plane.views import iso, workflow_view
 from protocol.placeholders import PlaceholderError, declared_parameters
@@ -124,6 +124,7 @@ async def update_template(request: web.Request) -> web.Response:
 async def run_template(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
+    check_submit_rate(svc, principal.account, principal.token_id)
     template = await svc.store.get_template(principal.account.id, request.match_info["id"])
     async with _template_form(request, svc) as form:
 

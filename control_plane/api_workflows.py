@@ -16,7 +16,7 @@ from control_plane.forms import MAX_NAME_CHARS, uploaded_form
 from control_plane.http_util import paging
 from control_plane.services import Services
 from control_plane.store import TERMINAL
-from control_plane.submissions import Receipt, create_workflow
+from control_plane.submissions import Receipt, check_submit_rate, create_workflow
 from control_plane.tables import Workflow
 from control_plane.views import output_view, workflow_status_event, workflow_summary, workflow_view
 
@@ -40,6 +40,7 @@ def created_receipt(claim: idempotency.Claim | None) -> Receipt | None:
 async def submit_workflow(request: web.Request) -> web.Response:
     svc = services(request)
     principal = await svc.auth.client(request)
+    check_submit_rate(svc, principal.account, principal.token_id)
     async with uploaded_form(
         request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
     ) as form:
@@ -114,8 +115,28 @@ async def download_output(request: web.Request) -> web.StreamResponse:
     out = await svc.store.get_output(principal.account.id, request.match_info["id"])
     return web.FileResponse(
         svc.blobs.path(out.sha256),
-        headers={"Content-Type": out.content_type, "Content-Disposition": content_disposition(out.filename)},
+        headers={
+            "Content-Type": safe_content_type(out.content_type),
+            "Content-Disposition": content_disposition(out.filename),
+            # The type a runner declared is not to be second-guessed into something a
+            # browser runs, here on the control plane's own origin.
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        },
     )
+
+
+# Kinds of output a browser only displays. Anything else (HTML, SVG, scripts) is served as
+# bytes to save: a runner's ComfyUI names the type, and it must not run on this origin.
+_SAFE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif", "image/avif", "text/plain"})
+_SAFE_FAMILIES = ("video/", "audio/")
+
+
+def safe_content_type(declared: str) -> str:
+    base = declared.split(";", 1)[0].strip().lower()
+    if base in _SAFE_TYPES or base.startswith(_SAFE_FAMILIES):
+        return base
+    return "application/octet-stream"
 
 
 def content_disposition(filename: str) -> str:

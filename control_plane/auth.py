@@ -19,11 +19,21 @@ from control_plane.tables import Account, Runner, as_utc, utcnow
 _TOUCH_EVERY_S = 60.0
 
 
+# What a token may do: act for its account (client), watch its account's fleet (operator),
+# or watch every account's (admin, the platform's own operators).
+SCOPES = ("client", "operator", "admin")
+_OPERATOR_SCOPES = frozenset({"operator", "admin"})
+
+
 @dataclass(frozen=True)
 class Principal:
     account: Account
     scope: str
     token_id: str
+
+    @property
+    def sees_every_account(self) -> bool:
+        return self.scope == "admin"
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -55,7 +65,7 @@ class Authenticator:
         token, account = found
         if token.expires_at is not None and as_utc(token.expires_at) <= utcnow():
             raise Unauthorized("token expired")
-        if scope == "operator" and token.scope != "operator":
+        if scope == "operator" and token.scope not in _OPERATOR_SCOPES:
             raise Unauthorized("this needs an operator token")
         now = time.monotonic()
         if now - self._touched.get(token.id, -_TOUCH_EVERY_S) >= _TOUCH_EVERY_S:

@@ -1,6 +1,7 @@
 """The operator dashboard: an HTML page, a JSON snapshot and a live stream of snapshots.
 
-Routes (``routes``; operator tokens only, everything scoped to the token's account):
+Routes (``routes``; operator tokens only, everything scoped to the token's account, or to
+every account for an ``admin`` token):
 
     GET /dashboard                      the page (static HTML, CSS and JS served from here)
     GET /dashboard/assets/{name}        dashboard.css, dashboard.js
@@ -16,13 +17,13 @@ The snapshot (times are ISO 8601 UTC, durations seconds, sizes bytes; null where
 
     {
       "generated_at": "2025-01-01T12:00:00.000000Z",
-      "account": {"id": str, "name": str},
+      "account": {"id": str | null, "name": str},   # null, "every account": an admin token
       "summary": {"runners": int, "runners_online": int, "gpus_online": int,
                   "jobs_running": int,          # workflows held by a runner, not finished
                   "waiting": int,               # accepted, no runner yet
                   "completed_last_hour": int, "failed_last_hour": int},
       "runners": [{                             # online first, then by name
-          "id": str, "name": str, "tags": [str], "status": "active" | "disabled",
+          "id": str, "name": str, "account": str, "tags": [str], "status": "active" | "disabled",
           "online": bool, "healthy": bool | null, "unhealthy_reason": str | null,
           "connected_at": str | null, "last_seen": str | null,
           "slots": int | null, "free_slots": int | null, "comfyui_version": str | null,
@@ -78,10 +79,9 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.dashboard_data import build_snapshot
+from control_plane.dashboard_data import View, build_snapshot
 from control_plane.errors import NotFound, Unauthorized
 from control_plane.services import Services
-from control_plane.tables import Account
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -134,7 +134,7 @@ async def dashboard_asset(request: web.Request) -> web.FileResponse:
 async def dashboard_json(request: web.Request) -> web.Response:
     svc = _services(request)
     principal = await svc.auth.client(request, scope="operator")
-    snapshot = await build_snapshot(svc, principal.account)
+    snapshot = await build_snapshot(svc, View.of(principal.account, principal.sees_every_account))
     return web.json_response(snapshot, headers={"Cache-Control": "no-store"})
 
 
@@ -153,7 +153,8 @@ async def dashboard_stream(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     last_write = last_auth = loop.time()
     try:
-        with _feed(request.app, svc, principal.account).subscribe() as queue:
+        view = View.of(principal.account, principal.sees_every_account)
+        with _feed(request.app, svc, view).subscribe() as queue:
             while not _client_gone(request):
                 payload: bytes | None = b""
                 try:
@@ -198,26 +199,26 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 _FEEDS: weakref.WeakKeyDictionary[web.Application, dict[str, _Feed]] = weakref.WeakKeyDictionary()
 
 
-def _feed(app: web.Application, svc: Services, account: Account) -> _Feed:
+def _feed(app: web.Application, svc: Services, view: View) -> _Feed:
     feeds = _FEEDS.setdefault(app, {})
-    feed = feeds.get(account.id)
+    feed = feeds.get(view.key)
     if feed is None or feed.closed:
-        feed = feeds[account.id] = _Feed(svc, account, on_idle=lambda f: _forget(feeds, f))
+        feed = feeds[view.key] = _Feed(svc, view, on_idle=lambda f: _forget(feeds, f))
     return feed
 
 
 def _forget(feeds: dict[str, _Feed], feed: _Feed) -> None:
-    if feeds.get(feed.account.id) is feed:
-        del feeds[feed.account.id]
+    if feeds.get(feed.view.key) is feed:
+        del feeds[feed.view.key]
 
 
 class _Feed:
     """Snapshots of one account, built by one task and handed to every subscriber; each
     subscriber holds only the latest one (a slow client skips, it never piles up)."""
 
-    def __init__(self, svc: Services, account: Account, on_idle: Callable[[_Feed], None]) -> None:
+    def __init__(self, svc: Services, view: View, on_idle: Callable[[_Feed], None]) -> None:
         self.svc = svc
-        self.account = account
+        self.view = view
         self.closed = False
         self._on_idle = on_idle
         self._subscribers: set[asyncio.Queue[bytes | None]] = set()
@@ -233,7 +234,7 @@ class _Feed:
             queue.put_nowait(self._latest)
         self._subscribers.add(queue)
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"dashboard feed {self.account.id}")
+            self._task = asyncio.create_task(self._run(), name=f"dashboard feed {self.view.key}")
             self._task.add_done_callback(self._ended)
         try:
             yield queue
@@ -244,7 +245,7 @@ class _Feed:
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("dashboard feed of account %s failed", self.account.id, exc_info=task.exception())
+            log.error("dashboard feed of %s failed", self.view.name, exc_info=task.exception())
         # Whatever ended it, its streams end too: their clients reconnect to a fresh feed.
         self.close()
 
@@ -280,9 +281,9 @@ class _Feed:
             stop = asyncio.ensure_future(self._stop.wait())
             try:
                 try:
-                    self._publish(await build_snapshot(self.svc, self.account))
+                    self._publish(await build_snapshot(self.svc, self.view))
                 except Exception:  # a loop boundary: log, keep the streams, try again
-                    log.exception("dashboard snapshot for account %s failed", self.account.id)
+                    log.exception("dashboard snapshot of %s failed", self.view.name)
                 await asyncio.wait(
                     {change, stop, shutdown}, timeout=REFRESH_S, return_when=asyncio.FIRST_COMPLETED
                 )

@@ -1,4 +1,5 @@
-"""The operator dashboard's snapshot of one account's fleet (its shape: ``dashboard.py``).
+"""The operator dashboard's snapshot of one account's fleet, or of every account's for the
+platform's own operators (``admin`` tokens); its shape: ``dashboard.py``.
 
 Built from the registry (who is connected, live capacity) and the store, with a handful of
 short read-only queries that load only the columns they show (never ``workflow_json`` or a
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
@@ -52,29 +54,46 @@ _WF_COLUMNS = (
 )
 
 
-async def build_snapshot(svc: Services, account: Account, now: datetime | None = None) -> dict[str, Any]:
-    """Everything the dashboard shows for ``account``; only its runners and workflows."""
+@dataclass(frozen=True)
+class View:
+    """Whose fleet a snapshot shows: one account, or every account (``account_id`` None)."""
+
+    account_id: str | None
+    name: str
+
+    @classmethod
+    def of(cls, account: Account, every_account: bool) -> View:
+        return cls(None, "every account") if every_account else cls(account.id, account.name)
+
+    @property
+    def key(self) -> str:
+        return self.account_id or "*"
+
+    def only(self, column: Any) -> list[Any]:
+        return [column == self.account_id] if self.account_id is not None else []
+
+
+async def build_snapshot(svc: Services, view: View, now: datetime | None = None) -> dict[str, Any]:
+    """Everything the dashboard shows for ``view``; only those runners and workflows."""
     now = as_utc(now or utcnow())
     async with svc.store.session() as s:
-        runner_rows = await _runners(s, account.id)
+        runner_rows = await _runners(s, view)
         inflight = await _workflows(
             s,
-            Workflow.account_id == account.id,
+            *view.only(Workflow.account_id),
             col(Workflow.runner_id).is_not(None),
             col(Workflow.status).not_in(TERMINAL),
             order=col(Workflow.created_at),
         )
         current_nodes = await _current_nodes(s, inflight)
-        queue_rows = await _queue(s, account.id)
+        queue_rows = await _queue(s, view)
         recent = await _workflows(
-            s, Workflow.account_id == account.id, order=col(Workflow.created_at).desc(), limit=RECENT_LIMIT
+            s, *view.only(Workflow.account_id), order=col(Workflow.created_at).desc(), limit=RECENT_LIMIT
         )
-        throughput = await _throughput(s, account.id, now)
+        throughput = await _throughput(s, view, now)
 
     names = {r["id"]: r["name"] for r in runner_rows}
-    conns = {
-        c.runner_id: c for c in svc.registry.all() if c.account_id == account.id and c.runner_id in names
-    }
+    conns = {c.runner_id: c for c in svc.registry.all() if c.runner_id in names}
     jobs_by_runner: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for wf in inflight:
         jobs_by_runner[wf["runner_id"]].append(_job_view(wf, current_nodes.get(wf["id"]), now))
@@ -84,7 +103,7 @@ async def build_snapshot(svc: Services, account: Account, now: datetime | None =
     online = [r for r in runners if r["online"]]
     return {
         "generated_at": iso(now),
-        "account": {"id": account.id, "name": account.name},
+        "account": {"id": view.account_id, "name": view.name},
         "summary": {
             "runners": len(runners),
             "runners_online": len(online),
@@ -104,13 +123,21 @@ async def build_snapshot(svc: Services, account: Account, now: datetime | None =
 # -- queries ----------------------------------------------------------------------------
 
 
-async def _runners(s: AsyncSession, account_id: str) -> list[dict[str, Any]]:
+async def _runners(s: AsyncSession, view: View) -> list[dict[str, Any]]:
     rows = await s.exec(
         select(
-            Runner.id, Runner.name, Runner.tags, Runner.status, Runner.last_seen_at, Runner.capacity
-        ).where(Runner.account_id == account_id)
+            Runner.id,
+            Runner.name,
+            Runner.tags,
+            Runner.status,
+            Runner.last_seen_at,
+            Runner.capacity,
+            Account.name,
+        )
+        .join(Account, col(Account.id) == col(Runner.account_id))
+        .where(*view.only(Runner.account_id))
     )
-    keys = ("id", "name", "tags", "status", "last_seen_at", "capacity")
+    keys = ("id", "name", "tags", "status", "last_seen_at", "capacity", "account")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
@@ -145,12 +172,12 @@ async def _current_nodes(s: AsyncSession, inflight: list[dict[str, Any]]) -> dic
     return {wf_id: label for wf_id, (_, label) in found.items()}
 
 
-async def _queue(s: AsyncSession, account_id: str) -> list[tuple[str, int, datetime]]:
+async def _queue(s: AsyncSession, view: View) -> list[tuple[str, int, datetime]]:
     """Waiting workflows (accepted, no runner yet) counted per tag set."""
     rows = await s.exec(
         select(Workflow.tag_index, func.count(), func.min(Workflow.created_at))
         .where(
-            Workflow.account_id == account_id,
+            *view.only(Workflow.account_id),
             Workflow.status == "accepted",
             col(Workflow.runner_id).is_(None),
         )
@@ -159,7 +186,7 @@ async def _queue(s: AsyncSession, account_id: str) -> list[tuple[str, int, datet
     return [(tag_index, int(count), oldest) for tag_index, count, oldest in rows]
 
 
-async def _throughput(s: AsyncSession, account_id: str, now: datetime) -> dict[str, Any]:
+async def _throughput(s: AsyncSession, view: View, now: datetime) -> dict[str, Any]:
     """Workflows that finished completed or failed (failed + invalid) per five-minute
     bucket; the buckets are aligned to the clock and the last one holds ``now``."""
     epoch = now.timestamp()
@@ -173,7 +200,7 @@ async def _throughput(s: AsyncSession, account_id: str, now: datetime) -> dict[s
         sums.append(func.sum(case((and_(inside, Workflow.status == "completed"), 1), else_=0)))
         sums.append(func.sum(case((and_(inside, col(Workflow.status).in_(FAILED)), 1), else_=0)))
     row = (
-        await s.exec(select(*sums).where(Workflow.account_id == account_id, done_at >= start, done_at < end))
+        await s.exec(select(*sums).where(*view.only(Workflow.account_id), done_at >= start, done_at < end))
     ).one()
     counts = [int(v or 0) for v in row]
     buckets = [
@@ -248,6 +275,7 @@ def _runner_view(
     return {
         "id": row["id"],
         "name": row["name"],
+        "account": row["account"],
         "tags": list(row["tags"] or []),
         "status": row["status"],
         "online": live,

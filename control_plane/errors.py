@@ -7,7 +7,9 @@
      ├── Forbidden         403 (tier limits)
      ├── NotFound          404 (also for other accounts' objects: never 403)
      ├── Conflict          409
+     ├── PayloadTooLarge   413 (an agent's upload past its limits, refused before its body)
      ├── Unprocessable     422 (an idempotency key reused with another body)
+     ├── TooManyRequests   429 (a submit rate limit; ``retry_after_s`` goes in Retry-After)
      └── GatewayTimeout    504 (a runner did not answer in time)
 
 Nothing below the API layer raises ``web.HTTP*``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 from aiohttp import web
 
@@ -55,8 +58,20 @@ class Conflict(DomainError):
     status = 409
 
 
+class PayloadTooLarge(DomainError):
+    status = 413
+
+
 class Unprocessable(DomainError):
     status = 422
+
+
+class TooManyRequests(DomainError):
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class GatewayTimeout(DomainError):
@@ -71,6 +86,10 @@ def error_response(status: int, message: str) -> web.Response:
 async def error_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
     try:
         return await handler(request)
+    except TooManyRequests as exc:
+        resp = error_response(exc.status, exc.message)
+        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return resp
     except DomainError as exc:
         return error_response(exc.status, exc.message)
     except web.HTTPException as exc:

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from control_plane.capabilities import missing, needs
+from control_plane.errors import NotFound
 from control_plane.events import EventHub
 from control_plane.metrics import Metrics
 from control_plane.registry import AgentConnection, Registry
@@ -208,7 +209,8 @@ class Fleet:
             conn.warm_models = models
         if await conn.send_frame(frame):
             if self.metrics is not None:
-                self.metrics.dispatch_latency.observe((utcnow() - as_utc(wf.updated_at)).total_seconds())
+                waited_s = (utcnow() - as_utc(wf.updated_at)).total_seconds()
+                self.metrics.dispatch_latency.labels(wf.account_id).observe(waited_s)
             log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
         else:
             conn.jobs.discard(wf.id)
@@ -435,7 +437,10 @@ class Fleet:
         where = f"on runner {conn.name}: {error.message}"
         if error.kind != "out_of_memory":
             return self._fault("infrastructure", where, exception_type=error.exception_type)
-        wf = await self.store.get_workflow(None, workflow_id)
+        try:
+            wf = await self.store.get_workflow(conn.account_id, workflow_id)
+        except NotFound:
+            return None  # not this runner's: the fenced update below drops it
         if any(entry.get("kind") == "out_of_memory" for entry in wf.attempt_log):
             return None
         had = conn.gpu_free_bytes
@@ -470,7 +475,9 @@ class Fleet:
             return
         log.info("workflow %s completed on runner %s (%d outputs)", wf.id, conn.runner_id, len(msg.outputs))
         if self.metrics is not None and wf.started_at is not None:
-            self.metrics.execution_duration.observe((now - as_utc(wf.started_at)).total_seconds())
+            self.metrics.execution_duration.labels(wf.account_id).observe(
+                (now - as_utc(wf.started_at)).total_seconds()
+            )
         self.publish_status(wf)
         conn.jobs.discard(wf.id)
         await conn.send(JobAck(workflow_id=wf.id, attempt=wf.attempt))
@@ -478,14 +485,20 @@ class Fleet:
     async def _stale(self, conn: AgentConnection, workflow_id: str, attempt: int, *, final: bool) -> None:
         """A runner reports on work that is no longer its own (cancelled, requeued, rerun,
         or already applied): forget it on that runner. A last report is acknowledged, so the
-        agent lets it go; a job still running is told to stop spending its GPU on it."""
-        current = await self.store.get_workflow(None, workflow_id)
-        holds_current = current.runner_id == conn.runner_id and current.status not in TERMINAL
+        agent lets it go; a job still running is told to stop spending its GPU on it. An id
+        that does not exist and another account's get the same answer: nothing to learn."""
+        try:
+            current: Workflow | None = await self.store.get_workflow(conn.account_id, workflow_id)
+        except NotFound:
+            current = None
+        holds_current = (
+            current is not None and current.runner_id == conn.runner_id and current.status not in TERMINAL
+        )
         if not holds_current:
             conn.jobs.discard(workflow_id)
         if final:
             await conn.send(JobAck(workflow_id=workflow_id, attempt=attempt))
-        elif not (holds_current and current.attempt == attempt):
+        elif not (holds_current and current is not None and current.attempt == attempt):
             await conn.send(Cancel(workflow_id=workflow_id, attempt=attempt))
 
     # -- deadlines -----------------------------------------------------------------------

@@ -7,10 +7,16 @@ from typing import Any
 from control_plane.errors import BadRequest
 
 
+# Far more than any real workflow has; what the checks at submit cost stays small.
+MAX_NODES = 5000
+
+
 def check_graph(workflow: dict[str, Any]) -> None:
     """400 unless every node is ``{"class_type": str, "inputs": {...}}`` and every list among
     the inputs is a link ``[node id, output index]`` to a node of the workflow (ComfyUI reads
     any list input as a link), before anything else looks at the graph."""
+    if len(workflow) > MAX_NODES:
+        raise BadRequest(f"a workflow has at most {MAX_NODES} nodes; this one has {len(workflow)}")
     for node_id, node in workflow.items():
         if not isinstance(node, dict):
             raise BadRequest(f"node {node_id} must be an object with class_type and inputs")

@@ -30,7 +30,8 @@ class AgentConnection:
     free_slots: int = 0
     jobs: set[str] = field(default_factory=set)  # workflow ids this runner holds
     connected_at: float = field(default_factory=time.time)
-    last_seen_at: float = field(default_factory=time.time)
+    last_seen_at: float = field(default_factory=time.time)  # wall clock, for people
+    heard_at: float = field(default_factory=time.monotonic)  # the loop's clock, for the watchdog
     persisted_at: float = field(default_factory=time.time)  # capacity last written to the store
     healthy: bool = True
     unhealthy_reason: str | None = None
@@ -38,6 +39,11 @@ class AgentConnection:
     warm_models: frozenset[str] = frozenset()
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _pending: dict[str, asyncio.Future[Reply]] = field(default_factory=dict)
+
+    def heard(self) -> None:
+        """A frame came from the runner: it is alive."""
+        self.last_seen_at = time.time()
+        self.heard_at = time.monotonic()
 
     async def request(self, message: Interrupt | StatsRequest, timeout_s: float) -> Reply:
         """Send a request and wait for the agent's Reply with the same request_id."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar
 
@@ -14,6 +14,7 @@ from control_plane.auth import Authenticator
 from control_plane.blobs import BlobStore
 from control_plane.events import EventHub
 from control_plane.fleet import Fleet
+from control_plane.rate_limits import RateLimiter
 from control_plane.registry import Registry
 from control_plane.settings import Settings
 from control_plane.store import Store
@@ -31,6 +32,7 @@ class Services:
     registry: Registry
     fleet: Fleet
     auth: Authenticator
+    rate_limits: RateLimiter = field(default_factory=RateLimiter)
 
     def live_runner(self, runner_id: str) -> dict[str, object] | None:
         conn = self.registry.get(runner_id)

@@ -24,6 +24,9 @@ class Tier:
     max_timeout_s: int = 4 * 3600
     # A workflow that no runner takes within this long fails with reason "queue_timeout".
     max_queue_s: int = 24 * 3600
+    # Submissions (and reruns, and template runs) per second and token, in bursts of so many.
+    submits_per_s: float = 10.0
+    submit_burst: int = 100
 
 
 DEFAULT_TIERS: dict[str, Tier] = {
@@ -34,6 +37,8 @@ DEFAULT_TIERS: dict[str, Tier] = {
         default_timeout_s=600,
         max_timeout_s=3600,
         max_queue_s=3600,
+        submits_per_s=2.0,
+        submit_burst=20,
     ),
     "pro": Tier(
         "pro",
@@ -42,6 +47,8 @@ DEFAULT_TIERS: dict[str, Tier] = {
         default_timeout_s=1800,
         max_timeout_s=4 * 3600,
         max_queue_s=6 * 3600,
+        submits_per_s=20.0,
+        submit_burst=200,
     ),
     "enterprise": Tier(
         "enterprise",
@@ -50,6 +57,8 @@ DEFAULT_TIERS: dict[str, Tier] = {
         default_timeout_s=3600,
         max_timeout_s=24 * 3600,
         max_queue_s=24 * 3600,
+        submits_per_s=1000.0,
+        submit_burst=5000,
     ),
 }
 
@@ -72,6 +81,8 @@ class Settings:
     max_attempts: int = 5
     # The pause before a retried attempt is dispatched: this, doubled per attempt, up to 30 s.
     retry_backoff_s: float = 1.0
+    # What one attempt of a workflow may upload as outputs, in all.
+    max_job_output_bytes: int = 16 * 1024**3
     # How often deadlines (timeouts, queue limits) are looked at.
     deadline_sweep_s: float = 1.0
     # A rerun from a node waits this long for the runner whose cache holds its upstream

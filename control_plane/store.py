@@ -21,6 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from control_plane.errors import NotFound
 from control_plane.failpoints import FailPoints
+from control_plane.metrics import FleetFigures
 from control_plane.tables import (
     Account,
     ApiToken,
@@ -122,6 +123,31 @@ class Store:
                 )
             ).first()
             return None if row is None else (row[0], row[1])
+
+    async def list_tokens(self, account_name: str | None) -> list[dict[str, Any]]:
+        query = select(ApiToken, Account.name).join(Account, col(Account.id) == col(ApiToken.account_id))
+        if account_name is not None:
+            query = query.where(Account.name == account_name)
+        async with self.session() as s:
+            rows = await s.exec(query.order_by(col(ApiToken.created_at).desc()))
+            return [
+                {
+                    "id": token.id,
+                    "account": name,
+                    "scope": token.scope,
+                    "created_at": token.created_at,
+                    "expires_at": token.expires_at,
+                    "last_used_at": token.last_used_at,
+                }
+                for token, name in rows
+            ]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Delete a token: from now on it is as invalid as one never made."""
+        async with self.session() as s:
+            result = await s.exec(delete(ApiToken).where(col(ApiToken.id) == token_id))  # type: ignore[call-overload]
+            await s.commit()
+            return bool(result.rowcount)
 
     async def touch_token(self, token_id: str) -> None:
         async with self.session() as s:
@@ -575,6 +601,16 @@ class Store:
             await s.commit()
             return output, True
 
+    async def output_bytes(self, workflow_id: str, attempt: int) -> int:
+        """What an attempt has uploaded so far, in all."""
+        async with self.session() as s:
+            total = await s.exec(
+                select(func.coalesce(func.sum(Output.size_bytes), 0)).where(
+                    Output.workflow_id == workflow_id, Output.attempt == attempt
+                )
+            )
+            return int(total.one())
+
     async def outputs(self, workflow_id: str, attempt: int | None = None) -> list[Output]:
         conds = [Output.workflow_id == workflow_id]
         if attempt is not None:
@@ -602,6 +638,32 @@ class Store:
             return (
                 await s.exec(select(Output.id).where(Output.sha256 == sha256).limit(1))
             ).first() is not None
+
+    # -- figures -------------------------------------------------------------------------
+
+    async def fleet_figures(self, account_id: str | None) -> FleetFigures:
+        """Workflows by status and the waiting queue per account, for /metrics: one account,
+        or every account when ``account_id`` is None."""
+        only_workflows = [Workflow.account_id == account_id] if account_id is not None else []
+        async with self.session() as s:
+            accounts = await s.exec(
+                select(Account.id, Account.name).where(*([Account.id == account_id] if account_id else []))
+            )
+            by_status = await s.exec(
+                select(Workflow.account_id, Workflow.status, func.count())
+                .where(*only_workflows)
+                .group_by(Workflow.account_id, Workflow.status)
+            )
+            waiting = await s.exec(
+                select(Workflow.account_id, func.count(), func.min(Workflow.created_at))
+                .where(*only_workflows, Workflow.status == "accepted", col(Workflow.runner_id).is_(None))
+                .group_by(Workflow.account_id)
+            )
+            return FleetFigures(
+                account_names=dict(accounts.all()),
+                workflows=[(a, st, int(n)) for a, st, n in by_status],
+                waiting=[(a, int(n), as_utc(first) if first else None) for a, n, first in waiting],
+            )
 
     # -- idempotency ---------------------------------------------------------------------
 

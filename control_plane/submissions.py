@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from control_plane.capabilities import Offers, check_values, missing, needs
-from control_plane.errors import BadRequest, Forbidden
+from control_plane.errors import BadRequest, Forbidden, TooManyRequests
 from control_plane.forms import SubmittedForm
 from control_plane.registry import tags_match
 from control_plane.services import Services
@@ -57,6 +57,19 @@ def waiting(wf: Workflow, svc: Services, account: Account, timeout_s: int) -> Wo
     wf.queue_timeout_s = _tier(svc, account).max_queue_s
     wf.deadline_at = now + timedelta(seconds=wf.queue_timeout_s)
     return wf
+
+
+def check_submit_rate(svc: Services, account: Account, token_id: str) -> None:
+    """429 past the tier's submissions per second for this token (checked before the body
+    is read, so that a flood costs as little as it can)."""
+    tier = _tier(svc, account)
+    wait_s = svc.rate_limits.take(token_id, tier.submits_per_s, tier.submit_burst)
+    if wait_s > 0:
+        raise TooManyRequests(
+            f"the {tier.name} tier submits at most {tier.submits_per_s:g} workflows a second "
+            f"(bursts of {tier.submit_burst}); try again in {wait_s:.1f} s",
+            wait_s,
+        )
 
 
 def check_parameter_count(svc: Services, account: Account, parameter_count: int) -> None:

@@ -271,6 +271,8 @@ def parse_message(raw: str | bytes) -> Message | None:
         data = json.loads(raw)
     except ValueError as exc:
         raise ProtocolError(f"frame is not JSON: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError("frame is nested too deep to be a message") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("frame is not an object with a string 'type'")
     if data["type"] not in KNOWN_TYPES:
@@ -279,6 +281,8 @@ def parse_message(raw: str | bytes) -> Message | None:
         return _ADAPTER.validate_python(data)
     except ValidationError as exc:
         raise ProtocolError(f"bad {data['type']!r} message: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError(f"bad {data['type']!r} message: nested too deep") from None
 
 
 def dump_message(message: _Message) -> str:

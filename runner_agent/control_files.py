@@ -5,7 +5,8 @@ Blobs never travel on the websocket. Both directions stream through disk, checke
 Errors::
 
     TransferError            a download or upload failed (after retries)
-    └── AttemptSuperseded    409: this attempt is no longer current; stop working on the job
+    ├── AttemptSuperseded    409: this attempt is no longer current; stop working on the job
+    └── OutputRefused        413: the outputs are over the control plane's limits
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class TransferError(Exception):
 
 class AttemptSuperseded(TransferError):
     """The control plane answered 409: a newer attempt owns the job."""
+
+
+class OutputRefused(TransferError):
+    """413: an output, or the job's outputs in all, are larger than the control plane takes.
+    The workflow's own doing: running it again would produce the same."""
 
 
 class _Retryable(TransferError):
@@ -156,6 +162,8 @@ class ControlPlaneFiles:
                         raise AttemptSuperseded(
                             f"output upload for attempt {attempt} refused: no longer current"
                         )
+                    if resp.status == 413:
+                        raise OutputRefused(f"output {filename!r} refused: {_message(text)}")
                     if resp.status >= 500:
                         raise _Retryable(f"PUT outputs answered {resp.status}: {text[:200]}")
                     if resp.status == 400:
@@ -181,6 +189,15 @@ class ControlPlaneFiles:
             f"upload of output {filename!r} of workflow {workflow_id} attempt {attempt}",
             self.retry_s,
         )
+
+
+def _message(text: str) -> str:
+    """The message of the control plane's JSON error, else the text itself (shortened)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:200]
+    return str(body.get("message", text))[:300] if isinstance(body, dict) else text[:200]
 
 
 def _json_object(text: str) -> dict[str, Any]:

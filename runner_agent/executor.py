@@ -45,7 +45,7 @@ from runner_agent.comfyui import (
     queue_position,
 )
 from runner_agent.config import AgentSettings
-from runner_agent.control_files import AttemptSuperseded, ControlPlaneFiles, TransferError
+from runner_agent.control_files import AttemptSuperseded, ControlPlaneFiles, OutputRefused, TransferError
 from runner_agent.files import CHUNK_BYTES, guess_content_type, safe_filename, store_stream
 from runner_agent.job_folder import FinalReport, JobFolder, SavedJob, SavedOutput, SavedPrompt, SavedResult
 from runner_agent.node_events import EventTranslator, Update, nodes_to_run
@@ -176,6 +176,8 @@ class JobExecution:
         except AttemptSuperseded as exc:
             log.info("%s: a newer attempt owns the job, stopping: %s", self.tag, exc)
             self._ended = True
+        except OutputRefused as exc:
+            await self._fail(JobError(message=str(exc), exception_type="OutputRefused"))
         except _Failed as failed:
             await self._fail(failed.error)
         except ComfyUIUnavailable as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from control_plane.tables import utcnow
 from tests.conftest import ControlPlane
 
 
@@ -17,7 +20,10 @@ async def test_invalid_token_is_401(cp: ControlPlane) -> None:
 
 
 async def test_expired_token_is_401(cp: ControlPlane) -> None:
-    token = await cp.token("alice", expires_in_days=-1)
+    # A token that has expired (the command line makes only tokens that expire later).
+    store = cp.services.store
+    account = await store.get_or_create_account("alice")
+    token, _ = await store.create_token(account.id, "client", utcnow() - timedelta(days=1))
     status, body = await cp.request("GET", "/v1/user", headers={"Authorization": f"Bearer {token}"})
     assert (status, body["message"]) == (401, "token expired")
 
