@@ -8,6 +8,7 @@ import mimetypes
 import aiohttp
 from aiohttp import web
 
+from control_plane.blobs import SHA256
 from control_plane.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from control_plane.services import Services
 from control_plane.store import TERMINAL
@@ -49,6 +50,9 @@ async def upload_output(request: web.Request) -> web.Response:
         node_id, filename = q["node_id"], q["filename"]
     except (KeyError, ValueError) as exc:
         raise BadRequest("attempt, node_id and filename are required query parameters") from exc
+    expected_sha256 = request.headers.get("X-Content-SHA256", "")
+    if not SHA256.fullmatch(expected_sha256.lower()):
+        raise BadRequest("X-Content-SHA256 must be the sha256 of the body, in hex")
     if wf.runner_id != runner.id or wf.attempt != attempt or wf.status in TERMINAL:
         raise Conflict(f"attempt {attempt} of workflow {wf.id} is not current on this runner")
     # Refused on what it declares, before a byte of the body is read.
@@ -68,7 +72,7 @@ async def upload_output(request: web.Request) -> web.Response:
         stored = await svc.blobs.write(
             request.content.iter_chunked(64 * 1024),
             max_bytes=min(MAX_OUTPUT_BYTES, max(room, 0)),
-            expected_sha256=request.headers.get("X-Content-SHA256"),
+            expected_sha256=expected_sha256,
         )
     except (ConnectionError, aiohttp.ClientPayloadError) as exc:
         # The agent went away mid-upload (it retries, or its job runs again): nothing is kept.

@@ -39,7 +39,10 @@ def _tags(value: Any) -> list[str]:
 async def create_runner(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
-    body = await json_body(request)
+    body = await json_body(request, required=True)
+    unknown = set(body) - {"name", "tags"}
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))[:200]} (name, tags)")
     raw, runner = await svc.store.create_runner(
         principal.account.id, _name(body.get("name")), _tags(body.get("tags", []))
     )
@@ -70,7 +73,7 @@ async def get_runner(request: web.Request) -> web.Response:
 async def update_runner(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
-    body = await json_body(request)
+    body = await json_body(request, required=True)
     unknown = set(body) - {"name", "tags", "status"}
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))} (name, tags, status)")

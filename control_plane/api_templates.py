@@ -13,7 +13,7 @@ from control_plane.errors import BadRequest
 from control_plane.forms import MAX_NAME_CHARS, SubmittedForm, uploaded_form
 from control_plane.http_util import paging
 from control_plane.services import Services
-from control_plane.submissions import check_submit_rate, create_workflow
+from control_plane.submissions import SUBMIT_FIELDS, check_submit_rate, create_workflow
 from control_plane.tables import Template
 from control_plane.views import iso, workflow_view
 from protocol.placeholders import PlaceholderError, declared_parameters
@@ -42,6 +42,7 @@ _MAX_TEMPLATE_TIMEOUT_S = 30 * 24 * 3600
 async def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, Any]:
     if form.texts or form.choices or form.files:
         raise BadRequest("a template takes name, description and body; parameters are sent when it runs")
+    form.only("name", "description", "timeout_s")
     changes: dict[str, Any] = {}
     if "name" in form.fields or not partial:
         name = form.fields.get("name", "").strip()
@@ -127,6 +128,7 @@ async def run_template(request: web.Request) -> web.Response:
     check_submit_rate(svc, principal.account, principal.token_id)
     template = await svc.store.get_template(principal.account.id, request.match_info["id"])
     async with _template_form(request, svc) as form:
+        form.only(*SUBMIT_FIELDS)
 
         async def produce(claim: idempotency.Claim | None) -> web.Response:
             if form.workflow_json is not None:

@@ -14,9 +14,10 @@ from control_plane.errors import BadRequest
 from control_plane.events import Event
 from control_plane.forms import MAX_NAME_CHARS, uploaded_form
 from control_plane.http_util import paging
+from control_plane.names import TAG
 from control_plane.services import Services
-from control_plane.store import TERMINAL
-from control_plane.submissions import Receipt, check_submit_rate, create_workflow
+from control_plane.store import STATUSES, TERMINAL
+from control_plane.submissions import SUBMIT_FIELDS, Receipt, check_submit_rate, create_workflow
 from control_plane.tables import Workflow
 from control_plane.views import output_view, workflow_status_event, workflow_summary, workflow_view
 
@@ -44,6 +45,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
     async with uploaded_form(
         request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
     ) as form:
+        form.only(*SUBMIT_FIELDS)
 
         async def produce(claim: idempotency.Claim | None) -> web.Response:
             wf = await create_workflow(
@@ -68,6 +70,10 @@ async def list_workflows(request: web.Request) -> web.Response:
     filters = {
         k: request.query[k] for k in ("status", "parent_id", "correlation_id", "tag") if k in request.query
     }
+    if "status" in filters and filters["status"] not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+    if "tag" in filters and not TAG.fullmatch(filters["tag"]):
+        raise BadRequest("tag must be letters, digits and _ . : - (at most 64)")
     rows, total = await svc.store.list_workflows(principal.account.id, offset, limit, filters)
     return web.json_response(
         {"workflows": [workflow_summary(w) | {"parent_id": w.parent_id} for w in rows], "total": total}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from control_plane.errors import BadRequest, TooLarge
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class BlobStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
-        if not _SHA256.match(sha256):
+        if not SHA256.fullmatch(sha256):
             raise BadRequest(f"not a sha256: {sha256!r}")
         return self.root / sha256[:2] / sha256
 

@@ -102,6 +102,17 @@ class SubmittedForm:
     def tags(self) -> list[str]:
         return check_tags(self.fields.get("tags", ""))
 
+    def only(self, *allowed: str) -> SubmittedForm:
+        """400 for a plain field the route does not take (a typo would otherwise be lost)."""
+        unknown = sorted(set(self.fields) - set(allowed))
+        if unknown:
+            named = ", ".join(repr(u) for u in unknown)[:200]
+            raise BadRequest(
+                f"unknown field{'s' if len(unknown) > 1 else ''} {named}; "
+                f"this takes {', '.join(allowed)}, $name parameters and #name choices"
+            )
+        return self
+
     def text_field(self, name: str, max_chars: int) -> str | None:
         """A plain field, stripped; ``None`` when absent or empty; 400 past ``max_chars``."""
         value = self.fields.get(name, "").strip()
@@ -207,7 +218,9 @@ async def _take_part(
 ) -> None:
     if not isinstance(part, BodyPartReader):
         raise BadRequest("nested multipart is not supported")
-    name = no_nul(part.name or "", "a part's name")
+    if not part.name:
+        raise BadRequest('every part needs a name (Content-Disposition: form-data; name="...")')
+    name = no_nul(part.name, "a part's name")
     if name.startswith("$") and part.filename is not None:
         filename = no_nul(part.filename, f"the file name of part {name!r}")
         stored = await blobs.write(_chunks(part, budget), max_bytes=budget.limit)

@@ -6,7 +6,6 @@ from typing import Any
 
 from control_plane.errors import BadRequest
 
-
 # Far more than any real workflow has; what the checks at submit cost stays small.
 MAX_NODES = 5000
 

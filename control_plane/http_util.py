@@ -27,13 +27,18 @@ def paging(request: web.Request) -> tuple[int, int]:
     return (page - 1) * per_page, per_page
 
 
-async def json_body(request: web.Request, limit: int = 1024 * 1024) -> dict[str, Any]:
+async def json_body(
+    request: web.Request, limit: int = 1024 * 1024, *, required: bool = False
+) -> dict[str, Any]:
+    """The request's JSON object (``{}`` for an empty body unless ``required``)."""
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest(f"body is larger than {limit} bytes")
     raw = await request.content.read(limit + 1)
     if len(raw) > limit:
         raise BadRequest(f"body is larger than {limit} bytes")
     if not raw.strip():
+        if required:
+            raise BadRequest("a JSON object is required as the body")
         return {}
     data = parse_json(raw, "body")
     if not isinstance(data, dict):

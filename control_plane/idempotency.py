@@ -75,8 +75,8 @@ async def once(
     key = request.headers.get(HEADER)
     if key is None:
         return await produce(None)
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise BadRequest(f"{HEADER} must be 1 to {MAX_KEY_LENGTH} characters")
+    if not key or len(key) > MAX_KEY_LENGTH or not (key.isascii() and key.isprintable()):
+        raise BadRequest(f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters")
     svc: Services = request.app[Services.KEY]
     scoped = f"{request.method} {request.path} {key}"
     record = await svc.store.get_idempotent(account_id, scoped)

@@ -14,9 +14,9 @@ def check_tags(value: str | list[str]) -> list[str]:
     """Tags as a list or a comma-separated string: at most 10, each of letters, digits and
     ``_ . : -`` (at most 64), each once, in the order given."""
     raw = [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else list(value)
-    tags = list(dict.fromkeys(raw))
-    if len(tags) > MAX_TAGS:
+    if len(raw) > MAX_TAGS:
         raise BadRequest(f"at most {MAX_TAGS} tags")
+    tags = list(dict.fromkeys(raw))
     for tag in tags:
         if not TAG.fullmatch(tag):
             raise BadRequest(f"bad tag {tag[:80]!r}: use letters, digits and _ . : - (at most 64)")

@@ -164,42 +164,179 @@ def _list_of(name: str, item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_MULTIPART = {
-    "multipart/form-data": {
-        "schema": {
-            "type": "object",
-            "description": "name, tags (comma list), workflow_json (file or field), correlation_id, "
-            "timeout_s (seconds an attempt may take, up to the tier's maximum); $name text fields "
-            "and file parts, #name choice fields",
-            "additionalProperties": True,
-        }
-    }
+# -- what requests carry ----------------------------------------------------------------------
+
+_NO_NUL = "^[^\\u0000]*$"
+_TEXT = {"type": "string", "pattern": _NO_NUL}
+# At least one character that is not white space, no NUL.
+_NAMED = "^[^\\u0000]*\\S[^\\u0000]*$"
+_TAG = "[A-Za-z0-9_.:-]{1,64}"
+_TAG_LIST = f"^ *({_TAG} *(, *{_TAG} *){{0,9}})? *$"
+_PARAMETERS = {
+    # $name text fields (and file parts), #name choice fields: the workflow's placeholders.
+    "^[$][A-Za-z0-9_-]{1,255}$": {"type": "string", "pattern": _NO_NUL},
+    "^#[A-Za-z0-9_-]{1,255}$": {"type": "string", "pattern": _NO_NUL},
 }
-_JSON_BODY = {"application/json": {"schema": _ANY_OBJECT}}
+_WORKFLOW_JSON = {
+    "type": "string",
+    "contentMediaType": "application/json",
+    "description": "ComfyUI API-format JSON: {node id: {class_type, inputs}}, with placeholders "
+    "($text, $choice, $file, $random, $timestamp) as whole string inputs; at most 64 levels deep",
+}
+_TIMEOUT_S = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": 86400,
+    "description": "seconds one attempt may take from the moment a runner takes it, up to the "
+    "tier's maximum; without it the template's, else the tier's default",
+}
+_RUN_FIELDS = {
+    "name": {"type": "string", "maxLength": 200, "pattern": _NO_NUL},
+    "tags": {"type": "string", "pattern": _TAG_LIST, "description": "comma-separated, at most 10"},
+    "correlation_id": {"type": "string", "maxLength": 255, "pattern": _NO_NUL},
+    "timeout_s": _TIMEOUT_S,
+}
+
+
+def _form(
+    properties: dict[str, Any], required: tuple[str, ...] = (), parameters: bool = True
+) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = list(required)
+    if parameters:
+        schema["patternProperties"] = _PARAMETERS
+    return {"multipart/form-data": {"schema": schema}}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+_SUBMIT = _form({"workflow_json": _WORKFLOW_JSON, **_RUN_FIELDS}, ("workflow_json",))
+_RERUN = _form({"timeout_s": _TIMEOUT_S, "correlation_id": _RUN_FIELDS["correlation_id"]})
+_RUN_TEMPLATE = _form(_RUN_FIELDS)
+_TEMPLATE_FIELDS = {
+    "name": {"type": "string", "maxLength": 200, "pattern": _NAMED},
+    "description": _TEXT,
+    "body": {**_WORKFLOW_JSON, "description": "the template's workflow: " + _WORKFLOW_JSON["description"]},
+    "timeout_s": {**_TIMEOUT_S, "maximum": 30 * 24 * 3600},
+}
+_NEW_TEMPLATE = _form(_TEMPLATE_FIELDS, ("name", "body"), parameters=False)
+_TEMPLATE_CHANGE = _form(_TEMPLATE_FIELDS, parameters=False)
+_TAGS = {
+    "anyOf": [
+        {"type": "array", "maxItems": 10, "items": {"type": "string", "pattern": f"^{_TAG}$"}},
+        {"type": "string", "pattern": _TAG_LIST},
+    ]
+}
+_RUNNER_NAME = {"type": "string", "maxLength": 100, "pattern": _NAMED}
+_NEW_RUNNER = _json(
+    {
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": _RUNNER_NAME, "tags": _TAGS},
+        "additionalProperties": False,
+    }
+)
+_RUNNER_CHANGE = _json(
+    {
+        "type": "object",
+        "properties": {"name": _RUNNER_NAME, "tags": _TAGS, "status": {"enum": ["active", "disabled"]}},
+        "additionalProperties": False,
+    }
+)
+_NULLABLE_TEXT = {"type": ["string", "null"], "pattern": _NO_NUL}
+_RERUN_FROM_TASK = _json(
+    {
+        "type": "object",
+        "properties": {
+            "reRunFromTaskId": _NULLABLE_TEXT,
+            "reRunFromWorkflowId": _NULLABLE_TEXT,
+            "correlationId": {**_NULLABLE_TEXT, "maxLength": 255},
+            "taskInput": {"type": ["object", "null"], "description": "merged into that node's inputs"},
+            "workflowInput": {
+                "type": ["object", "null"],
+                "description": "parameter values by name ($name, #name or name)",
+            },
+        },
+        "additionalProperties": False,
+    }
+)
+_OUTPUT_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+_ID = {"type": "string", "pattern": "^[^\\u0000/]+$"}
 _PAGING = [
-    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
     {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
 ]
+_WORKFLOW_FILTERS = [
+    {"name": "status", "in": "query", "schema": SCHEMAS["Workflow"]["properties"]["status"]},
+    {"name": "tag", "in": "query", "schema": {"type": "string", "pattern": f"^{_TAG}$"}},
+    {"name": "parent_id", "in": "query", "schema": _TEXT},
+    {"name": "correlation_id", "in": "query", "schema": _TEXT},
+]
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "description": "a retry with the same key and request answers the first answer again",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]([ -~]*[!-~])?$"},
+}
+_UPLOAD_QUERY = [
+    {"name": "attempt", "in": "query", "required": True, "schema": {"type": "integer"}},
+    {"name": "node_id", "in": "query", "required": True, "schema": _TEXT},
+    {"name": "filename", "in": "query", "required": True, "schema": _TEXT},
+    {"name": "kind", "in": "query", "schema": _TEXT},
+    {
+        "name": "X-Content-SHA256",
+        "in": "header",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+    },
+]
 
-# (method, path, summary, auth, request body, {status: (description, schema or media)})
-Operation = tuple[str, str, str, str, dict[str, Any] | None, dict[int, tuple[str, Any]]]
+# -- what the answers are ---------------------------------------------------------------------
+
+_WHY = {
+    400: "bad input (the message says what)",
+    401: "missing, invalid or expired token, or one without the scope this needs",
+    403: "a limit of the account's tier",
+    404: "no such object (another account's objects too)",
+    409: "the object is not in a state that allows this now",
+    413: "over the size limits, refused before the body",
+    422: "the Idempotency-Key was used with another request",
+    429: "over the tier's submit rate; Retry-After says when to come back",
+    504: "the runner's agent did not answer in time",
+}
+_SUBMITS = (400, 401, 403, 422, 429)
+
+
+def _errors(*codes: int) -> dict[int, tuple[str, Any]]:
+    return {code: (_WHY[code], _ERROR) for code in codes}
+
+
+# (method, path, summary, scope, request body, extra parameters, {status: (description, body)})
+Operation = tuple[str, str, str, str, dict[str, Any] | None, list[dict[str, Any]], dict[int, tuple[str, Any]]]
 _C, _R, _O, _N = "client", "runner", "operator", "none"
+_OUTPUT_TYPES = ("application/octet-stream", "image/*", "video/*", "audio/*", "text/plain")
 OPERATIONS: list[Operation] = [
     (
         "post",
         "/v1/workflow",
         "Submit a workflow with its parameters",
         _C,
-        _MULTIPART,
-        {201: ("accepted", _WORKFLOW)},
+        _SUBMIT,
+        [_IDEMPOTENCY_KEY],
+        {201: ("accepted", _WORKFLOW), **_errors(*_SUBMITS)},
     ),
     (
         "get",
         "/v1/workflow",
-        "List workflows (status, tag, parent_id, correlation_id)",
+        "List workflows, newest first, filtered by status, tag, parent_id or correlation_id",
         _C,
         None,
-        {200: ("a page", _list_of("workflows", _ANY_OBJECT))},
+        [*_PAGING, *_WORKFLOW_FILTERS],
+        {200: ("a page", _list_of("workflows", _ANY_OBJECT)), **_errors(400, 401)},
     ),
     (
         "get",
@@ -207,15 +344,17 @@ OPERATIONS: list[Operation] = [
         "A workflow with its current tasks and reruns",
         _C,
         None,
-        {200: ("it", _WORKFLOW)},
+        [],
+        {200: ("it", _WORKFLOW), **_errors(400, 401, 404)},
     ),
     (
         "post",
         "/v1/workflow/{id}/cancel",
-        "Cancel a workflow that has not finished",
+        "Cancel a workflow that has not finished (400 once it has)",
         _C,
         None,
-        {200: ("cancelled", _WORKFLOW)},
+        [],
+        {200: ("cancelled", _WORKFLOW), **_errors(400, 401, 404)},
     ),
     (
         "get",
@@ -223,15 +362,20 @@ OPERATIONS: list[Operation] = [
         "The outputs of the current attempt",
         _C,
         None,
-        {200: ("outputs", _list_of("outputs", {"$ref": "#/components/schemas/Output"}))},
+        [],
+        {
+            200: ("outputs", _list_of("outputs", {"$ref": "#/components/schemas/Output"})),
+            **_errors(400, 401, 404),
+        },
     ),
     (
         "get",
         "/v1/output/{id}",
-        "Download an output",
+        "Download an output (as an attachment; a type a browser would run comes as bytes)",
         _C,
         None,
-        {200: ("the file", "application/octet-stream")},
+        [],
+        {200: ("the file", _OUTPUT_TYPES), **_errors(400, 401, 404)},
     ),
     (
         "get",
@@ -239,23 +383,26 @@ OPERATIONS: list[Operation] = [
         "Follow a workflow (Server-Sent Events: status, node, output, cause)",
         _C,
         None,
-        {200: ("an event stream, closed at a terminal state", "text/event-stream")},
+        [],
+        {200: ("an event stream, closed at a terminal state", "text/event-stream"), **_errors(400, 401, 404)},
     ),
     (
         "post",
         "/v1/workflow/{id}/rerun",
-        "Rerun with new parameters as a new workflow (seed 003)",
+        "Rerun with new parameters, as a new workflow",
         _C,
-        _MULTIPART,
-        {201: ("the new workflow", _WORKFLOW)},
+        _RERUN,
+        [_IDEMPOTENCY_KEY],
+        {201: ("the new workflow", _WORKFLOW), **_errors(*_SUBMITS, 404)},
     ),
     (
         "post",
         "/api/workflow/{id}/rerun",
-        "Rerun from a task, in place (seed 000)",
+        "Conductor-compatible rerun from a task, in place: the same workflow, a new attempt",
         _C,
-        _JSON_BODY,
-        {200: ("the workflow id", "text/plain")},
+        _RERUN_FROM_TASK,
+        [_IDEMPOTENCY_KEY],
+        {200: ("the workflow id", "text/plain"), **_errors(*_SUBMITS, 404, 409)},
     ),
     (
         "get",
@@ -263,41 +410,62 @@ OPERATIONS: list[Operation] = [
         "A workflow with the tasks of every attempt",
         _C,
         None,
-        {200: ("it", _WORKFLOW)},
+        [],
+        {200: ("it", _WORKFLOW), **_errors(400, 401, 404)},
     ),
     (
         "post",
         "/v1/template",
-        "Create a template (multipart name, description, body)",
+        "Create a template",
         _C,
-        _MULTIPART,
-        {201: ("created", _TEMPLATE)},
+        _NEW_TEMPLATE,
+        [],
+        {201: ("created", _TEMPLATE), **_errors(400, 401)},
     ),
-    ("get", "/v1/template", "List templates", _C, None, {200: ("a page", _list_of("templates", _TEMPLATE))}),
+    (
+        "get",
+        "/v1/template",
+        "List templates",
+        _C,
+        None,
+        _PAGING,
+        {200: ("a page", _list_of("templates", _TEMPLATE)), **_errors(400, 401)},
+    ),
     (
         "get",
         "/v1/template/{id}",
         "A template and its declared parameters",
         _C,
         None,
-        {200: ("it", _TEMPLATE)},
+        [],
+        {200: ("it", _TEMPLATE), **_errors(400, 401, 404)},
     ),
-    ("put", "/v1/template/{id}", "Update a template", _C, _MULTIPART, {200: ("updated", _TEMPLATE)}),
+    (
+        "put",
+        "/v1/template/{id}",
+        "Update a template",
+        _C,
+        _TEMPLATE_CHANGE,
+        [],
+        {200: ("updated", _TEMPLATE), **_errors(400, 401, 404)},
+    ),
     (
         "post",
         "/v1/template/{id}/run",
         "Run a template with parameters",
         _C,
-        _MULTIPART,
-        {201: ("the new workflow", _WORKFLOW)},
+        _RUN_TEMPLATE,
+        [_IDEMPOTENCY_KEY],
+        {201: ("the new workflow", _WORKFLOW), **_errors(*_SUBMITS, 404)},
     ),
     (
         "post",
         "/v1/runner",
         "Register a runner; its token is in this answer only",
         _C,
-        _JSON_BODY,
-        {201: ("created", _RUNNER)},
+        _NEW_RUNNER,
+        [],
+        {201: ("created", _RUNNER), **_errors(400, 401)},
     ),
     (
         "get",
@@ -305,16 +473,26 @@ OPERATIONS: list[Operation] = [
         "List runners with their live state",
         _C,
         None,
-        {200: ("a page", _list_of("runners", _RUNNER))},
+        _PAGING,
+        {200: ("a page", _list_of("runners", _RUNNER)), **_errors(400, 401)},
     ),
-    ("get", "/v1/runner/{id}", "A runner with its live state", _C, None, {200: ("it", _RUNNER)}),
+    (
+        "get",
+        "/v1/runner/{id}",
+        "A runner with its live state",
+        _C,
+        None,
+        [],
+        {200: ("it", _RUNNER), **_errors(400, 401, 404)},
+    ),
     (
         "put",
         "/v1/runner/{id}",
-        "Update name, tags or status (disabled drains)",
+        "Update name, tags or status (a disabled runner drains)",
         _C,
-        _JSON_BODY,
-        {200: ("updated", _RUNNER)},
+        _RUNNER_CHANGE,
+        [],
+        {200: ("updated", _RUNNER), **_errors(400, 401, 404)},
     ),
     (
         "delete",
@@ -322,7 +500,8 @@ OPERATIONS: list[Operation] = [
         "Delete a runner; its jobs move elsewhere",
         _C,
         None,
-        {200: ("deleted", _ANY_OBJECT)},
+        [],
+        {200: ("deleted", _ANY_OBJECT), **_errors(400, 401, 404)},
     ),
     (
         "post",
@@ -330,7 +509,8 @@ OPERATIONS: list[Operation] = [
         "Interrupt what the runner's ComfyUI runs (through its agent)",
         _C,
         None,
-        {200: ("interrupted prompts", _ANY_OBJECT), 504: ("the agent did not answer", _ERROR)},
+        [],
+        {200: ("interrupted prompts", _ANY_OBJECT), **_errors(400, 401, 404, 409, 504)},
     ),
     (
         "get",
@@ -338,18 +518,36 @@ OPERATIONS: list[Operation] = [
         "Live capacity and ComfyUI system stats (through its agent)",
         _C,
         None,
-        {200: ("stats", _ANY_OBJECT), 504: ("the agent did not answer", _ERROR)},
+        [],
+        {200: ("stats", _ANY_OBJECT), **_errors(400, 401, 404, 409, 504)},
     ),
-    ("get", "/v1/user", "The account, its tier, limits and usage", _C, None, {200: ("it", _ANY_OBJECT)}),
-    ("get", "/healthz", "Liveness and the database in use", _N, None, {200: ("ok", _ANY_OBJECT)}),
-    ("get", "/metrics", "Prometheus metrics", _N, None, {200: ("text exposition format", "text/plain")}),
-    ("get", "/openapi.json", "This document", _N, None, {200: ("OpenAPI 3.1", _ANY_OBJECT)}),
+    (
+        "get",
+        "/v1/user",
+        "The account, its tier, limits and usage",
+        _C,
+        None,
+        [],
+        {200: ("it", _ANY_OBJECT), **_errors(400, 401)},
+    ),
+    ("get", "/healthz", "Liveness and the database in use", _N, None, [], {200: ("ok", _ANY_OBJECT)}),
+    (
+        "get",
+        "/metrics",
+        "Prometheus metrics: an operator's account, or every account for an admin token",
+        _O,
+        None,
+        [],
+        {200: ("text exposition format", "text/plain"), **_errors(400, 401)},
+    ),
+    ("get", "/openapi.json", "This document", _N, None, [], {200: ("OpenAPI 3.1", _ANY_OBJECT)}),
     (
         "get",
         "/dashboard",
         "The operator dashboard (HTML; signs in with an operator token)",
         _N,
         None,
+        [],
         {200: ("the page", "text/html")},
     ),
     (
@@ -358,7 +556,8 @@ OPERATIONS: list[Operation] = [
         "The dashboard's script and style",
         _N,
         None,
-        {200: ("the asset", "text/plain")},
+        [],
+        {200: ("the asset", ("text/css", "text/javascript")), **_errors(400, 404)},
     ),
     (
         "get",
@@ -366,7 +565,8 @@ OPERATIONS: list[Operation] = [
         "The fleet as the dashboard shows it",
         _O,
         None,
-        {200: ("a snapshot", _ANY_OBJECT)},
+        [],
+        {200: ("a snapshot", _ANY_OBJECT), **_errors(400, 401)},
     ),
     (
         "get",
@@ -374,15 +574,17 @@ OPERATIONS: list[Operation] = [
         "Dashboard snapshots as they change (Server-Sent Events)",
         _O,
         None,
-        {200: ("an event stream", "text/event-stream")},
+        [],
+        {200: ("an event stream", "text/event-stream"), **_errors(400, 401)},
     ),
     (
         "get",
         "/v1/agent/connect",
-        "The agent's websocket (runner token)",
+        "The agent's websocket (runner token); a request that is no websocket handshake is a 400",
         _R,
         None,
-        {101: ("switching protocols", None)},
+        [],
+        {101: ("switching protocols", None), 400: ("not a websocket handshake", "text/plain")},
     ),
     (
         "get",
@@ -390,29 +592,23 @@ OPERATIONS: list[Operation] = [
         "An input file of a job the runner holds",
         _R,
         None,
-        {200: ("the file", "application/octet-stream")},
+        [],
+        {200: ("the file", "application/octet-stream"), **_errors(400, 401, 404)},
     ),
     (
         "put",
         "/v1/agent/jobs/{workflow_id}/outputs",
-        "Upload an output of the current attempt (sha256 checked)",
+        "Upload an output of the current attempt (sha256 checked; the same file again: 200)",
         _R,
-        {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-        {201: ("stored", _ANY_OBJECT), 409: ("that attempt is no longer current", _ERROR)},
+        _OUTPUT_BODY,
+        _UPLOAD_QUERY,
+        {
+            200: ("already stored", _ANY_OBJECT),
+            201: ("stored", _ANY_OBJECT),
+            **_errors(400, 401, 404, 409, 413),
+        },
     ),
 ]
-
-_COMMON_ERRORS = {
-    "400": {"description": "bad input", "content": {"application/json": {"schema": _ERROR}}},
-    "401": {
-        "description": "missing, invalid or expired token",
-        "content": {"application/json": {"schema": _ERROR}},
-    },
-    "404": {
-        "description": "no such object (also another account's)",
-        "content": {"application/json": {"schema": _ERROR}},
-    },
-}
 
 
 def _response(description: str, body: Any) -> dict[str, Any]:
@@ -420,33 +616,45 @@ def _response(description: str, body: Any) -> dict[str, Any]:
         return {"description": description}
     if isinstance(body, str):
         return {"description": description, "content": {body: {}}}
+    if isinstance(body, tuple):
+        return {"description": description, "content": {media: {} for media in body}}
     return {"description": description, "content": {"application/json": {"schema": body}}}
+
+
+def _path_parameters(path: str) -> list[dict[str, Any]]:
+    params = []
+    for name in (part[1:-1] for part in path.split("/") if part.startswith("{")):
+        schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"} if name == "sha256" else _ID
+        params.append({"name": name, "in": "path", "required": True, "schema": schema})
+    return params
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    _, path, summary, scope, body, extra, responses = op
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {str(code): _response(*answer) for code, answer in responses.items()},
+    }
+    if 429 in responses:
+        operation["responses"]["429"]["headers"] = {
+            "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}
+        }
+    params = _path_parameters(path) + extra
+    if params:
+        operation["parameters"] = params
+    if body is not None:
+        # The Conductor-compatible rerun takes no body at all as "the whole graph again".
+        operation["requestBody"] = {"required": path != "/api/workflow/{id}/rerun", "content": body}
+    if scope != _N:
+        operation["security"] = [{"bearer": []}, {"x_authorization": []}]
+        operation["x-token-scope"] = scope
+    return operation
 
 
 def build_spec() -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    for method, path, summary, auth, body, responses in OPERATIONS:
-        operation: dict[str, Any] = {
-            "summary": summary,
-            "responses": {str(code): _response(*answer) for code, answer in responses.items()},
-        }
-        params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in (part[1:-1] for part in path.split("/") if part.startswith("{"))
-        ]
-        if method == "get" and path in ("/v1/workflow", "/v1/runner", "/v1/template"):
-            params += _PAGING
-        if params:
-            operation["parameters"] = params
-        if body is not None:
-            operation["requestBody"] = {"required": True, "content": body}
-        if auth != _N:
-            operation["security"] = [{"bearer": []}, {"x_authorization": []}]
-            operation["responses"].update(
-                {k: v for k, v in _COMMON_ERRORS.items() if k not in operation["responses"]}
-            )
-            operation["x-token-scope"] = auth
-        paths.setdefault(path, {})[method] = operation
+    for op in OPERATIONS:
+        paths.setdefault(op[1], {})[op[0]] = _operation(op)
     return {
         "openapi": "3.1.0",
         "info": {"title": "comfyfleet control plane", "version": "1"},

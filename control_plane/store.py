@@ -35,6 +35,7 @@ from control_plane.tables import (
     utcnow,
 )
 
+STATUSES = ("accepted", "uploaded", "queued", "running", "completed", "failed", "cancelled", "invalid")
 TERMINAL = frozenset({"completed", "failed", "cancelled", "invalid"})
 # The order an attempt moves through; a report never moves a workflow back (a report said
 # again after a reconnect can arrive after a later one).

@@ -26,6 +26,10 @@ from protocol.placeholders import (
 
 log = logging.getLogger(__name__)
 
+# The plain fields a submission (and a template run) takes, beside workflow_json, $name
+# parameters and #name choices.
+SUBMIT_FIELDS = ("name", "tags", "correlation_id", "timeout_s")
+
 # The Idempotency-Key's answer for a new workflow, stored in the transaction that creates it.
 Receipt = Callable[[Workflow], IdempotencyRecord | None]
 
@@ -183,8 +187,9 @@ async def rerun_with_parameters(
     if fixed:
         raise BadRequest(
             f"a rerun copies {', '.join(fixed)} from the original; "
-            "send only $text, $file and #choice parameters (and timeout_s)"
+            "send only $text, $file and #choice parameters (and timeout_s, correlation_id)"
         )
+    form.only("timeout_s", "correlation_id")
     try:
         parameters = declared_parameters(original.workflow_json)
         previous = original.workflow_params.get("values", {})
@@ -204,7 +209,7 @@ async def rerun_with_parameters(
             tag_index=tag_index(original.tags),
             workflow_json=original.workflow_json,
             workflow_params={"values": values, "files": files},
-            correlation_id=original.correlation_id,
+            correlation_id=form.text_field("correlation_id", 255) or original.correlation_id,
             parent_id=original.id,
         ),
         svc,

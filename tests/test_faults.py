@@ -478,6 +478,7 @@ async def test_an_agent_dropping_mid_upload_is_one_info_line(
         head = (
             f"PUT /v1/agent/jobs/{wf}/outputs?attempt=1&node_id=3&filename=a.png HTTP/1.1\r\n"
             f"Host: x\r\nAuthorization: Bearer {runner['token']}\r\n"
+            f"X-Content-SHA256: {'0' * 64}\r\n"
             "Content-Type: image/png\r\nContent-Length: 1000000\r\n\r\n"
         )
         writer.write(head.encode() + b"\x89PNG" * 1000)

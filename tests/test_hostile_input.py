@@ -6,23 +6,35 @@ past the rules. On SQLite and PostgreSQL alike."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from websockets.asyncio.client import connect
 
-from tests.conftest import ControlPlane, png_bytes
+from control_plane.settings import DEFAULT_TIERS
+from control_plane.tables import Output
+from protocol.capacity import Capacity
+from protocol.messages import CapacityUpdate, ComfyUIInfo, Hello, Ready, dump_message
+from tests.conftest import AgentFactory, ControlPlane, png_bytes, start_control_plane
 from tests.test_e2e import seed_form
 from tests.test_faults import SLOW
 
 
-async def raw_request(cp: ControlPlane, head: bytes, body: bytes = b"") -> tuple[int, dict[str, Any]]:
-    """Bytes as sent, for what a well-behaved client library refuses to send."""
+async def raw_request(
+    cp: ControlPlane, head: bytes, body: bytes = b"", declared: int | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Bytes as sent, for what a well-behaved client library refuses to send (``declared``:
+    a Content-Length other than the body's)."""
     host, port = cp.base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
+    length = len(body) if declared is None else declared
     try:
-        writer.write(head + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        writer.write(head + b"\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n" + body)
         await writer.drain()
         status_line = await reader.readline()
         headers = {}
@@ -210,4 +222,211 @@ async def test_workflow_tags_follow_the_runner_rules(cp: ControlPlane) -> None:
         assert status == 400 and answer["message"].startswith(message), answer
     status, answer = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW, name="n" * 201))
     assert (status, answer["message"]) == (400, "name is at most 200 characters")
+    await nothing_stored(cp)
+
+
+# -- uploads and downloads ---------------------------------------------------------------------------
+
+
+async def test_an_output_over_the_limits_is_a_413_before_its_body(
+    tmp_path: Path, http: aiohttp.ClientSession, database_url: str
+) -> None:
+    from tests.test_faults import bare_agent, next_of
+
+    runner1, base, app, settings = await start_control_plane(
+        tmp_path, database_url=database_url, max_job_output_bytes=1000
+    )
+    cp = ControlPlane(base, settings, app, runner1, http)
+    try:
+        ws, runner = await bare_agent(cp, "hand")
+        await ws.send(dump_message(Ready(free_slots=1)))
+        wf = await submit_slow(cp)
+        await next_of(ws, "job")
+        url = f"/v1/agent/jobs/{wf}/outputs?attempt=1&node_id=3&filename=a.png"
+        auth = {"Authorization": f"Bearer {runner['token']}"}
+        # Declared past the single-output cap: refused on the header alone (the body never sent).
+        head = (
+            f"PUT {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {runner['token']}\r\n"
+            f"X-Content-SHA256: {'0' * 64}\r\n"
+        ).encode()
+        status, answer = await raw_request(cp, head.rstrip(b"\r\n"), b"", declared=5 * 1024**3)
+        assert status == 413 and "an output is at most" in answer["message"]
+        # Past what the attempt may upload in all.
+        payload = b"\x89PNG" * 200
+        headers = {**auth, "X-Content-SHA256": hashlib.sha256(payload).hexdigest()}
+        status, _ = await cp.request("PUT", url, headers=headers, data=payload)
+        assert status == 201
+        url2 = url.replace("a.png", "b.png")
+        status, answer = await cp.request("PUT", url2, headers=headers, data=payload)
+        assert status == 413 and "may upload 1000 bytes of outputs in all; 200 are left" in answer["message"]
+        await ws.close()
+    finally:
+        await runner1.cleanup()
+
+
+async def test_outputs_download_with_nosniff_and_only_harmless_types_as_declared(cp: ControlPlane) -> None:
+    from control_plane.api_workflows import safe_content_type
+
+    assert safe_content_type("image/png") == "image/png"
+    assert safe_content_type("video/mp4; codecs=avc1") == "video/mp4"
+    for declared in ("text/html", "image/svg+xml", "application/javascript", "text/xml", "nonsense"):
+        assert safe_content_type(declared) == "application/octet-stream", declared
+    store = cp.services.store
+    account = await store.get_or_create_account("alice")
+    await cp.create_runner()
+    wf = await submit_slow(cp)
+    stored = await cp.services.blobs.write(_chunks(b"<script>alert(1)</script>"), max_bytes=1000)
+    out = Output(
+        workflow_id=wf,
+        account_id=account.id,
+        attempt=1,
+        node_id="3",
+        filename="page.html",
+        kind="text",
+        content_type="text/html",
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+    )
+    async with store.session() as s:
+        s.add(out)
+        await s.commit()
+    async with cp.http.get(f"{cp.base}/v1/output/{out.id}", headers=await cp.headers()) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "application/octet-stream"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert "sandbox" in resp.headers["Content-Security-Policy"]
+        assert resp.headers["Content-Disposition"].startswith("attachment")
+
+
+async def _chunks(data: bytes) -> Any:
+    yield data
+
+
+async def submit_slow(cp: ControlPlane) -> str:
+    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW))
+    assert status == 201, body
+    return str(body["id"])
+
+
+# -- tokens ------------------------------------------------------------------------------------------
+
+
+async def test_token_commands_refuse_a_token_that_never_expires_by_mistake_and_list_and_revoke(
+    tmp_path: Path,
+) -> None:
+    from tests.test_cli import run
+
+    data = ["--data-dir", str(tmp_path)]
+    code, _, err = await run("admin", "token", "create", "--account", "acme", "--expires-in-days", "0", *data)
+    assert code == 2 and "--expires-in-days must be a number of days above 0" in err
+    code, out, _ = await run("admin", "token", "create", "--account", "acme", "--scope", "admin", *data)
+    assert code == 0
+    token = out.strip().splitlines()[-1]
+    code, out, _ = await run("admin", "token", "list", "--account", "acme", *data)
+    assert code == 0 and token not in out
+    [row] = [line for line in out.splitlines() if " admin " in line]
+    token_id = row.split()[0]
+    code, out, _ = await run("admin", "token", "revoke", token_id, *data)
+    assert code == 0 and f"revoked token {token_id}" in out
+    code, _, err = await run("admin", "token", "revoke", token_id, *data)
+    assert code == 1 and "no token" in err
+
+
+# -- fairness ----------------------------------------------------------------------------------------
+
+
+async def test_submits_past_the_tiers_rate_are_a_429_with_retry_after(cp: ControlPlane) -> None:
+    await cp.create_runner()
+    burst = DEFAULT_TIERS["free"].submit_burst
+    statuses = []
+    while len(statuses) < 3 * burst:  # the bucket refills a little meanwhile
+        status, answer = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW))
+        statuses.append(status)
+        if status != 201:
+            break
+    assert statuses[:burst] == [201] * burst and statuses[-1] == 429
+    assert "the free tier submits at most 2 workflows a second" in answer["message"]
+    async with cp.http.post(
+        f"{cp.base}/v1/workflow", data=seed_form(SLOW), headers=await cp.headers()
+    ) as resp:
+        assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+    # Another account (another token) is not held back.
+    status, _ = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW), account="bob")
+    assert status in (201, 400)  # bob has no runner: refused for that, not for alice's rate
+
+
+async def test_a_control_plane_too_busy_to_listen_does_not_drop_a_runner(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    runner1, base, app, settings = await start_control_plane(
+        tmp_path, heartbeat_s=0.5, runner_timeout_s=1.5, runner_grace_s=30
+    )
+    cp = ControlPlane(base, settings, app, runner1, http)
+    try:
+        runner = await cp.create_runner()
+        url = cp.base.replace("http", "ws") + "/v1/agent/connect"
+        async with connect(url, additional_headers={"Authorization": f"Bearer {runner['token']}"}) as ws:
+            hello = Hello(agent_version="t", capacity=Capacity(), comfyui=ComfyUIInfo(url="http://x"))
+            await ws.send(dump_message(hello))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            conn = cp.services.registry.get(runner["id"])
+            assert conn is not None
+
+            async def heartbeats() -> None:
+                while True:
+                    await ws.send(dump_message(CapacityUpdate(capacity=Capacity())))
+                    await asyncio.sleep(0.3)  # the agent's own heartbeat pace
+
+            first = conn.heard_at
+            beating = asyncio.create_task(heartbeats())
+            await cp.services.fleet.wait_for(lambda: conn.heard_at > first, timeout_s=10)
+            # The fault: the control plane's event loop (which this test shares) is stuck for
+            # twice the runner timeout, as under a request that hogs it, while the agent's
+            # heartbeats pile up unread.
+            time.sleep(2 * settings.runner_timeout_s)  # noqa: ASYNC251  (the stall is the point)
+            loop = asyncio.get_running_loop()
+            after = loop.time()
+            # Heartbeats wake the wait; it ends once a whole runner timeout has passed since.
+            await cp.services.fleet.wait_for(
+                lambda: loop.time() - after > settings.runner_timeout_s or conn.ws.closed, timeout_s=10
+            )
+            beating.cancel()
+            assert cp.services.registry.get(runner["id"]) is conn and not conn.ws.closed
+    finally:
+        await runner1.cleanup()
+
+
+def many_fields(count: int) -> bytes:
+    """A multipart body of ``count`` tiny fields (100,000 make about 7 MB)."""
+    part = b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nx\r\n'
+    return part * count + b"--b--\r\n"
+
+
+async def test_three_huge_forms_at_once_cost_only_their_sender(
+    cp: ControlPlane, sim: str, start_agent: AgentFactory
+) -> None:
+    bobs = await cp.create_runner(account="bob", name="bobs")
+    await start_agent(cp.base, bobs["token"], sim)
+    registry = cp.services.registry
+    await cp.services.fleet.wait_for(lambda: registry.get(bobs["id"]) is not None, timeout_s=10)
+    conn = registry.get(bobs["id"])
+    body = many_fields(100_000)
+    headers = {**await cp.headers("alice"), "Content-Type": "multipart/form-data; boundary=b"}
+    forms = [
+        asyncio.create_task(cp.request("POST", "/v1/workflow", data=body, headers=headers)) for _ in range(3)
+    ]
+    # While they are sent: the control plane answers everyone else.
+    health = 0
+    while not all(f.done() for f in forms) or health == 0:
+        status, _ = await cp.request("GET", "/healthz", account=None)
+        assert status == 200
+        health += 1
+    status, wf = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW), account="bob")
+    assert status == 201
+    done = await cp.wait_for_status(wf["id"], {"completed", "failed"}, account="bob")
+    assert done["status"] == "completed"
+    for form in forms:
+        status, answer = form.result()
+        assert (status, answer["message"]) == (400, "a form has at most 1000 parts")
+    assert registry.get(bobs["id"]) is conn and conn is not None and not conn.ws.closed
     await nothing_stored(cp)
