@@ -16,7 +16,6 @@ from aiohttp import web
 from control_plane import idempotency
 from control_plane.api_workflows import created_receipt
 from control_plane.errors import BadRequest, Conflict
-from control_plane.forms import uploaded_form
 from control_plane.graph import downstream
 from control_plane.http_util import json_body
 from control_plane.json_limits import check_depth
@@ -43,9 +42,7 @@ async def rerun_with_new_parameters(request: web.Request) -> web.Response:
     principal = await svc.auth.client(request)
     check_submit_rate(svc, principal.account, principal.token_id)
     original = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
-    async with uploaded_form(
-        request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
-    ) as form:
+    async with svc.read_form(request, principal.account) as form:
 
         async def produce(claim: idempotency.Claim | None) -> web.Response:
             wf = await rerun_with_parameters(svc, principal.account, original, form, created_receipt(claim))

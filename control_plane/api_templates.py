@@ -10,11 +10,11 @@ from aiohttp import web
 from control_plane import idempotency
 from control_plane.api_workflows import created_receipt
 from control_plane.errors import BadRequest
-from control_plane.forms import MAX_NAME_CHARS, SubmittedForm, uploaded_form
+from control_plane.forms import MAX_NAME_CHARS, SubmittedForm
 from control_plane.http_util import paging
 from control_plane.services import Services
 from control_plane.submissions import SUBMIT_FIELDS, check_submit_rate, create_workflow
-from control_plane.tables import Template
+from control_plane.tables import Account, Template
 from control_plane.views import iso, workflow_view
 from protocol.placeholders import PlaceholderError, declared_parameters
 
@@ -72,8 +72,10 @@ async def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, A
     return changes
 
 
-def _template_form(request: web.Request, svc: Services) -> AbstractAsyncContextManager[SubmittedForm]:
-    return uploaded_form(request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced)
+def _template_form(
+    request: web.Request, svc: Services, account: Account
+) -> AbstractAsyncContextManager[SubmittedForm]:
+    return svc.read_form(request, account)
 
 
 def _body_part(form: SubmittedForm) -> SubmittedForm:
@@ -87,7 +89,7 @@ def _body_part(form: SubmittedForm) -> SubmittedForm:
 async def create_template(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
-    async with _template_form(request, svc) as form:
+    async with _template_form(request, svc, principal.account) as form:
         changes = await _template_fields(_body_part(form), partial=False)
     template = await svc.store.add_template(Template(account_id=principal.account.id, **changes))
     return web.json_response(template_view(template), status=201)
@@ -115,7 +117,7 @@ async def update_template(request: web.Request) -> web.Response:
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
     await svc.store.get_template(principal.account.id, request.match_info["id"])
-    async with _template_form(request, svc) as form:
+    async with _template_form(request, svc, principal.account) as form:
         changes = await _template_fields(_body_part(form), partial=True)
     template = await svc.store.update_template(principal.account.id, request.match_info["id"], changes)
     return web.json_response(template_view(template))
@@ -127,7 +129,7 @@ async def run_template(request: web.Request) -> web.Response:
     principal = await svc.auth.client(request)
     check_submit_rate(svc, principal.account, principal.token_id)
     template = await svc.store.get_template(principal.account.id, request.match_info["id"])
-    async with _template_form(request, svc) as form:
+    async with _template_form(request, svc, principal.account) as form:
         form.only(*SUBMIT_FIELDS)
 
         async def produce(claim: idempotency.Claim | None) -> web.Response:

@@ -12,7 +12,7 @@ from aiohttp import web
 from control_plane import idempotency
 from control_plane.errors import BadRequest
 from control_plane.events import Event
-from control_plane.forms import MAX_NAME_CHARS, uploaded_form
+from control_plane.forms import MAX_NAME_CHARS
 from control_plane.http_util import paging
 from control_plane.names import TAG
 from control_plane.services import Services
@@ -42,9 +42,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
     svc = services(request)
     principal = await svc.auth.client(request)
     check_submit_rate(svc, principal.account, principal.token_id)
-    async with uploaded_form(
-        request, svc.blobs, svc.settings.max_request_bytes, svc.store.blob_referenced
-    ) as form:
+    async with svc.read_form(request, principal.account) as form:
         form.only(*SUBMIT_FIELDS)
 
         async def produce(claim: idempotency.Claim | None) -> web.Response:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from control_plane.errors import BadRequest, TooLarge
 
@@ -68,26 +69,18 @@ class BlobStore:
     ) -> StoredBlob:
         """Stream ``chunks`` into the store. Over ``max_bytes`` raises TooLarge; a digest
         that differs from ``expected_sha256`` raises BadRequest. Either way nothing stays."""
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp)
-        tmp = Path(tmp_name)
+        writer = await self.open_writer(max_bytes)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
-                    digest.update(chunk)
-                    await asyncio.to_thread(fh.write, chunk)
-            sha = digest.hexdigest()
-            if expected_sha256 is not None and sha != expected_sha256.lower():
-                raise BadRequest(f"sha256 mismatch: got {sha}, expected {expected_sha256}")
-            final = self.path(sha)
-            created = await asyncio.to_thread(_move_into_place, tmp, final)
-            return StoredBlob(sha256=sha, size_bytes=size, created=created)
+            async for chunk in chunks:
+                await writer.write(chunk)
+            return await writer.finish(expected_sha256)
         finally:
-            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            await writer.abort()
+
+    async def open_writer(self, max_bytes: int) -> BlobWriter:
+        """A blob written a piece at a time (for a part of a form as it is parsed)."""
+        fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp)
+        return BlobWriter(self, Path(tmp_name), os.fdopen(fd, "wb"), max_bytes)
 
     async def delete(self, sha256: str) -> None:
         await asyncio.to_thread(self.path(sha256).unlink, missing_ok=True)
@@ -99,3 +92,33 @@ def _move_into_place(tmp: Path, final: Path) -> bool:
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
     return True
+
+
+class BlobWriter:
+    """One blob on its way into the store: through a temporary file, hashed as it goes, moved
+    into place by :meth:`finish`; :meth:`abort` (always safe to call) leaves nothing behind."""
+
+    def __init__(self, store: BlobStore, tmp: Path, fh: BinaryIO, max_bytes: int) -> None:
+        self._store, self._tmp, self._fh, self._max_bytes = store, tmp, fh, max_bytes
+        self._digest = hashlib.sha256()
+        self.size_bytes = 0
+
+    async def write(self, chunk: bytes) -> None:
+        self.size_bytes += len(chunk)
+        if self.size_bytes > self._max_bytes:
+            raise TooLarge(f"upload exceeds the limit of {self._max_bytes} bytes")
+        self._digest.update(chunk)
+        await asyncio.to_thread(self._fh.write, chunk)
+
+    async def finish(self, expected_sha256: str | None = None) -> StoredBlob:
+        await asyncio.to_thread(self._fh.close)
+        sha = self._digest.hexdigest()
+        if expected_sha256 is not None and sha != expected_sha256.lower():
+            raise BadRequest(f"sha256 mismatch: got {sha}, expected {expected_sha256}")
+        created = await asyncio.to_thread(_move_into_place, self._tmp, self._store.path(sha))
+        return StoredBlob(sha256=sha, size_bytes=self.size_bytes, created=created)
+
+    async def abort(self) -> None:
+        if not self._fh.closed:
+            await asyncio.to_thread(self._fh.close)
+        await asyncio.to_thread(self._tmp.unlink, missing_ok=True)

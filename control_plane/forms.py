@@ -12,15 +12,15 @@ import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 
-from control_plane.blobs import BlobStore
+from control_plane import multipart
+from control_plane.blobs import BlobStore, BlobWriter
 from control_plane.errors import BadRequest, TooLarge
 from control_plane.graph import check_graph
 from control_plane.json_limits import parse_json
@@ -30,14 +30,9 @@ _CHUNK = 64 * 1024
 # Plain fields are read into memory; none of them needs to be big.
 _MAX_FIELD_BYTES = 8 * 1024 * 1024
 MAX_NAME_CHARS = 200
-# A form has at most this many parts: the largest tier's parameters and the plain fields fit.
-MAX_PARTS = 1000
-# The event loop gets a turn every so many parts.
-_YIELD_EVERY = 32
+# Plain fields a form may have beside its parameters (name, tags, workflow_json, ...).
+PLAIN_PARTS = 16
 _MAX_URLENCODED_BYTES = 1024 * 1024
-# What aiohttp's multipart reader raises for a body that is not well formed (no boundary, a
-# part cut short, a header it cannot parse): the sender's mistake, a 400.
-_MALFORMED = (ValueError, RuntimeError, AssertionError, LookupError, HttpProcessingError)
 # A workflow larger than this is parsed off the event loop.
 _PARSE_ON_LOOP_BYTES = 256 * 1024
 
@@ -129,6 +124,41 @@ def _parse_workflow(raw: bytes, what: str) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class FormLimits:
+    max_bytes: int
+    max_parts: int  # the tier's parameters and the plain fields
+
+
+class FormGates:
+    """At most ``per_account`` forms read at once per account: an account that sends many
+    forms at once gets a few shares of the event loop, not one per form, so what it costs
+    falls on itself. More than one, so that one slow upload does not hold up the account's
+    other submissions."""
+
+    def __init__(self, per_account: int = 4) -> None:
+        self.per_account = per_account
+        self._gates: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @asynccontextmanager
+    async def turn(self, account_id: str) -> AsyncIterator[None]:
+        gate, users = self._gates.get(account_id, (asyncio.Semaphore(self.per_account), 0))
+        self._gates[account_id] = (gate, users + 1)
+        try:
+            async with gate:
+                yield
+        finally:
+            gate, users = self._gates[account_id]
+            if users == 1:
+                del self._gates[account_id]
+            else:
+                self._gates[account_id] = (gate, users - 1)
+
+    def waiting(self, account_id: str) -> int:
+        """Forms of the account that are being read or wait for their turn."""
+        return self._gates.get(account_id, (None, 0))[1]
+
+
 class _Budget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -140,19 +170,11 @@ class _Budget:
             raise TooLarge(f"request exceeds the limit of {self.limit // (1024 * 1024)} MB")
 
 
-async def _chunks(part: BodyPartReader, budget: _Budget) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(_CHUNK):
+async def _body(request: web.Request, budget: _Budget) -> AsyncIterator[bytes]:
+    """The request's body, counted against the request's cap while it is read."""
+    async for chunk in request.content.iter_chunked(_CHUNK):
         budget.take(len(chunk))
         yield chunk
-
-
-async def _read_small(part: BodyPartReader, budget: _Budget) -> bytes:
-    buf = bytearray()
-    async for chunk in _chunks(part, budget):
-        buf += chunk
-        if len(buf) > _MAX_FIELD_BYTES:
-            raise BadRequest(f"field {part.name!r} is larger than {_MAX_FIELD_BYTES} bytes")
-    return bytes(buf)
 
 
 def check_declared_length(request: web.Request, limit: int) -> None:
@@ -165,11 +187,17 @@ Referenced = Callable[[str], Awaitable[bool]]
 
 @asynccontextmanager
 async def uploaded_form(
-    request: web.Request, blobs: BlobStore, limit: int, referenced: Referenced
+    request: web.Request,
+    blobs: BlobStore,
+    limits: FormLimits,
+    referenced: Referenced,
+    gate: AbstractAsyncContextManager[None],
 ) -> AsyncIterator[SubmittedForm]:
     """The request's form for the length of the block. If the block fails, the blobs the
-    request added are removed again, unless something else uses them by then."""
-    form = await _read_form(request, blobs, limit, referenced)
+    request added are removed again, unless something else uses them by then. The form is
+    read while holding ``gate`` (its account's turn); the block runs after."""
+    async with gate:
+        form = await _read_form(request, blobs, limits, referenced)
     try:
         yield form
     except BaseException:
@@ -180,16 +208,16 @@ async def uploaded_form(
 
 
 async def _read_form(
-    request: web.Request, blobs: BlobStore, limit: int, referenced: Referenced
+    request: web.Request, blobs: BlobStore, limits: FormLimits, referenced: Referenced
 ) -> SubmittedForm:
-    check_declared_length(request, limit)
+    check_declared_length(request, limits.max_bytes)
     if request.content_type == "application/x-www-form-urlencoded":
-        return _from_urlencoded(await _urlencoded_pairs(request))
+        return _from_urlencoded(await _urlencoded_pairs(request, limits.max_parts))
     if not request.content_type.startswith("multipart/"):
         raise BadRequest("send multipart/form-data (curl -F) or a url-encoded form")
     form = SubmittedForm()
     try:
-        await _read_parts(request, form, blobs, _Budget(limit))
+        await _read_parts(request, form, blobs, _Budget(limits.max_bytes), limits.max_parts)
     except BaseException:
         await _discard(form, blobs, referenced)
         _release(form, blobs)
@@ -197,53 +225,48 @@ async def _read_form(
     return form
 
 
-async def _read_parts(request: web.Request, form: SubmittedForm, blobs: BlobStore, budget: _Budget) -> None:
-    try:
-        reader = await request.multipart()
-        count = 0
-        while (part := await reader.next()) is not None:
-            count += 1
-            if count > MAX_PARTS:
-                raise BadRequest(f"a form has at most {MAX_PARTS} parts")
-            if count % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # a turn for everyone else: a long form must not stall them
-            await _take_part(part, form, blobs, budget)
-    except _MALFORMED as exc:
-        detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
-        raise BadRequest(f"malformed multipart body: {' '.join(detail.split())}"[:300]) from None
-
-
-async def _take_part(
-    part: BodyPartReader | MultipartReader, form: SubmittedForm, blobs: BlobStore, budget: _Budget
+async def _read_parts(
+    request: web.Request, form: SubmittedForm, blobs: BlobStore, budget: _Budget, max_parts: int
 ) -> None:
-    if not isinstance(part, BodyPartReader):
-        raise BadRequest("nested multipart is not supported")
-    if not part.name:
-        raise BadRequest('every part needs a name (Content-Disposition: form-data; name="...")')
-    name = no_nul(part.name, "a part's name")
-    if name.startswith("$") and part.filename is not None:
-        filename = no_nul(part.filename, f"the file name of part {name!r}")
-        stored = await blobs.write(_chunks(part, budget), max_bytes=budget.limit)
-        blobs.hold(stored.sha256)
-        form.held.append(stored.sha256)
-        if stored.created:
-            form.new_blobs.append(stored.sha256)
-        form.files[name[1:]] = UploadedFile(
-            sha256=stored.sha256,
-            filename=filename,
-            size_bytes=stored.size_bytes,
-            content_type=part.headers.get("Content-Type", "application/octet-stream"),
-        )
-        return
-    data = await _read_small(part, budget)
-    if name == "workflow_json":
-        form.workflow_json = data
-        return
+    found = multipart.parts(
+        _body(request, budget),
+        request.headers.get("Content-Type", ""),
+        blobs,
+        max_parts=max_parts,
+        max_file_bytes=budget.limit,
+        max_text_bytes=_MAX_FIELD_BYTES,
+        is_file=lambda part: part.name.startswith("$") and part.filename is not None,
+    )
+    async for part in found:
+        if part.file is not None:
+            await _take_file(part, part.file, form, blobs)
+        elif part.name == "workflow_json":
+            form.workflow_json = bytes(part.text_bytes)
+        else:
+            try:
+                text = part.text_bytes.decode()
+            except UnicodeDecodeError as exc:
+                raise BadRequest(f"field {part.name!r} is not UTF-8 text") from exc
+            _put_text(form, no_nul(part.name, "a part's name"), text)
+
+
+async def _take_file(part: multipart.Part, writer: BlobWriter, form: SubmittedForm, blobs: BlobStore) -> None:
     try:
-        text = data.decode()
-    except UnicodeDecodeError as exc:
-        raise BadRequest(f"field {name!r} is not UTF-8 text") from exc
-    _put_text(form, name, text)
+        name = no_nul(part.name, "a part's name")
+        filename = no_nul(part.filename or "", f"the file name of part {name!r}")
+        stored = await writer.finish()
+    finally:
+        await writer.abort()
+    blobs.hold(stored.sha256)
+    form.held.append(stored.sha256)
+    if stored.created:
+        form.new_blobs.append(stored.sha256)
+    form.files[name[1:]] = UploadedFile(
+        sha256=stored.sha256,
+        filename=filename,
+        size_bytes=stored.size_bytes,
+        content_type=part.content_type,
+    )
 
 
 def _put_text(form: SubmittedForm, name: str, text: str) -> None:
@@ -256,7 +279,7 @@ def _put_text(form: SubmittedForm, name: str, text: str) -> None:
         form.fields[name] = text
 
 
-async def _urlencoded_pairs(request: web.Request) -> list[tuple[str, str]]:
+async def _urlencoded_pairs(request: web.Request, max_fields: int) -> list[tuple[str, str]]:
     raw = await request.content.read(_MAX_URLENCODED_BYTES + 1)
     if len(raw) > _MAX_URLENCODED_BYTES:
         raise TooLarge(
@@ -264,11 +287,11 @@ async def _urlencoded_pairs(request: web.Request) -> list[tuple[str, str]]:
         )
     try:
         text = raw.decode()
-        return parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_PARTS, strict_parsing=False)
+        return parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields, strict_parsing=False)
     except UnicodeDecodeError:
         raise BadRequest("a url-encoded form must be UTF-8") from None
     except ValueError:
-        raise BadRequest(f"a form has at most {MAX_PARTS} fields") from None
+        raise BadRequest(f"a form has at most {max_fields} fields on this account's tier") from None
 
 
 def _from_urlencoded(pairs: list[tuple[str, str]]) -> SubmittedForm:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar
@@ -14,11 +15,12 @@ from control_plane.auth import Authenticator
 from control_plane.blobs import BlobStore
 from control_plane.events import EventHub
 from control_plane.fleet import Fleet
+from control_plane.forms import PLAIN_PARTS, FormGates, FormLimits, SubmittedForm, uploaded_form
 from control_plane.rate_limits import RateLimiter
 from control_plane.registry import Registry
 from control_plane.settings import Settings
 from control_plane.store import Store
-from control_plane.tables import Workflow
+from control_plane.tables import Account, Workflow
 
 
 @dataclass
@@ -33,6 +35,15 @@ class Services:
     fleet: Fleet
     auth: Authenticator
     rate_limits: RateLimiter = field(default_factory=RateLimiter)
+    form_gates: FormGates = field(default_factory=FormGates)
+
+    def read_form(self, request: web.Request, account: Account) -> AbstractAsyncContextManager[SubmittedForm]:
+        """The request's multipart (or url-encoded) form, within the account's tier's limits
+        and read in the account's turn (forms.py)."""
+        tier = self.settings.tiers.get(account.tier) or self.settings.tiers["free"]
+        limits = FormLimits(self.settings.max_request_bytes, tier.max_parameters + PLAIN_PARTS)
+        gate = self.form_gates.turn(account.id)
+        return uploaded_form(request, self.blobs, limits, self.store.blob_referenced, gate)
 
     def live_runner(self, runner_id: str) -> dict[str, object] | None:
         conn = self.registry.get(runner_id)
