@@ -1,4 +1,5 @@
-"""GET /v1/agent/connect: the websocket each runner agent keeps open (DESIGN §5).
+"""GET /v1/agent/connect: the websocket each runner agent keeps open
+(docs/architecture.md, "The agent protocol").
 
 Close codes and what the agent should do about them:
 

@@ -1,9 +1,9 @@
-"""Reruns, both ways (DESIGN §4.1, §4.2).
+"""Reruns, both ways.
 
-``POST /v1/workflow/{id}/rerun`` (seed 003): multipart, new parameters, a new workflow.
-``POST /api/workflow/{id}/rerun`` (seed 000): JSON, from a task, the same workflow, a new
-attempt; answers the workflow id as text/plain. ``GET /api/workflow/{id}``: the workflow with
-the tasks of every attempt, newest first.
+``POST /v1/workflow/{id}/rerun``, the rerun with new parameters: multipart, a new workflow.
+``POST /api/workflow/{id}/rerun``, the Conductor-compatible rerun from a task: JSON, the same
+workflow, a new attempt; answers the workflow id as text/plain. ``GET /api/workflow/{id}``:
+the workflow with the tasks of every attempt, newest first.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class AgentConnection:
         return max((g.get("memory_free_bytes") or 0 for g in gpus), default=0)
 
     def accepts(self, workflow_tags: list[str]) -> bool:
-        """DESIGN §6: untagged runners take anything; tagged ones need every workflow tag."""
+        """Untagged runners take anything; tagged ones need every workflow tag."""
         # Health is not checked here: an agent offers only its healthy ComfyUI instances'
         # slots, so a runner with one instance down still takes work on the others.
         return self.status == "active" and tags_match(self.tags, workflow_tags)

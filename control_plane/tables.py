@@ -136,7 +136,7 @@ def tag_index(tags: list[str]) -> str:
 
 
 class Task(SQLModel, table=True):
-    """One attempt of one node of a workflow (DESIGN §2)."""
+    """One attempt of one node of a workflow."""
 
     __table_args__ = (Index("ix_task_workflow_attempt", "workflow_id", "attempt"),)
     task_id: str = Field(default_factory=new_id, primary_key=True)

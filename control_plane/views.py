@@ -15,7 +15,7 @@ def iso(value: datetime | None) -> str | None:
 
 
 def workflow_summary(wf: Workflow) -> dict[str, Any]:
-    """The fields of the rerun response (seed 003)."""
+    """The fields of the rerun response with new parameters."""
     return {
         "id": wf.id,
         "name": wf.name,

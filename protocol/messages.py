@@ -1,4 +1,5 @@
-"""Websocket messages between a runner agent and the control plane (DESIGN §5).
+"""Websocket messages between a runner agent and the control plane
+(docs/architecture.md, "The agent protocol").
 
 One discriminated union on ``type``; both sides parse with :func:`parse_message` and
 serialise with :func:`dump_message`. Unknown types are not an error: they come back as

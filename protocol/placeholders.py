@@ -1,4 +1,4 @@
-"""The placeholder grammar (DESIGN §3): parse, list, validate and substitute. Pure functions.
+"""The placeholder grammar: parse, list, validate and substitute. Pure functions.
 
 A placeholder is a whole JSON string directly in a node's ``inputs``:
 
@@ -127,7 +127,7 @@ class Parameter:
 
     @property
     def field_name(self) -> str:
-        # The seed 003 contract: "$" for text and file parts, "#" for choices.
+        # The rerun-with-new-parameters contract: "$" for text and file parts, "#" for choices.
         return f"#{self.name}" if self.kind == "choice" else f"${self.name}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,7 +260,7 @@ def declared_parameters(workflow: dict[str, Any]) -> dict[str, Parameter]:
 
 
 def _as_text(kind_word: str, name: str, value: object) -> str:
-    # JSON clients (the seed 000 workflowInput) send numbers and booleans as themselves.
+    # JSON clients (the Conductor-compatible rerun's workflowInput) send numbers and booleans as themselves.
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | int | float):

@@ -3,7 +3,7 @@
 A chain LoadImage -> ImageBlur -> ImageInvert -> ImageScale -> SaveImage whose two middle
 nodes are slow (simulator delays). Each round submits it with a new input image (a full run:
 nothing cached) and then reruns it from its last node with a new filename prefix
-(POST /api/workflow/{id}/rerun, seed 000), which goes back to the same runner so ComfyUI's
+(POST /api/workflow/{id}/rerun), which goes back to the same runner so ComfyUI's
 cache serves everything upstream. Prints the median time of each, from request to
 completed, and their ratio.
 

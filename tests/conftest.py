@@ -23,8 +23,6 @@ from control_plane.app import create_app
 from control_plane.services import Services
 from control_plane.settings import Settings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 @dataclass
 class ControlPlane:

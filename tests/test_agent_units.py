@@ -32,7 +32,7 @@ from runner_agent.node_events import EventTranslator, nodes_to_run
 from runner_agent.outputs import OutputFile, collect_outputs
 from runner_agent.prompt_watch import outcome_from_history
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
+CAPTURED = Path(__file__).resolve().parent / "fixtures" / "comfyui"
 
 # -- settings ---------------------------------------------------------------------------------
 
@@ -145,7 +145,7 @@ def test_buffer_drops_node_events_before_status_changes() -> None:
 
 
 def test_prompt_error_description_from_captured_400() -> None:
-    captured = json.loads((SHARED / "errors_post_prompt.json").read_text())
+    captured = json.loads((CAPTURED / "errors_post_prompt.json").read_text())
     body = captured["wrong_value_type"]["body"]
     text = describe_prompt_error(body["error"], body["node_errors"])
     assert text.startswith("Prompt outputs failed validation")
@@ -153,7 +153,7 @@ def test_prompt_error_description_from_captured_400() -> None:
 
 
 def test_queue_position_from_captured_queue() -> None:
-    captured = json.loads((SHARED / "results_errors_interrupt_queue.json").read_text())
+    captured = json.loads((CAPTURED / "results_errors_interrupt_queue.json").read_text())
     queue = captured["queue"]["GET_/queue_before"]
     assert queue_position(queue, "0848b5c1-203a-49ff-9901-d27948eb1bfa") == "running"
     assert queue_position(queue, "79578c6b-35fe-4f3f-81d8-668a1978ba48") == "pending"
@@ -169,7 +169,7 @@ def test_queue_position_from_captured_queue() -> None:
     ],
 )
 def test_outcome_from_captured_history(name: str, status: str, detail_key: str | None) -> None:
-    history = json.loads((SHARED / "history" / f"{name}.json").read_text())
+    history = json.loads((CAPTURED / "history" / f"{name}.json").read_text())
     (entry,) = history.values()
     outcome = outcome_from_history(entry)
     assert outcome is not None and outcome.status == status
@@ -222,7 +222,7 @@ def test_file_name_helpers() -> None:
 
 
 def _workflow() -> dict[str, object]:
-    return json.loads((SHARED / "workflows" / "load_invert_scale_save.json").read_text())
+    return json.loads((CAPTURED / "workflows" / "load_invert_scale_save.json").read_text())
 
 
 def test_nodes_to_run_follows_links_from_outputs() -> None:
@@ -236,7 +236,7 @@ def test_translator_over_a_captured_transcript() -> None:
     prompt = _workflow()
     translator = EventTranslator(prompt, nodes_to_run(prompt, {"SaveImage"}))
     updates = []
-    for line in (SHARED / "ws" / "load_invert_scale_save.jsonl").read_text().splitlines():
+    for line in (CAPTURED / "ws" / "load_invert_scale_save.jsonl").read_text().splitlines():
         msg = json.loads(line)["msg"]
         if "type" in msg:
             updates.extend(translator.translate(msg["type"], msg["data"]))
@@ -430,7 +430,7 @@ async def test_jobs_go_to_free_healthy_instances_least_loaded_first(tmp_path: Pa
 
 
 def test_running_prompt_ids_from_captured_queue() -> None:
-    captured = json.loads((SHARED / "results_errors_interrupt_queue.json").read_text())
+    captured = json.loads((CAPTURED / "results_errors_interrupt_queue.json").read_text())
     queue = captured["queue"]["GET_/queue_before"]
     assert running_prompt_ids(queue) == ["0848b5c1-203a-49ff-9901-d27948eb1bfa"]
     assert running_prompt_ids({}) == []

@@ -17,7 +17,7 @@ import pytest
 from protocol.capacity import GpuInfo
 from runner_agent.capacity import NvmlProbe, cuda_version_text, probe_capacity
 
-CAPTURED = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
+CAPTURED = Path(__file__).resolve().parent / "fixtures" / "comfyui"
 NOT_SUPPORTED = 3
 DRIVER_NOT_LOADED = 9
 

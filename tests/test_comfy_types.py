@@ -11,7 +11,7 @@ import pytest
 from protocol.comfy_types import combo_options, input_types, model_files
 from protocol.placeholders import ConversionError, substitute
 
-CAPTURED = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
+CAPTURED = Path(__file__).resolve().parent / "fixtures" / "comfyui"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The placeholder grammar (DESIGN §3): what a client and a runner see of it."""
+"""The placeholder grammar: what a client and a runner see of it."""
 
 from __future__ import annotations
 
@@ -374,7 +374,7 @@ def test_validate_values_reports_every_problem_at_once() -> None:
 
 
 def test_validate_values_accepts_json_scalars_as_text() -> None:
-    # The seed 000 rerun body is JSON: a number or boolean arrives as itself.
+    # The Conductor-compatible rerun's body is JSON: a number or boolean arrives as itself.
     form = declared_parameters({"1": node(a="$text(w)", b="$text(flag)", c="$text(r)")})
     assert validate_values(form, {"w": 512, "flag": True, "r": 0.5}, {}, []) == {
         "w": "512",

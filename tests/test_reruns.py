@@ -1,5 +1,5 @@
-"""Reruns, both ways: new parameters as a new workflow (seed 003) and from a task in place
-(seed 000); tasks, lineage, templates and idempotency keys."""
+"""Reruns, both ways: new parameters as a new workflow and from a task in place
+(Conductor-compatible); tasks, lineage, templates and idempotency keys."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ WORKFLOW: dict[str, Any] = {
     "5": {"class_type": "ImageAddNoise", "inputs": {"image": ["4", 0], "seed": "$random()", "strength": 0.0}},
     "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "$text(prompt)"}},
 }
-SEED_003_FIELDS = ("id", "name", "status", "tags", "created_at", "updated_at", "started_at", "completed_at")
+RERUN_FIELDS = ("id", "name", "status", "tags", "created_at", "updated_at", "started_at", "completed_at")
 
 
 async def completed(cp: ControlPlane, wf_id: str) -> dict[str, Any]:
@@ -61,7 +61,7 @@ async def fleet(
     return cp, sim, runner
 
 
-async def test_seed_003_rerun_changes_only_what_is_sent(
+async def test_rerun_with_new_parameters_changes_only_what_is_sent(
     fleet: tuple[ControlPlane, str, dict[str, Any]],
 ) -> None:
     cp, _, _ = fleet
@@ -82,7 +82,7 @@ async def test_seed_003_rerun_changes_only_what_is_sent(
     form.add_field("#sampler", "nearest-exact")
     status, rerun = await cp.request("POST", f"/v1/workflow/{original['id']}/rerun", data=form)
     assert status == 201, rerun
-    assert set(SEED_003_FIELDS) <= set(rerun)
+    assert set(RERUN_FIELDS) <= set(rerun)
     assert rerun["id"] != original["id"]
     assert (rerun["name"], rerun["tags"], rerun["status"]) == (original["name"], ["gpu"], "accepted")
     assert rerun["started_at"] is None and rerun["completed_at"] is None
@@ -111,7 +111,7 @@ async def test_seed_003_rerun_changes_only_what_is_sent(
     assert [w["id"] for w in children["workflows"]] == [rerun["id"]]
 
 
-async def test_seed_003_rerun_keeps_files_without_reupload(
+async def test_rerun_with_new_parameters_keeps_files_without_reupload(
     fleet: tuple[ControlPlane, str, dict[str, Any]],
 ) -> None:
     cp, _, _ = fleet
@@ -129,7 +129,7 @@ async def test_seed_003_rerun_keeps_files_without_reupload(
     assert near(image.getpixel((5, 5)), (245, 235, 225))
 
 
-async def test_seed_003_rerun_of_a_running_workflow(
+async def test_rerun_with_new_parameters_of_a_running_workflow(
     fleet: tuple[ControlPlane, str, dict[str, Any]], http: aiohttp.ClientSession
 ) -> None:
     cp, sim, _ = fleet
@@ -155,7 +155,7 @@ async def rerun_form(**fields: str | bytes) -> aiohttp.FormData:
     return form
 
 
-async def test_seed_003_rerun_errors(cp: ControlPlane) -> None:
+async def test_rerun_with_new_parameters_errors(cp: ControlPlane) -> None:
     await cp.create_runner()
     original = await submit(cp, WORKFLOW, **{"$prompt": "a", "$input_image": png_bytes((1, 2, 3))})
     path = f"/v1/workflow/{original['id']}/rerun"
@@ -233,7 +233,7 @@ async def sim_log(http: aiohttp.ClientSession, sim: str) -> list[dict[str, Any]]
         return (await resp.json())["prompts"]
 
 
-async def test_seed_000_rerun_from_a_task_runs_only_that_part(
+async def test_conductor_rerun_from_a_task_runs_only_that_part(
     fleet: tuple[ControlPlane, str, dict[str, Any]], http: aiohttp.ClientSession
 ) -> None:
     cp, sim, runner = fleet
@@ -285,7 +285,7 @@ async def test_seed_000_rerun_from_a_task_runs_only_that_part(
     )
 
 
-async def test_seed_000_rerun_from_the_last_node_with_task_input(
+async def test_conductor_rerun_from_the_last_node_with_task_input(
     fleet: tuple[ControlPlane, str, dict[str, Any]], http: aiohttp.ClientSession
 ) -> None:
     cp, sim, _ = fleet
@@ -305,7 +305,7 @@ async def test_seed_000_rerun_from_the_last_node_with_task_input(
     assert filename.startswith("retitled_")
 
 
-async def test_seed_000_rerun_with_new_workflow_input(
+async def test_conductor_rerun_with_new_workflow_input(
     fleet: tuple[ControlPlane, str, dict[str, Any]],
 ) -> None:
     cp, _, _ = fleet
@@ -319,7 +319,7 @@ async def test_seed_000_rerun_with_new_workflow_input(
     assert image.size == (40, 16)
 
 
-async def test_seed_000_rerun_of_a_running_workflow_interrupts_it(
+async def test_conductor_rerun_of_a_running_workflow_interrupts_it(
     fleet: tuple[ControlPlane, str, dict[str, Any]], http: aiohttp.ClientSession
 ) -> None:
     cp, sim, _ = fleet
@@ -341,7 +341,7 @@ async def test_seed_000_rerun_of_a_running_workflow_interrupts_it(
     assert {t["status"] for t in engine_view["tasks"] if t["attempt"] == 1} <= {"COMPLETED", "CANCELED"}
 
 
-async def test_seed_000_rerun_errors(fleet: tuple[ControlPlane, str, dict[str, Any]]) -> None:
+async def test_conductor_rerun_errors(fleet: tuple[ControlPlane, str, dict[str, Any]]) -> None:
     cp, _, _ = fleet
     wf = await submit(cp, WORKFLOW, tags="gpu", **{"$prompt": "a", "$input_image": png_bytes((1, 2, 3))})
     await completed(cp, wf["id"])
@@ -533,7 +533,7 @@ async def test_a_rerun_does_not_wait_for_a_runner_whose_comfyui_is_down(
         await sim_b_runner.cleanup()
 
 
-async def test_seed_000_new_values_are_checked_like_a_submission(
+async def test_conductor_rerun_new_values_are_checked_like_a_submission(
     fleet: tuple[ControlPlane, str, dict[str, Any]],
 ) -> None:
     cp, _, _ = fleet

@@ -1,4 +1,4 @@
-"""Scheduling across several runners (DESIGN §6) and runners that vanish (DESIGN §7.1)."""
+"""Scheduling across several runners and runners that vanish."""
 
 from __future__ import annotations
 

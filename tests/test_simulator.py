@@ -27,28 +27,18 @@ from PIL import Image
 
 from comfyui_sim import SimSettings, start_simulator
 
-CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
+CAPTURED = Path(__file__).resolve().parent / "fixtures" / "comfyui"
 SAFETY_TIMEOUT_S = 15.0
-
-# The captures live in ../shared beside the checkout (as in CI); without them these tests
-# cannot say anything, so they fail rather than skip.
-needs_captures = pytest.mark.usefixtures("captures_present")
-
-
-@pytest.fixture
-def captures_present() -> None:
-    assert CAPTURES.is_dir(), f"recorded ComfyUI transcripts not found at {CAPTURES}"
-
 
 # -- recorded material ----------------------------------------------------------------------
 
 
 def capture_json(name: str) -> Any:
-    return json.loads((CAPTURES / name).read_text())
+    return json.loads((CAPTURED / name).read_text())
 
 
 def capture_messages(name: str) -> list[Any]:
-    lines = (CAPTURES / "ws" / f"{name}.jsonl").read_text().splitlines()
+    lines = (CAPTURED / "ws" / f"{name}.jsonl").read_text().splitlines()
     return [json.loads(line)["msg"] for line in lines if line.strip()]
 
 
@@ -254,7 +244,6 @@ async def run_recorded(sim: Sim, socket: Socket, name: str, prompt: dict[str, An
 # -- the event stream ------------------------------------------------------------------------
 
 
-@needs_captures
 async def test_empty_save_events_and_history_match_the_recording(comfy: Sim) -> None:
     socket = await comfy.connect("probe-main")
     assert socket.hello["data"] == {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "probe-main"}
@@ -287,9 +276,8 @@ async def test_empty_save_events_and_history_match_the_recording(comfy: Sim) -> 
     assert json.loads(image.info["prompt"]) == prompt
 
 
-@needs_captures
 async def test_load_invert_scale_save_computes_real_pixels(comfy: Sim) -> None:
-    source_bytes = (CAPTURES / "inputs" / "probe_input.png").read_bytes()
+    source_bytes = (CAPTURED / "inputs" / "probe_input.png").read_bytes()
     status, answer = await comfy.upload(source_bytes, "probe_input.png", overwrite="true")
     assert (status, answer) == (200, {"name": "probe_input.png", "subfolder": "", "type": "input"})
     socket = await comfy.connect("probe-main")
@@ -339,7 +327,6 @@ async def test_load_invert_scale_save_computes_real_pixels(comfy: Sim) -> None:
     assert status == 200 and png_of(body).size == (256, 128)
 
 
-@needs_captures
 async def test_cache_reuses_unchanged_nodes_whatever_their_ids(comfy: Sim) -> None:
     socket = await comfy.connect("probe-main")
     await run_recorded(comfy, socket, "slow_run1", history_prompt("slow_run1"))
@@ -397,7 +384,6 @@ def _without_tracebacks(value: Any) -> Any:
     return value
 
 
-@needs_captures
 async def test_every_recorded_validation_answer_is_reproduced(comfy: Sim) -> None:
     cases = capture_json("errors_post_prompt.json")
     assert len(cases) >= 20
@@ -436,7 +422,6 @@ async def test_validation_converts_values_in_the_queued_prompt(comfy: Sim) -> No
 # -- failures, interrupts, queue ------------------------------------------------------------
 
 
-@needs_captures
 async def test_execution_error_has_comfyuis_shape(comfy: Sim) -> None:
     socket = await comfy.connect("probe-main")
     # A genuine failure: RegexReplace with a broken pattern raises re.error.
@@ -468,7 +453,6 @@ async def test_execution_error_has_comfyuis_shape(comfy: Sim) -> None:
     assert (await comfy.log())[-1]["executed"] == ["1"]
 
 
-@needs_captures
 async def test_interrupt_lands_when_the_next_node_starts(comfy: Sim) -> None:
     socket = await comfy.connect("probe-err")
     await comfy.set_config(node_delays_s={"4": 600})
@@ -638,7 +622,6 @@ async def test_socket_without_client_id_gets_a_generated_sid(comfy: Sim) -> None
     assert got[-3]["type"] == "execution_success"
 
 
-@needs_captures
 async def test_save_image_websocket_sends_binary_frames(comfy: Sim) -> None:
     recorded = capture_json("results_observer_binary.json")
     prompt = capture_json("workflows/save_image_websocket.json")
@@ -783,7 +766,6 @@ def _png(color: tuple[int, int, int]) -> bytes:
 # -- node and system information -------------------------------------------------------------
 
 
-@needs_captures
 async def test_object_info_matches_comfyuis_for_every_simulated_node(comfy: Sim) -> None:
     recorded = capture_json("object_info_used_nodes.json")
     status, info = await comfy.request("GET", "/object_info")
@@ -804,7 +786,6 @@ async def test_object_info_matches_comfyuis_for_every_simulated_node(comfy: Sim)
     assert status == 200 and one == {"EmptyImage": info["EmptyImage"]}
 
 
-@needs_captures
 async def test_system_stats_and_small_endpoints(comfy: Sim) -> None:
     recorded = capture_json("system_stats.json")
     misc = capture_json("misc_endpoints.json")
