@@ -50,6 +50,37 @@ async def get_prompt(request: web.Request) -> web.Response:
     return web.json_response(_state(request).queue_info())
 
 
+def _prompt_number(state: SimState, body: dict[str, Any]) -> float | None:
+    """The queue position ``body`` asks for, ``None`` if it cannot be read as a number.
+    Without one the prompt takes the next number, negated for ``front`` so that it sorts
+    before the others."""
+    if "number" in body:
+        try:
+            return float(body["number"])
+        except (TypeError, ValueError):
+            return None
+    number = state.queue.take_number()
+    return -number if body.get("front") else number
+
+
+def _no_prompt() -> web.Response:
+    error = {
+        "type": "no_prompt",
+        "message": "No prompt provided",
+        "details": "No prompt provided",
+        "extra_info": {},
+    }
+    return web.json_response({"error": error, "node_errors": {}}, status=400)
+
+
+def _well_formed(prompt: Any, extra_data: Any, targets: Any) -> bool:
+    return (
+        isinstance(prompt, dict)
+        and isinstance(extra_data, dict)
+        and (targets is None or isinstance(targets, list))
+    )
+
+
 async def post_prompt(request: web.Request) -> web.Response:
     state = _state(request)
     if state.settings.prompt_accept_delay_s:
@@ -57,31 +88,17 @@ async def post_prompt(request: web.Request) -> web.Response:
     body = await _json_or_none(request)
     if not isinstance(body, dict):
         return server_error()
-    if "number" in body:
-        try:
-            number: float = float(body["number"])
-        except (TypeError, ValueError):
-            return server_error()
-    else:
-        number = state.queue.take_number()
-        if body.get("front"):
-            number = -number
+    # As in ComfyUI, the number is taken before the prompt is looked at: a refused prompt
+    # uses one up too.
+    number = _prompt_number(state, body)
+    if number is None:
+        return server_error()
     if "prompt" not in body:
-        error = {
-            "type": "no_prompt",
-            "message": "No prompt provided",
-            "details": "No prompt provided",
-            "extra_info": {},
-        }
-        return web.json_response({"error": error, "node_errors": {}}, status=400)
+        return _no_prompt()
     prompt = body["prompt"]
     extra_data = body.get("extra_data", {})
     targets = body.get("partial_execution_targets")
-    if (
-        not isinstance(prompt, dict)
-        or not isinstance(extra_data, dict)
-        or not (targets is None or isinstance(targets, list))
-    ):
+    if not _well_formed(prompt, extra_data, targets):
         return server_error()
     prompt_id = str(body.get("prompt_id", uuid.uuid4()))
     result = await asyncio.to_thread(validate_prompt, prompt, state.paths, targets)

@@ -192,7 +192,9 @@ def add_noise(images: FloatArray, seed: int, strength: float) -> FloatArray:
     """ImageAddNoise: the same seed gives the same noise (numpy's generator, not torch's)."""
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(images.shape, dtype=np.float32)
-    return np.clip(images + strength * noise, 0.0, 1.0).astype(np.float32)
+    # numpy's stubs type np.clip on an untyped-dtype array as Any; the annotation pins it.
+    clipped: FloatArray = np.clip(images + strength * noise, 0.0, 1.0)
+    return clipped.astype(np.float32)
 
 
 def solid_mask(value: float, width: int, height: int) -> FloatArray:

@@ -111,6 +111,9 @@ class Node(ABC):
         its inputs did not (a file's contents, the clock). Runs in a worker thread."""
         return None
 
+    # ``*args: Any, **inputs: Any`` is mypy's spelling of "any parameters": each node
+    # declares its own inputs as keyword-only parameters, which a plain ``**inputs``
+    # here would reject as an incompatible override. The executor only passes keywords.
     @abstractmethod
-    async def run(self, ctx: NodeContext, **inputs: Any) -> NodeOutput:
+    async def run(self, ctx: NodeContext, *args: Any, **inputs: Any) -> NodeOutput:
         """Execute the node on its inputs (the names of its INPUT_TYPES)."""

@@ -9,6 +9,7 @@ prompt succeeded; the ids of the last 100 prompts queued; and those an interrupt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -24,12 +25,18 @@ def _config(state: SimState) -> dict[str, Any]:
     }
 
 
+def _is_seconds(value: Any) -> bool:
+    """A JSON number that is not negative. JSON booleans arrive as ``bool``, which Python
+    counts as an ``int``: they are refused."""
+    return not (isinstance(value, bool) or not isinstance(value, int | float) or value < 0)
+
+
 def _parse_delays(value: Any) -> dict[str, float] | None:
     if not isinstance(value, dict):
         return None
     delays: dict[str, float] = {}
     for key, seconds in value.items():
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        if not _is_seconds(seconds):
             return None
         delays[str(key)] = float(seconds)
     return delays
@@ -45,36 +52,61 @@ async def get_config(request: web.Request) -> web.Response:
     return web.json_response(_config(request.app[SIM_STATE]))
 
 
+@dataclass
+class _ConfigChange:
+    """What a ``POST /sim/config`` replaces; ``None``: left as it is."""
+
+    node_delays_s: dict[str, float] | None = None
+    fail_nodes: dict[str, str] | None = None
+    prompt_accept_delay_s: float | None = None
+
+
+def _parse_config(body: dict[str, Any]) -> _ConfigChange | str:
+    """The change ``body`` asks for, or why it is refused."""
+    change = _ConfigChange()
+    if "node_delays_s" in body:
+        change.node_delays_s = _parse_delays(body["node_delays_s"])
+        if change.node_delays_s is None:
+            return "node_delays_s must map names to seconds >= 0"
+    if "fail_nodes" in body:
+        change.fail_nodes = _parse_failures(body["fail_nodes"])
+        if change.fail_nodes is None:
+            return "fail_nodes must map names to messages"
+    accept_delay = body.get("prompt_accept_delay_s")
+    if accept_delay is not None:
+        if not _is_seconds(accept_delay):
+            return "prompt_accept_delay_s must be seconds >= 0"
+        change.prompt_accept_delay_s = float(accept_delay)
+    return change
+
+
+def _apply_config(state: SimState, change: _ConfigChange) -> None:
+    if change.prompt_accept_delay_s is not None:
+        state.settings.prompt_accept_delay_s = change.prompt_accept_delay_s
+    if change.node_delays_s is not None:
+        state.settings.node_delays_s = change.node_delays_s
+    if change.fail_nodes is not None:
+        state.settings.fail_nodes = change.fail_nodes
+    state.executor.hooks_changed()
+
+
+def _bad_config(error: str) -> web.Response:
+    return web.json_response({"error": error}, status=400)
+
+
 async def post_config(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     try:
         body = await request.json()
     except ValueError:
-        return web.json_response({"error": "body must be JSON"}, status=400)
+        return _bad_config("body must be JSON")
     if not isinstance(body, dict):
-        return web.json_response({"error": "body must be a JSON object"}, status=400)
-    delays = failures = None
-    if "node_delays_s" in body:
-        delays = _parse_delays(body["node_delays_s"])
-        if delays is None:
-            return web.json_response({"error": "node_delays_s must map names to seconds >= 0"}, status=400)
-    if "fail_nodes" in body:
-        failures = _parse_failures(body["fail_nodes"])
-        if failures is None:
-            return web.json_response({"error": "fail_nodes must map names to messages"}, status=400)
-    accept_delay = body.get("prompt_accept_delay_s")
-    if accept_delay is not None and (
-        isinstance(accept_delay, bool) or not isinstance(accept_delay, int | float) or accept_delay < 0
-    ):
-        return web.json_response({"error": "prompt_accept_delay_s must be seconds >= 0"}, status=400)
-    # Everything checked before anything is applied: a bad request changes nothing.
-    if accept_delay is not None:
-        state.settings.prompt_accept_delay_s = float(accept_delay)
-    if delays is not None:
-        state.settings.node_delays_s = delays
-    if failures is not None:
-        state.settings.fail_nodes = failures
-    state.executor.hooks_changed()
+        return _bad_config("body must be a JSON object")
+    # Everything is checked before anything is applied: a bad request changes nothing.
+    change = _parse_config(body)
+    if isinstance(change, str):
+        return _bad_config(change)
+    _apply_config(state, change)
     return web.json_response(_config(state))
 
 

@@ -160,67 +160,16 @@ class _Validator:
     def _check_value(
         self, self_validated: tuple[str, ...], inputs: dict[str, Any], name: str, spec: InputSpec
     ) -> tuple[bool, dict[str, Any] | None]:
-        val = inputs[name]
         info = spec.config()
         try:
-            # The frontend wraps list-valued widgets as {"__value__": [...]}.
-            if isinstance(val, dict) and "__value__" in val:
-                val = val["__value__"]
-                inputs[name] = val
-            convert = _CONVERTERS.get(spec.kind) if isinstance(spec.kind, str) else None
-            if convert is not None:
-                val = convert(val)
-                inputs[name] = val
+            val = _convert_in_place(inputs, name, spec)
         except Exception as exc:
-            return False, {
-                "type": "invalid_input_type",
-                "message": f"Failed to convert an input value to a {spec.kind} value",
-                "details": f"{name}, {val}, {exc}",
-                "extra_info": {
-                    "input_name": name,
-                    "input_config": info,
-                    "received_value": val,
-                    "exception_message": str(exc),
-                },
-            }
+            # inputs[name] holds the value as far as it got: unwrapped, not converted.
+            return False, _conversion_error(name, spec, info, inputs[name], exc)
         if name in self_validated:
             return True, None
-        extra = spec.options
-        if "min" in extra and val < extra["min"]:
-            return False, {
-                "type": "value_smaller_than_min",
-                "message": f"Value {val} smaller than min of {extra['min']}",
-                "details": name,
-                "extra_info": {"input_name": name, "input_config": info, "received_value": val},
-            }
-        if "max" in extra and val > extra["max"]:
-            return False, {
-                "type": "value_bigger_than_max",
-                "message": f"Value {val} bigger than max of {extra['max']}",
-                "details": name,
-                "extra_info": {"input_name": name, "input_config": info, "received_value": val},
-            }
-        options = spec.combo_options()
-        if options is None:
-            return True, None
-        if extra.get("multiselect") and isinstance(val, list):
-            bad = any(v not in options for v in val)
-        else:
-            bad = val not in options
-        if not bad:
-            return True, None
-        # ComfyUI does not echo long lists (folders full of model files).
-        config: list[Any] | None = info
-        listed = str(options)
-        if len(options) > 20:
-            listed = f"(list of length {len(options)})"
-            config = None
-        return False, {
-            "type": "value_not_in_list",
-            "message": "Value not in list",
-            "details": f"{name}: '{val}' not in {listed}",
-            "extra_info": {"input_name": name, "input_config": config, "received_value": val},
-        }
+        error = _range_error(name, val, spec.options, info) or _combo_error(name, val, spec, info)
+        return error is None, error
 
     def _custom_check(self, cls: Any, inputs: dict[str, Any]) -> list[dict[str, Any]]:
         present = [name for name in cls.self_validated if name in inputs]
@@ -243,10 +192,81 @@ class _Validator:
         ]
 
 
-def validate_prompt(
-    prompt: dict[str, Any], paths: SimPaths, targets: list[str] | None = None
-) -> ValidationResult:
-    """Validate an API-format prompt; ``targets`` limits the output nodes considered."""
+def _convert_in_place(inputs: dict[str, Any], name: str, spec: InputSpec) -> Any:
+    """The value of input ``name`` as its declared type; ``inputs`` gets it too, since the
+    queued prompt and the history hold converted values."""
+    val = inputs[name]
+    # The frontend wraps list-valued widgets as {"__value__": [...]}.
+    if isinstance(val, dict) and "__value__" in val:
+        val = val["__value__"]
+        inputs[name] = val
+    convert = _CONVERTERS.get(spec.kind) if isinstance(spec.kind, str) else None
+    if convert is not None:
+        val = convert(val)
+        inputs[name] = val
+    return val
+
+
+def _conversion_error(
+    name: str, spec: InputSpec, info: list[Any], val: Any, exc: Exception
+) -> dict[str, Any]:
+    return {
+        "type": "invalid_input_type",
+        "message": f"Failed to convert an input value to a {spec.kind} value",
+        "details": f"{name}, {val}, {exc}",
+        "extra_info": {
+            "input_name": name,
+            "input_config": info,
+            "received_value": val,
+            "exception_message": str(exc),
+        },
+    }
+
+
+def _range_error(name: str, val: Any, extra: dict[str, Any], info: list[Any]) -> dict[str, Any] | None:
+    if "min" in extra and val < extra["min"]:
+        return {
+            "type": "value_smaller_than_min",
+            "message": f"Value {val} smaller than min of {extra['min']}",
+            "details": name,
+            "extra_info": {"input_name": name, "input_config": info, "received_value": val},
+        }
+    if "max" in extra and val > extra["max"]:
+        return {
+            "type": "value_bigger_than_max",
+            "message": f"Value {val} bigger than max of {extra['max']}",
+            "details": name,
+            "extra_info": {"input_name": name, "input_config": info, "received_value": val},
+        }
+    return None
+
+
+def _combo_error(name: str, val: Any, spec: InputSpec, info: list[Any]) -> dict[str, Any] | None:
+    options = spec.combo_options()
+    if options is None:
+        return None
+    if spec.options.get("multiselect") and isinstance(val, list):
+        bad = any(v not in options for v in val)
+    else:
+        bad = val not in options
+    if not bad:
+        return None
+    # ComfyUI does not echo long lists (folders full of model files).
+    config: list[Any] | None = info
+    listed = str(options)
+    if len(options) > 20:
+        listed = f"(list of length {len(options)})"
+        config = None
+    return {
+        "type": "value_not_in_list",
+        "message": "Value not in list",
+        "details": f"{name}: '{val}' not in {listed}",
+        "extra_info": {"input_name": name, "input_config": config, "received_value": val},
+    }
+
+
+def _output_nodes(prompt: dict[str, Any], targets: list[str] | None) -> list[str] | ValidationResult:
+    """The output nodes to validate, or the error that rejects the whole prompt at once."""
     outputs: list[str] = []
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or "class_type" not in node:
@@ -267,61 +287,89 @@ def validate_prompt(
             outputs.append(node_id)
     if not outputs:
         return _prompt_error("prompt_no_outputs", "Prompt has no outputs", "")
+    return outputs
+
+
+def _validate_output(checker: _Validator, output_id: str) -> tuple[bool, list[dict[str, Any]]]:
+    """An output node's verdict; a bad link surfaces here as the exception it raised."""
+    try:
+        ok, reasons, _ = checker.node(output_id)
+    except Exception as exc:
+        typ, _, tb = sys.exc_info()
+        assert typ is not None
+        reasons = [
+            {
+                "type": "exception_during_validation",
+                "message": "Exception when validating node",
+                "details": str(exc),
+                "extra_info": {
+                    "exception_type": full_type_name(typ),
+                    "traceback": traceback.format_tb(tb),
+                },
+            }
+        ]
+        checker.validated[output_id] = (False, reasons, output_id)
+        return False, reasons
+    return ok, reasons
+
+
+def _credit_failures(
+    checker: _Validator, prompt: dict[str, Any], output_id: str, node_errors: dict[str, Any]
+) -> None:
+    # ComfyUI credits every failing node seen so far to this output, related or not.
+    for node_id, (node_ok, node_reasons, _) in checker.validated.items():
+        if node_ok or not node_reasons:
+            continue
+        entry = node_errors.setdefault(
+            node_id,
+            {
+                "errors": node_reasons,
+                "dependent_outputs": [],
+                "class_type": prompt[node_id]["class_type"],
+            },
+        )
+        entry["dependent_outputs"].append(output_id)
+
+
+def _outputs_failed(
+    failures: list[tuple[str, list[dict[str, Any]]]], node_errors: dict[str, Any]
+) -> ValidationResult:
+    details = "\n".join(
+        f"{reason['message']}: {reason['details']}" for _, reasons in failures for reason in reasons
+    )
+    return ValidationResult(
+        False,
+        {
+            "type": "prompt_outputs_failed_validation",
+            "message": "Prompt outputs failed validation",
+            "details": details,
+            "extra_info": {},
+        },
+        [],
+        node_errors,
+    )
+
+
+def validate_prompt(
+    prompt: dict[str, Any], paths: SimPaths, targets: list[str] | None = None
+) -> ValidationResult:
+    """Validate an API-format prompt; ``targets`` limits the output nodes considered."""
+    outputs = _output_nodes(prompt, targets)
+    if isinstance(outputs, ValidationResult):
+        return outputs
 
     checker = _Validator(prompt, paths)
     good: list[str] = []
     failures: list[tuple[str, list[dict[str, Any]]]] = []
     node_errors: dict[str, Any] = {}
     for output_id in outputs:
-        try:
-            ok, reasons, _ = checker.node(output_id)
-        except Exception as exc:
-            typ, _, tb = sys.exc_info()
-            assert typ is not None
-            ok = False
-            reasons = [
-                {
-                    "type": "exception_during_validation",
-                    "message": "Exception when validating node",
-                    "details": str(exc),
-                    "extra_info": {
-                        "exception_type": full_type_name(typ),
-                        "traceback": traceback.format_tb(tb),
-                    },
-                }
-            ]
-            checker.validated[output_id] = (False, reasons, output_id)
+        ok, reasons = _validate_output(checker, output_id)
         if ok:
             good.append(output_id)
             continue
         failures.append((output_id, reasons))
-        # ComfyUI credits every failing node seen so far to this output, related or not.
-        for node_id, (node_ok, node_reasons, _) in checker.validated.items():
-            if node_ok or not node_reasons:
-                continue
-            entry = node_errors.setdefault(
-                node_id,
-                {
-                    "errors": node_reasons,
-                    "dependent_outputs": [],
-                    "class_type": prompt[node_id]["class_type"],
-                },
-            )
-            entry["dependent_outputs"].append(output_id)
+        _credit_failures(checker, prompt, output_id, node_errors)
 
     if not good:
-        details = "\n".join(
-            f"{reason['message']}: {reason['details']}" for _, reasons in failures for reason in reasons
-        )
-        return ValidationResult(
-            False,
-            {
-                "type": "prompt_outputs_failed_validation",
-                "message": "Prompt outputs failed validation",
-                "details": details,
-                "extra_info": {},
-            },
-            [],
-            node_errors,
-        )
+        return _outputs_failed(failures, node_errors)
     return ValidationResult(True, None, good, node_errors)

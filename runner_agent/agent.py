@@ -10,6 +10,7 @@ back is told by a fresh ``hello``, since a restarted ComfyUI may offer other nod
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable, Coroutine
@@ -97,7 +98,7 @@ class Agent:
             self.processes[instance.number] = ComfyUIProcess(
                 cmd,
                 instance.comfy,
-                on_state=lambda down, instance=instance: self._process_state(instance, down),
+                on_state=functools.partial(self._process_state, instance),
                 start_timeout_s=settings.comfyui_start_timeout_s,
                 restart_max_s=settings.comfyui_restart_max_s,
                 stop_grace_s=settings.comfyui_stop_grace_s,
@@ -283,33 +284,42 @@ class Agent:
         if isinstance(message, Job):
             self._start(message)
         elif isinstance(message, Proceed):
-            execution = self.jobs.get((message.workflow_id, message.attempt))
-            if execution is not None:
-                execution.proceed()
+            self._on_proceed(message)
         elif isinstance(message, JobAck):
-            key = (message.workflow_id, message.attempt)
-            execution = self.jobs.get(key)
-            if execution is not None:
-                execution.acknowledge()  # its task removes the folder when it ends
-            self._forget(key)
+            self._on_ack(message)
         elif isinstance(message, Cancel):
-            key = (message.workflow_id, message.attempt)
-            execution = self.jobs.get(key)
-            if execution is not None:
-                execution.cancel()
-            elif key in self.unacked:
-                self._forget(key)  # finished, but the control plane does not want it any more
-            else:
-                log.info(
-                    "workflow %s attempt %d: cancel for a job not held here; ignored",
-                    message.workflow_id,
-                    message.attempt,
-                )
+            self._on_cancel(message)
         elif isinstance(message, Interrupt):
             # Off the receive loop: a slow ComfyUI must not hold up jobs and cancels.
             self._spawn(self._answer(message.request_id, self._interrupt(message.request_id)))
         elif isinstance(message, StatsRequest):
             self._spawn(self._answer(message.request_id, self._stats(message.request_id)))
+
+    def _on_proceed(self, message: Proceed) -> None:
+        execution = self.jobs.get((message.workflow_id, message.attempt))
+        if execution is not None:
+            execution.proceed()
+
+    def _on_ack(self, message: JobAck) -> None:
+        key = (message.workflow_id, message.attempt)
+        execution = self.jobs.get(key)
+        if execution is not None:
+            execution.acknowledge()  # its task removes the folder when it ends
+        self._forget(key)
+
+    def _on_cancel(self, message: Cancel) -> None:
+        key = (message.workflow_id, message.attempt)
+        execution = self.jobs.get(key)
+        if execution is not None:
+            execution.cancel()
+        elif key in self.unacked:
+            self._forget(key)  # finished, but the control plane does not want it any more
+        else:
+            log.info(
+                "workflow %s attempt %d: cancel for a job not held here; ignored",
+                message.workflow_id,
+                message.attempt,
+            )
 
     async def capacity(self) -> CapacityUpdate:
         answers = await asyncio.gather(*(probe_system_stats(i, _HEARTBEAT_PROBE_S) for i in self.instances))

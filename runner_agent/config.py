@@ -128,6 +128,13 @@ class AgentSettings:
         return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
     def validate(self) -> AgentSettings:
+        # The order decides which complaint a user with several mistakes sees first.
+        self._check_control_plane()
+        self._check_instances()
+        self._check_numbers()
+        return self
+
+    def _check_control_plane(self) -> None:
         if not self.server_url:
             raise SettingsError("no control-plane URL: pass --server URL or set COMFYFLEET_SERVER")
         if not self.token:
@@ -137,6 +144,8 @@ class AgentSettings:
         _check_url(
             "server_url (--server, COMFYFLEET_SERVER)", self.server_url, ("http", "https", "ws", "wss")
         )
+
+    def _check_instances(self) -> None:
         for url in self.comfyui_urls:
             _check_url("comfyui_urls (--comfyui, COMFYFLEET_COMFYUI)", url, ("http", "https"))
         if len(set(self.comfyui_urls)) != len(self.comfyui_urls):
@@ -155,25 +164,14 @@ class AgentSettings:
             )
         for cmd in self.comfyui_cmds:
             _check_command(cmd)
+
+    def _check_numbers(self) -> None:
         if self.slots < 1:
             raise SettingsError(f"slots must be at least 1, got {self.slots}")
-        positive = (
-            "reconnect_initial_s",
-            "reconnect_max_s",
-            "welcome_timeout_s",
-            "history_poll_slow_s",
-            "history_poll_fast_s",
-            "http_read_timeout_s",
-            "comfyui_start_timeout_s",
-            "comfyui_restart_max_s",
-            "stats_timeout_s",
-            "transfer_retry_s",
-            "state_keep_s",
-        )
-        for name in positive:
+        for name in _POSITIVE_SETTINGS:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("comfyui_down_grace_s", "shutdown_grace_s", "comfyui_stop_grace_s"):
+        for name in _NON_NEGATIVE_SETTINGS:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.heartbeat_s is not None and self.heartbeat_s <= 0:
@@ -182,7 +180,24 @@ class AgentSettings:
             raise SettingsError(f"reconnect_jitter must be within 0..1, got {self.reconnect_jitter}")
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise SettingsError("reconnect_max_s must not be below reconnect_initial_s")
-        return self
+
+
+# Timeouts, intervals and delays: zero would be an instant timeout or a busy loop.
+_POSITIVE_SETTINGS = (
+    "reconnect_initial_s",
+    "reconnect_max_s",
+    "welcome_timeout_s",
+    "history_poll_slow_s",
+    "history_poll_fast_s",
+    "http_read_timeout_s",
+    "comfyui_start_timeout_s",
+    "comfyui_restart_max_s",
+    "stats_timeout_s",
+    "transfer_retry_s",
+    "state_keep_s",
+)
+# Grace periods, where zero is allowed: no grace at all.
+_NON_NEGATIVE_SETTINGS = ("comfyui_down_grace_s", "shutdown_grace_s", "comfyui_stop_grace_s")
 
 
 def _check_url(what: str, url: str, schemes: tuple[str, ...]) -> None:

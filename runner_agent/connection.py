@@ -88,7 +88,8 @@ def backoff_delay(failures: int, *, initial_s: float, max_s: float, jitter: floa
     """Delay before the next attempt after ``failures`` failed ones: doubling from
     ``initial_s`` up to ``max_s``, of which a fraction ``jitter`` is random (``rand`` in
     [0, 1)), so that a fleet cut off at once does not come back at once."""
-    base = min(max_s, initial_s * 2 ** min(failures, 32))
+    # 2.0, not 2: int ** int is typed Any (a negative exponent would give a float).
+    base = min(max_s, initial_s * 2.0 ** min(failures, 32))
     return base * (1.0 - jitter * rand)
 
 

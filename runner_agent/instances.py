@@ -8,6 +8,7 @@ not hide a process the supervisor knows to be restarting, and the other way roun
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,9 +102,7 @@ def build_instances(
                 slots=settings.slots,
                 comfy=comfy,
                 info=info,
-                deps=ExecutorDeps(
-                    settings, comfy, info, files, lambda reason, n=number: on_unreachable(n, reason)
-                ),
+                deps=ExecutorDeps(settings, comfy, info, files, functools.partial(on_unreachable, number)),
                 supervised=supervised,
                 process_down="starting" if supervised else None,
             )

@@ -8,7 +8,7 @@ error are therefore reported once each.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,41 +101,69 @@ class EventTranslator:
         return updates
 
     def _translate(self, kind: str, data: Mapping[str, Any]) -> list[Update]:
-        node_id = data.get("node") if kind in ("executing", "executed", "progress") else None
-        if kind == "execution_cached":
-            fresh = [str(n) for n in data.get("nodes") or [] if str(n) not in self._cached]
-            self._cached.update(fresh)
-            self._finished.update(fresh)
-            return [Update(node=self._node(n, "cached", data), progress=self._progress()) for n in fresh]
-        if kind == "executing":
-            self._finish_current()
-            if node_id is None:
-                return []  # the prompt is done; its end comes from success or the history
-            self._current = str(node_id)
-            return [Update(node=self._node(str(node_id), "executing", data), progress=self._progress())]
-        if kind == "executed" and node_id is not None:
-            self._finished.add(str(node_id))
-            return [Update(node=self._node(str(node_id), "executed", data), progress=self._progress())]
-        if kind == "progress" and node_id is not None:
-            value, maximum = data.get("value"), data.get("max")
-            if not isinstance(value, int | float) or not isinstance(maximum, int | float):
-                return []
-            partial = value / maximum if maximum > 0 else 0.0
-            node = self._node(str(node_id), "progress", data, value=value, max=maximum)
-            return [Update(node=node, progress=self._progress(min(partial, 1.0)))]
-        if kind == "execution_success":
-            if self._ended:
-                return []
-            self._finish_current()
-            self._ended = True
-            return [Update(progress=1.0)]
-        if kind in ("execution_error", "execution_interrupted"):
-            if self._ended:
-                return []
-            self._ended = True
-            failed = data.get("node_id")
-            if failed is None:
-                return []
-            event: EventKind = "error" if kind == "execution_error" else "interrupted"
-            return [Update(node=self._node(str(failed), event, data))]
-        return []
+        handler = _HANDLERS.get(kind)
+        return handler(self, data) if handler is not None else []
+
+    def _on_cached(self, data: Mapping[str, Any]) -> list[Update]:
+        fresh = [str(n) for n in data.get("nodes") or [] if str(n) not in self._cached]
+        self._cached.update(fresh)
+        self._finished.update(fresh)
+        return [Update(node=self._node(n, "cached", data), progress=self._progress()) for n in fresh]
+
+    def _on_executing(self, data: Mapping[str, Any]) -> list[Update]:
+        self._finish_current()
+        node_id = data.get("node")
+        if node_id is None:
+            return []  # the prompt is done; its end comes from success or the history
+        self._current = str(node_id)
+        return [Update(node=self._node(str(node_id), "executing", data), progress=self._progress())]
+
+    def _on_executed(self, data: Mapping[str, Any]) -> list[Update]:
+        node_id = data.get("node")
+        if node_id is None:
+            return []
+        self._finished.add(str(node_id))
+        return [Update(node=self._node(str(node_id), "executed", data), progress=self._progress())]
+
+    def _on_progress(self, data: Mapping[str, Any]) -> list[Update]:
+        node_id = data.get("node")
+        value, maximum = data.get("value"), data.get("max")
+        if node_id is None or not isinstance(value, int | float) or not isinstance(maximum, int | float):
+            return []
+        partial = value / maximum if maximum > 0 else 0.0
+        node = self._node(str(node_id), "progress", data, value=value, max=maximum)
+        return [Update(node=node, progress=self._progress(min(partial, 1.0)))]
+
+    def _on_success(self, data: Mapping[str, Any]) -> list[Update]:
+        if self._ended:
+            return []
+        self._finish_current()
+        self._ended = True
+        return [Update(progress=1.0)]
+
+    def _on_error(self, data: Mapping[str, Any]) -> list[Update]:
+        return self._on_failure("error", data)
+
+    def _on_interrupted(self, data: Mapping[str, Any]) -> list[Update]:
+        return self._on_failure("interrupted", data)
+
+    def _on_failure(self, event: EventKind, data: Mapping[str, Any]) -> list[Update]:
+        if self._ended:
+            return []
+        self._ended = True
+        failed = data.get("node_id")
+        if failed is None:
+            return []
+        return [Update(node=self._node(str(failed), event, data))]
+
+
+# By ComfyUI event type; other types (status, previews...) say nothing about the job.
+_HANDLERS: dict[str, Callable[[EventTranslator, Mapping[str, Any]], list[Update]]] = {
+    "execution_cached": EventTranslator._on_cached,
+    "executing": EventTranslator._on_executing,
+    "executed": EventTranslator._on_executed,
+    "progress": EventTranslator._on_progress,
+    "execution_success": EventTranslator._on_success,
+    "execution_error": EventTranslator._on_error,
+    "execution_interrupted": EventTranslator._on_interrupted,
+}

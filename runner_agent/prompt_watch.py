@@ -157,20 +157,16 @@ class PromptWatch:
 
     async def follow(self, prompt_id: str, on_event: OnEvent) -> PromptOutcome:
         """Pass each event of ``prompt_id`` to ``on_event`` until the prompt ends."""
-        loop = asyncio.get_running_loop()
-        hurry = not self.socket_open
-        next_poll_at = loop.time() + (self._poll_fast_s if hurry else self._poll_slow_s)
+        schedule = _PollSchedule(self._poll_fast_s, self._poll_slow_s, hurry=not self.socket_open)
         poller = _HistoryPoller(self.comfy, prompt_id, self._down_grace_s, self._tag)
         while True:
-            timeout = max(0.0, next_poll_at - loop.time())
             try:
-                message = await asyncio.wait_for(self._events.get(), timeout)
+                message = await asyncio.wait_for(self._events.get(), schedule.wait_s())
             except TimeoutError:
                 outcome = await poller.poll()
                 if outcome is not None:
                     return outcome
-                interval = self._poll_fast_s if hurry or poller.trouble else self._poll_slow_s
-                next_poll_at = loop.time() + interval
+                schedule.polled(trouble=poller.trouble)
                 continue
             if message is None:
                 if self.socket_open:
@@ -180,25 +176,60 @@ class PromptWatch:
                         prompt_id,
                     )
                 self.socket_open = False
-                hurry = True
-                next_poll_at = loop.time()
+                schedule.poll_now()
                 continue
-            kind, data = message["type"], message.get("data")
-            if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
-                continue
-            await on_event(kind, data)
-            if kind == "execution_error":
-                return PromptOutcome("error", str(data.get("exception_message", "")).strip(), detail=data)
-            if kind == "execution_interrupted":
-                return PromptOutcome("interrupted", "execution interrupted", detail=data)
-            if kind == "execution_success":
-                # The history is written just after; look soon, not in a slow poll's time.
-                hurry = True
-                next_poll_at = min(next_poll_at, loop.time() + self._poll_fast_s)
-            elif kind == "executing" and data.get("node") is None:
-                # ComfyUI's "prompt done" signal: its history is ready now.
-                hurry = True
-                next_poll_at = loop.time()
+            outcome = await self._pass_event(prompt_id, message, on_event, schedule)
+            if outcome is not None:
+                return outcome
+
+    async def _pass_event(
+        self, prompt_id: str, message: dict[str, Any], on_event: OnEvent, schedule: _PollSchedule
+    ) -> PromptOutcome | None:
+        """Hand a socket message about ``prompt_id`` to ``on_event``; the outcome if it ends
+        the prompt."""
+        kind, data = message["type"], message.get("data")
+        if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
+            return None
+        await on_event(kind, data)
+        if kind == "execution_error":
+            return PromptOutcome("error", str(data.get("exception_message", "")).strip(), detail=data)
+        if kind == "execution_interrupted":
+            return PromptOutcome("interrupted", "execution interrupted", detail=data)
+        if kind == "execution_success":
+            # The history is written just after; look soon, not in a slow poll's time.
+            schedule.poll_soon()
+        elif kind == "executing" and data.get("node") is None:
+            # ComfyUI's "prompt done" signal: its history is ready now.
+            schedule.poll_now()
+        return None
+
+
+class _PollSchedule:
+    """When :meth:`PromptWatch.follow` next polls the history. Polls are slow while the
+    socket brings events and fast ("hurry") once it cannot be relied on to."""
+
+    def __init__(self, fast_s: float, slow_s: float, *, hurry: bool) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fast_s = fast_s
+        self._slow_s = slow_s
+        self._hurry = hurry
+        self._next_at = self._loop.time() + (fast_s if hurry else slow_s)
+
+    def wait_s(self) -> float:
+        return max(0.0, self._next_at - self._loop.time())
+
+    def polled(self, *, trouble: bool) -> None:
+        # Trouble (ComfyUI unreachable, the prompt unaccounted for) warrants a quick look.
+        interval = self._fast_s if self._hurry or trouble else self._slow_s
+        self._next_at = self._loop.time() + interval
+
+    def poll_now(self) -> None:
+        self._hurry = True
+        self._next_at = self._loop.time()
+
+    def poll_soon(self) -> None:
+        self._hurry = True
+        self._next_at = min(self._next_at, self._loop.time() + self._fast_s)
 
 
 class _HistoryPoller:
