@@ -8,10 +8,10 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-from control_plane.db import create_schema, make_engine
+from control_plane.db.engine import create_schema, make_engine
+from control_plane.db.store import Store
+from control_plane.db.tables import utcnow
 from control_plane.settings import Settings
-from control_plane.store import Store
-from control_plane.tables import utcnow
 
 
 @asynccontextmanager

@@ -52,7 +52,7 @@ async def submit_sample(http: aiohttp.ClientSession, base: str, headers: dict[st
     form.add_field("$width", "128")
     form.add_field("#method", "bilinear")
     async with http.post(f"{base}/v1/workflow", data=form, headers=headers) as resp:
-        body = await resp.json()
+        body: dict[str, Any] = await resp.json()
         if resp.status != 201:
             raise RuntimeError(f"submit failed: {resp.status} {body}")
         return body

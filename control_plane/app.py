@@ -7,35 +7,32 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
-from control_plane import (
-    agent_http,
-    agent_ws,
-    api_metrics,
-    api_misc,
-    api_reruns,
-    api_runners,
-    api_templates,
-    api_workflows,
-    dashboard,
-    failpoints,
-    idempotency,
-    openapi,
-)
+from control_plane import failpoints
+from control_plane.agents import endpoint as agent_ws
+from control_plane.agents import files as agent_http
 from control_plane.auth import Authenticator
-from control_plane.blobs import BlobStore
-from control_plane.db import create_schema, make_engine
-from control_plane.errors import error_middleware, url_middleware
-from control_plane.events import EventHub
+from control_plane.db.blobs import BlobStore
+from control_plane.db.engine import create_schema, make_engine
+from control_plane.db.store import Store
+from control_plane.db.tables import utcnow
 from control_plane.failpoints import FailPoints
-from control_plane.fleet import Fleet
-from control_plane.metrics import METRICS_KEY, Metrics
-from control_plane.registry import Registry
+from control_plane.fleet.dispatch import Fleet
+from control_plane.fleet.events import EventHub
+from control_plane.fleet.metrics import METRICS_KEY, Metrics
+from control_plane.fleet.registry import Registry
 from control_plane.services import Services
 from control_plane.settings import Settings
-from control_plane.store import Store
-from control_plane.tables import utcnow
+from control_plane.web import dashboard, idempotency, openapi
+from control_plane.web import metrics as api_metrics
+from control_plane.web import misc as api_misc
+from control_plane.web import reruns as api_reruns
+from control_plane.web import runners as api_runners
+from control_plane.web import templates as api_templates
+from control_plane.web import workflows as api_workflows
+from control_plane.web.middleware import error_middleware, url_middleware
+from protocol.closing import Close
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +82,7 @@ def create_app(settings: Settings) -> web.Application:
             svc.fleet.stopping = True
             svc.hub.close()  # open SSE streams end, or they would hold the shutdown up
             for conn in svc.registry.all():
-                await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"control plane shutting down")
+                await conn.ws.close(code=Close.GOING_AWAY, message=b"control plane shutting down")
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(close_agents)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from control_plane.errors import Unauthorized
-from control_plane.store import Store
-from control_plane.tables import Account, Runner, as_utc, utcnow
+from control_plane.db.store import Store
+from control_plane.db.tables import Account, Runner, as_utc, utcnow
+from control_plane.model.errors import Unauthorized
 
 # last_used_at is written at most this often per token, not on every request.
 _TOUCH_EVERY_S = 60.0

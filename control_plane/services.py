@@ -1,4 +1,5 @@
-"""Everything a request handler needs, built once per app and kept under one AppKey."""
+"""Everything a request handler (HTTP or agent websocket) needs, built once per app and kept
+under one AppKey: the composition of the layers below."""
 
 from __future__ import annotations
 
@@ -8,19 +9,19 @@ from datetime import UTC, datetime
 from typing import ClassVar
 
 from aiohttp import web
-from sqlalchemy import func
-from sqlmodel import col, select
 
 from control_plane.auth import Authenticator
-from control_plane.blobs import BlobStore
-from control_plane.events import EventHub
-from control_plane.fleet import Fleet
-from control_plane.forms import PLAIN_PARTS, FormGates, FormLimits, SubmittedForm, uploaded_form
-from control_plane.rate_limits import RateLimiter
-from control_plane.registry import Registry
+from control_plane.db.blobs import BlobStore
+from control_plane.db.store import Store
+from control_plane.db.tables import Account, Workflow
+from control_plane.fleet.dispatch import Fleet
+from control_plane.fleet.events import EventHub
+from control_plane.fleet.rate_limits import RateLimiter
+from control_plane.fleet.registry import Registry
+from control_plane.fleet.submissions import Submissions
+from control_plane.model.lifecycle import WorkflowStatus
 from control_plane.settings import Settings
-from control_plane.store import Store
-from control_plane.tables import Account, Workflow
+from control_plane.web.forms import PLAIN_PARTS, FormGates, FormLimits, SubmittedForm, uploaded_form
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Services:
     auth: Authenticator
     rate_limits: RateLimiter = field(default_factory=RateLimiter)
     form_gates: FormGates = field(default_factory=FormGates)
+    submissions: Submissions = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.submissions = Submissions(self.settings, self.store, self.registry, self.fleet, self.rate_limits)
 
     def read_form(self, request: web.Request, account: Account) -> AbstractAsyncContextManager[SubmittedForm]:
         """The request's multipart (or url-encoded) form, within the account's tier's limits
@@ -50,7 +55,7 @@ class Services:
         if conn is None:
             return None
         return {
-            "capacity": conn.capacity,
+            "capacity": conn.capacity.model_dump(),
             "comfyui": conn.comfyui,
             "jobs": sorted(conn.jobs),
             "last_seen_at": datetime.fromtimestamp(conn.last_seen_at, UTC),
@@ -60,21 +65,9 @@ class Services:
         """A waiting workflow's place (from 1) among its account's waiting workflows with the
         same tags (those that compete for the same runners); in a runner's ComfyUI queue,
         what the runner reported."""
-        if wf.status != "accepted" or wf.runner_id is not None:
+        if wf.status != WorkflowStatus.ACCEPTED or wf.runner_id is not None:
             return wf.queue_number
-        async with self.store.session() as s:
-            ahead = await s.exec(
-                select(func.count())
-                .select_from(Workflow)
-                .where(
-                    Workflow.account_id == wf.account_id,
-                    Workflow.tag_index == wf.tag_index,
-                    Workflow.status == "accepted",
-                    col(Workflow.runner_id).is_(None),
-                    col(Workflow.created_at) < wf.created_at,
-                )
-            )
-            return int(ahead.one()) + 1
+        return await self.store.waiting_ahead(wf) + 1
 
 
 Services.KEY = web.AppKey("services", Services)

@@ -48,8 +48,8 @@ def _options_of(spec: list[Any]) -> list[str] | None:
     elif head == "COMBO":
         extra = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
         # A combo filled at run time by the frontend (LoadImageOutput) lists no options.
-        raw = extra.get("options")
-        raw = raw if isinstance(raw, list) else []
+        options = extra.get("options")
+        raw = options if isinstance(options, list) else []
     else:
         return None
     return [str(option) for option in raw]

@@ -9,14 +9,24 @@ serialise with :func:`dump_message`. Unknown types are not an error: they come b
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocol.capacity import Capacity
 
 # 2: the agent waits for ``proceed`` before it posts a prompt; ``job_ack`` ends a job.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 2  # what this side speaks
+OLDEST_PROTOCOL_VERSION = 2  # the oldest a peer may speak and still be understood
+
+
+def negotiate(offered: int) -> int | None:
+    """The version two sides speak: the older of the two, if this side still understands it
+    (the control plane answers it in ``welcome``); ``None`` if they have none in common."""
+    if offered < OLDEST_PROTOCOL_VERSION:
+        return None
+    return min(offered, PROTOCOL_VERSION)
+
 
 JobStatus = Literal["uploaded", "queued", "running", "completed", "failed", "cancelled", "invalid"]
 # Who a failure belongs to. "workflow": the graph's own (ComfyUI rejected the prompt, a node
@@ -225,6 +235,8 @@ class Reply(_Message):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+# Every message, once: the union parses frames, and its members' ``type`` values are the
+# types this side knows.
 Message = Annotated[
     Hello
     | Welcome
@@ -242,24 +254,7 @@ Message = Annotated[
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
-KNOWN_TYPES = frozenset(
-    m.model_fields["type"].default
-    for m in (
-        Hello,
-        Welcome,
-        Ready,
-        Job,
-        JobUpdate,
-        JobDone,
-        Proceed,
-        JobAck,
-        Cancel,
-        CapacityUpdate,
-        Interrupt,
-        StatsRequest,
-        Reply,
-    )
-)
+KNOWN_TYPES = frozenset(m.model_fields["type"].default for m in get_args(get_args(Message)[0]))
 
 
 class ProtocolError(ValueError):

@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 __all__ = [
     "NAME_PATTERN",
@@ -161,7 +161,8 @@ def parse_value(value: object) -> Parsed | None:
     match = _CANDIDATE.fullmatch(value)
     if match is None:
         return None
-    kind, inner = match.group(1), match.group(2)
+    kind: Kind = cast(Kind, match.group(1))  # the pattern matches only the five kinds
+    inner = match.group(2)
     if kind in ("random", "timestamp"):
         if inner.strip():
             raise PlaceholderError(f"malformed placeholder {value!r}: ${kind}() takes no argument")
@@ -260,7 +261,8 @@ def declared_parameters(workflow: dict[str, Any]) -> dict[str, Parameter]:
 
 
 def _as_text(kind_word: str, name: str, value: object) -> str:
-    # JSON clients (the Conductor-compatible rerun's workflowInput) send numbers and booleans as themselves.
+    # JSON clients (the Conductor-compatible rerun's workflowInput) send numbers and
+    # booleans as themselves.
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | int | float):

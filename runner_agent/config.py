@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from protocol.agent_http import CONNECT_PATH
 from runner_agent import __version__
 
 ENV_PREFIX = "COMFYFLEET_AGENT_"
@@ -119,7 +120,7 @@ class AgentSettings:
         """The control plane's agent websocket, derived from its HTTP base URL."""
         parts = urlsplit(self.server_url)
         scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-        return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/v1/agent/connect"
+        return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}" + CONNECT_PATH
 
     @property
     def http_base_url(self) -> str:

@@ -5,14 +5,10 @@ waits for ``welcome``; then the updates buffered while disconnected are flushed,
 and messages flow both ways until the connection drops. A drop is followed by a reconnect
 after a capped exponential backoff with jitter. Jobs keep running meanwhile.
 
-Close codes from the control plane, and what the agent does:
-
-    4001  runner token refused              give up (the agent exits)
-    4002  protocol version not supported    give up
-    4003  runner deleted                    give up
-    4004  replaced by a newer connection    reconnect, with a backoff that keeps growing
-                                            (two agents sharing a token must not duel)
-    other (1001 going away, 1006 lost ...)  reconnect with backoff
+Close codes from the control plane (protocol/closing.py) either give up (the agent exits:
+its token or protocol version will never do) or reconnect with backoff; after ``replaced``
+(a newer connection of the same runner) the backoff keeps growing, so that two agents sharing
+a token do not duel.
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ from typing import Any, Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
+from protocol.closing import REASONS, Close, gives_up
 from protocol.messages import (
     CapacityUpdate,
     Hello,
@@ -45,12 +42,6 @@ from runner_agent.config import AgentSettings
 
 log = logging.getLogger(__name__)
 
-GIVE_UP_CODES = {
-    4001: "the control plane refused the runner token",
-    4002: "the control plane does not support this agent's protocol version",
-    4003: "the runner was deleted on the control plane",
-}
-CLOSE_REPLACED = 4004
 # A Job message carries a whole workflow; allow big ones.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 JobKey = tuple[str, int]
@@ -65,7 +56,7 @@ class GiveUp(Exception):
     def __init__(self, code: int, reason: str) -> None:
         self.code, self.reason = code, reason
         super().__init__(
-            f"{GIVE_UP_CODES.get(code, 'connection refused')} (code {code}"
+            f"{REASONS[code].text if code in REASONS else 'connection refused'} (code {code}"
             + (f": {reason})" if reason else ")")
         )
 
@@ -168,7 +159,7 @@ class ControlPlaneConnection:
             welcomed = await self._connect_once()
             if self._stopping:
                 break
-            if welcomed and self._last_close_code != CLOSE_REPLACED:
+            if welcomed and self._last_close_code != Close.REPLACED:
                 failures = 0
             if self._rehello:
                 self._rehello = False
@@ -239,7 +230,7 @@ class ControlPlaneConnection:
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
-                raise GiveUp(4001, f"HTTP {status} on connect") from exc
+                raise GiveUp(Close.BAD_TOKEN, f"HTTP {status} on connect") from exc
             log.warning("control plane refused the websocket: HTTP %s", status)
         except GiveUp:
             raise
@@ -262,10 +253,10 @@ class ControlPlaneConnection:
 
     def _check_close_code(self, socket: ClientConnection) -> None:
         code = self._last_close_code = socket.close_code
-        if code == CLOSE_REPLACED:
+        if code == Close.REPLACED:
             log.warning("another connection with this runner's token replaced this one")
             return
-        if code in GIVE_UP_CODES:
+        if code is not None and gives_up(code):
             raise GiveUp(code, socket.close_reason or "")
         if self._rehello:
             log.info("closed the control-plane connection to send a fresh hello")

@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+from pydantic import ValidationError
 
+from protocol.agent_http import SHA256_HEADER, UploadReceipt, outputs_path
 from protocol.messages import JobFile, OutputRef
 from runner_agent.files import StoredFile, TooLarge, read_chunks, store_stream
 
@@ -137,7 +139,7 @@ class ControlPlaneFiles:
         size_bytes: int,
     ) -> OutputRef:
         """Stream one output file from disk to the control plane, which checks its sha256."""
-        url = f"{self.base_url}/v1/agent/jobs/{workflow_id}/outputs"
+        url = self.base_url + outputs_path(workflow_id)
         params = {
             "attempt": str(attempt),
             "node_id": node_id,
@@ -147,7 +149,7 @@ class ControlPlaneFiles:
         headers = {
             **self._auth,
             "Content-Type": content_type,
-            "X-Content-SHA256": sha256,
+            SHA256_HEADER: sha256,
             # Known up front, so the control plane can refuse an oversized body early.
             "Content-Length": str(size_bytes),
         }
@@ -171,17 +173,22 @@ class ControlPlaneFiles:
                         raise _Retryable(f"PUT outputs answered 400: {text[:200]}", damaged=True)
                     if resp.status not in (200, 201):
                         raise TransferError(f"PUT outputs answered {resp.status}: {text[:200]}")
-                    body = _json_object(text)
+                    try:
+                        receipt = UploadReceipt.model_validate(_json_object(text))
+                    except ValidationError as exc:
+                        raise TransferError(
+                            f"PUT outputs answered {resp.status} with no receipt: {exc}"
+                        ) from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise _Retryable(f"PUT outputs: {exc.__class__.__name__}: {exc}") from exc
             return OutputRef(
-                output_id=str(body.get("output_id", "")),
+                output_id=receipt.output_id,
                 node_id=node_id,
                 filename=filename,
                 kind=kind,
                 content_type=content_type,
-                size_bytes=int(body.get("size_bytes", size_bytes)),
-                sha256=str(body.get("sha256", sha256)),
+                size_bytes=receipt.size_bytes,
+                sha256=receipt.sha256,
             )
 
         return await _with_retries(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from control_plane.tables import utcnow
+from control_plane.db.tables import utcnow
 from tests.conftest import ControlPlane
 
 

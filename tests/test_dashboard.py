@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ from aiohttp import web
 from playwright.async_api import Dialog, Page, async_playwright, expect
 
 from control_plane.app import create_app
+from control_plane.db.tables import Workflow, tag_index, utcnow
 from control_plane.settings import Settings
-from control_plane.tables import Workflow, tag_index, utcnow
 from runner_agent.agent import Agent
 from runner_agent.capacity import NvmlProbe
 from tests.conftest import AgentFactory, ControlPlane
@@ -324,15 +324,17 @@ async def test_queue_recent_errors_and_throughput(
     assert tp["bucket_s"] == 300 and len(tp["buckets"]) == 12
     assert (tp["completed"], tp["failed"]) == (2, 2)
     assert (snap["summary"]["completed_last_hour"], snap["summary"]["failed_last_hour"]) == (2, 2)
-    by_start = {b["start"]: b for b in tp["buckets"]}
+    by_start = {datetime.fromisoformat(b["start"]): b for b in tp["buckets"]}
 
     def bucket_of(iso_time: str) -> dict[str, Any]:
-        start = max(s for s in by_start if s <= iso_time)
-        return by_start[start]
+        # As times, not strings: "12:40:00.5Z" sorts before "12:40:00Z" as text.
+        at = datetime.fromisoformat(iso_time)
+        return by_start[max(s for s in by_start if s <= at)]
 
     assert bucket_of(recent_in(snap, older.id)["completed_at"])["completed"] == 1
     assert bucket_of(recent_in(snap, older_bad.id)["completed_at"])["failed"] == 1
-    assert tp["buckets"][-1]["start"] <= snap["generated_at"] < tp["end"]
+    generated = datetime.fromisoformat(snap["generated_at"])
+    assert datetime.fromisoformat(tp["buckets"][-1]["start"]) <= generated < datetime.fromisoformat(tp["end"])
     just_now = bucket_of(recent_in(snap, ok["id"])["completed_at"])
     assert just_now["completed"] >= 1 and bucket_of(recent_in(snap, bad["id"])["completed_at"])["failed"] >= 1
 
@@ -418,7 +420,7 @@ async def test_stream_sends_a_snapshot_at_once_and_then_each_change(dcp: Control
         created = await dcp.create_runner(name="late")
         nxt = await anext(stream)
         assert [r["id"] for r in nxt["runners"]] == [created["id"]]
-        assert nxt["generated_at"] >= first["generated_at"]
+        assert datetime.fromisoformat(nxt["generated_at"]) >= datetime.fromisoformat(first["generated_at"])
         await stream.aclose()
 
 

@@ -19,8 +19,8 @@ from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 
 from comfyui_sim import SimSettings, start_simulator
+from control_plane.db.tables import Workflow, utcnow
 from control_plane.settings import DEFAULT_TIERS, Tier
-from control_plane.tables import Workflow, utcnow
 from protocol.capacity import Capacity
 from protocol.messages import ComfyUIInfo, Hello, JobDone, JobUpdate, Ready, dump_message
 from runner_agent.capacity import NvmlProbe

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
-from control_plane.forms import PLAIN_PARTS, FormGates
+from control_plane.db.tables import Output
 from control_plane.settings import DEFAULT_TIERS
-from control_plane.tables import Output
+from control_plane.web.forms import PLAIN_PARTS, FormGates
 from protocol.capacity import Capacity
 from protocol.messages import CapacityUpdate, ComfyUIInfo, Hello, Ready, dump_message
 from tests.conftest import AgentFactory, ControlPlane, png_bytes, start_control_plane
@@ -287,7 +287,7 @@ async def test_an_output_over_the_limits_is_a_413_before_its_body(
 
 
 async def test_outputs_download_with_nosniff_and_only_harmless_types_as_declared(cp: ControlPlane) -> None:
-    from control_plane.api_workflows import safe_content_type
+    from control_plane.web.workflows import safe_content_type
 
     assert safe_content_type("image/png") == "image/png"
     assert safe_content_type("video/mp4; codecs=avc1") == "video/mp4"

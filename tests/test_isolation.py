@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from control_plane.tables import Output
+from control_plane.db.tables import Output
 from protocol.capacity import Capacity
 from protocol.messages import ComfyUIInfo, Hello, JobDone, JobUpdate, Ready, dump_message
 from tests.conftest import ControlPlane

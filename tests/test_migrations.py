@@ -11,7 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
-from control_plane.db import alembic_config, create_schema, make_engine
+from control_plane.db.engine import alembic_config, create_schema, make_engine
 
 
 async def test_upgrade_matches_the_models_and_downgrade_removes_everything(

@@ -13,12 +13,13 @@ from typing import Any
 import aiohttp
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
-from control_plane.api_workflows import content_disposition
-from control_plane.blobs import BlobStore
-from control_plane.forms import SubmittedForm, _discard, _release
-from control_plane.registry import AgentConnection
-from control_plane.store import Fault
-from control_plane.tables import Workflow
+from control_plane.db.blobs import BlobStore
+from control_plane.db.store import Fault
+from control_plane.db.tables import Workflow
+from control_plane.fleet.registry import AgentConnection
+from control_plane.web.forms import SubmittedForm, _discard, _release
+from control_plane.web.workflows import content_disposition
+from protocol.capacity import Capacity
 from tests.conftest import AgentFactory, ControlPlane, png_bytes, start_control_plane
 from tests.test_e2e import WORKFLOW, seed_form, sim_config, submit
 
@@ -95,7 +96,7 @@ async def test_ready_never_offers_more_than_the_runner_has(cp: ControlPlane) -> 
         tags=[],
         status="active",
         ws=None,  # type: ignore[arg-type]
-        capacity={"slots": 2},
+        capacity=Capacity(slots=2),
     )
     conn.jobs.add("in-flight")
     await cp.services.fleet.runner_ready(conn, 2)

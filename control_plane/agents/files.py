@@ -1,0 +1,113 @@
+"""HTTP endpoints for agents: input files down, outputs up. Blobs never travel on the websocket."""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+
+import aiohttp
+from aiohttp import web
+
+from control_plane.db.blobs import SHA256
+from control_plane.db.tables import Output
+from control_plane.fleet.events import output_event
+from control_plane.model.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from control_plane.model.lifecycle import holds_current, runs_on
+from control_plane.model.params import WorkflowParams
+from control_plane.services import Services
+from protocol.agent_http import FILE_PATH, OUTPUTS_PATH, SHA256_HEADER, UploadReceipt
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+# Outputs can be videos: larger than client uploads, but still bounded, one by one and in all.
+MAX_OUTPUT_BYTES = 4 * 1024**3
+
+
+@routes.get(FILE_PATH)
+async def download_input(request: web.Request) -> web.StreamResponse:
+    svc: Services = request.app[Services.KEY]
+    runner = await svc.auth.runner(request)
+    wf = await svc.store.get_workflow(runner.account_id, request.match_info["workflow_id"])
+    sha = request.match_info["sha256"]
+    # Only the runner holding the job gets its files, and only the files it declares.
+    files = WorkflowParams.of(wf.workflow_params).files.values()
+    if not runs_on(wf, runner.id) or sha not in {f.sha256 for f in files}:
+        raise NotFound("no such file for this job")
+    return web.FileResponse(svc.blobs.path(sha), headers={"Content-Type": "application/octet-stream"})
+
+
+@routes.put(OUTPUTS_PATH)
+async def upload_output(request: web.Request) -> web.Response:
+    """One output of the runner's current attempt, streamed into the blob store and checked
+    against its sha256. The same file sent again (a retry, or an agent that restarted) is
+    answered with the output already recorded (200 rather than 201)."""
+    svc: Services = request.app[Services.KEY]
+    runner = await svc.auth.runner(request)
+    wf = await svc.store.get_workflow(runner.account_id, request.match_info["workflow_id"])
+    q = request.query
+    try:
+        attempt = int(q["attempt"])
+        node_id, filename = q["node_id"], q["filename"]
+    except (KeyError, ValueError) as exc:
+        raise BadRequest("attempt, node_id and filename are required query parameters") from exc
+    expected_sha256 = request.headers.get(SHA256_HEADER, "")
+    if not SHA256.fullmatch(expected_sha256.lower()):
+        raise BadRequest("X-Content-SHA256 must be the sha256 of the body, in hex")
+    if not holds_current(wf, attempt, runner.id):
+        raise Conflict(f"attempt {attempt} of workflow {wf.id} is not current on this runner")
+    # Refused on what it declares, before a byte of the body is read.
+    declared = request.content_length
+    if declared is not None and declared > MAX_OUTPUT_BYTES:
+        raise PayloadTooLarge(f"an output is at most {MAX_OUTPUT_BYTES} bytes; this one declares {declared}")
+    room = svc.settings.max_job_output_bytes - await svc.store.output_bytes(wf.id, attempt)
+    if declared is not None and declared > room:
+        raise PayloadTooLarge(
+            f"attempt {attempt} of workflow {wf.id} may upload {svc.settings.max_job_output_bytes} bytes "
+            f"of outputs in all; {max(room, 0)} are left"
+        )
+    content_type = (
+        request.headers.get("Content-Type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    )
+    try:
+        stored = await svc.blobs.write(
+            request.content.iter_chunked(64 * 1024),
+            max_bytes=min(MAX_OUTPUT_BYTES, max(room, 0)),
+            expected_sha256=expected_sha256,
+        )
+    except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+        # The agent went away mid-upload (it retries, or its job runs again): nothing is kept.
+        log.info("workflow %s: output upload from runner %s broke off: %s", wf.id, runner.id, exc)
+        raise BadRequest("the upload broke off before its end") from None
+    recorded = await svc.store.add_output(
+        Output(
+            workflow_id=wf.id,
+            account_id=wf.account_id,
+            attempt=attempt,
+            node_id=node_id,
+            filename=filename.rsplit("/", 1)[-1],
+            kind=q.get("kind", "images"),
+            content_type=content_type,
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+        ),
+        runner.id,
+    )
+    if recorded is None:
+        # The upload took a while: the attempt was cancelled or replaced meanwhile.
+        if stored.created and not await svc.store.blob_referenced(stored.sha256):
+            await svc.blobs.delete(stored.sha256)
+        raise Conflict(f"attempt {attempt} of workflow {wf.id} ended while its output was uploaded")
+    out, created = recorded
+    if created:
+        log.info(
+            "workflow %s: output %s (%s, %d bytes) from runner %s",
+            wf.id,
+            out.filename,
+            out.kind,
+            out.size_bytes,
+            runner.id,
+        )
+        svc.hub.publish(wf.id, "output", output_event(out))
+    receipt = UploadReceipt(output_id=out.id, size_bytes=out.size_bytes, sha256=out.sha256)
+    return web.json_response(receipt.model_dump(), status=201 if created else 200)

@@ -1,0 +1,888 @@
+"""The store: one method per query, short sessions, no network calls inside a transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import String, cast, delete, func, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import defer
+from sqlalchemy.sql.elements import ColumnElement
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from control_plane.db.tables import (
+    Account,
+    ApiToken,
+    IdempotencyRecord,
+    Output,
+    Runner,
+    Task,
+    Template,
+    Workflow,
+    as_utc,
+    utcnow,
+)
+from control_plane.failpoints import FailPoints
+from control_plane.model.errors import NotFound
+from control_plane.model.figures import FleetFigures
+from control_plane.model.lifecycle import (
+    OPEN_TASK,
+    TERMINAL,
+    TaskStatus,
+    WorkflowStatus,
+    holds_current,
+    is_terminal,
+    moves_back,
+    start_next_attempt,
+    task_end,
+)
+from control_plane.model.params import Resolved, WorkflowParams
+
+# How long a retried attempt waits before it is dispatched: doubling per attempt up to this.
+_MAX_BACKOFF_S = 30.0
+CLIENT_TOKEN_PREFIX = "cf_"
+RUNNER_TOKEN_PREFIX = "cfr_"
+
+
+class KeyTaken(Exception):
+    """An Idempotency-Key was taken by a request that committed first; nothing was written."""
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine, fail_points: FailPoints | None = None) -> None:
+        self.engine = engine
+        self._fail = fail_points or FailPoints()
+        # Read-check-write of a workflow must not interleave with another. PostgreSQL locks
+        # the row (SELECT ... FOR UPDATE); SQLite has no row locks, so one control-plane
+        # process serialises these sections with this lock.
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._rmw_lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(self.engine, expire_on_commit=False) as s:
+            yield s
+
+    @asynccontextmanager
+    async def locked_workflow(
+        self, workflow_id: str, *, without_graph: bool = False
+    ) -> AsyncIterator[tuple[AsyncSession, Workflow | None]]:
+        """A session holding the workflow's row for a read-check-write. ``without_graph``
+        leaves the workflow JSON (which can be large) unread: fencing an agent's report needs
+        only a few small columns."""
+        query = select(Workflow).where(Workflow.id == workflow_id).with_for_update()
+        if without_graph:
+            query = query.options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
+        async with self._rmw_lock if self._sqlite else contextlib.nullcontext(), self.session() as s:
+            yield s, (await s.exec(query)).first()
+
+    @contextlib.asynccontextmanager
+    async def fenced(
+        self, workflow_id: str, attempt: int, runner_id: str | None, *, without_graph: bool = True
+    ) -> AsyncIterator[tuple[AsyncSession, Workflow] | None]:
+        """The fence every write on behalf of a runner goes through: the workflow's row,
+        locked, if that runner holds that attempt of it and it has not finished; else
+        ``None`` (the report is stale: the attempt was cancelled, replaced or moved)."""
+        async with self.locked_workflow(workflow_id, without_graph=without_graph) as (s, wf):
+            yield (s, wf) if wf is not None and holds_current(wf, attempt, runner_id) else None
+
+    async def ping(self) -> None:
+        """A round trip to the database (health checks)."""
+        async with self.session() as s:
+            await s.exec(text("SELECT 1"))  # type: ignore[call-overload]
+
+    # -- accounts and tokens -------------------------------------------------------------
+
+    async def get_or_create_account(self, name: str, tier: str | None = None) -> Account:
+        async with self.session() as s:
+            account = (await s.exec(select(Account).where(Account.name == name))).first()
+            if account is None:
+                account = Account(name=name, tier=tier or "free")
+                s.add(account)
+            elif tier is not None:
+                account.tier = tier
+                s.add(account)
+            await s.commit()
+            return account
+
+    async def create_token(
+        self, account_id: str, scope: str, expires_at: datetime | None = None
+    ) -> tuple[str, ApiToken]:
+        raw = new_token(CLIENT_TOKEN_PREFIX)
+        token = ApiToken(
+            account_id=account_id, token_hash=hash_token(raw), scope=scope, expires_at=expires_at
+        )
+        async with self.session() as s:
+            s.add(token)
+            await s.commit()
+        return raw, token
+
+    async def resolve_token(self, raw: str) -> tuple[ApiToken, Account] | None:
+        async with self.session() as s:
+            row = (
+                await s.exec(
+                    select(ApiToken, Account)
+                    .join(Account, col(Account.id) == col(ApiToken.account_id))
+                    .where(ApiToken.token_hash == hash_token(raw))
+                )
+            ).first()
+            return None if row is None else (row[0], row[1])
+
+    async def list_tokens(self, account_name: str | None) -> list[dict[str, Any]]:
+        query = select(ApiToken, Account.name).join(Account, col(Account.id) == col(ApiToken.account_id))
+        if account_name is not None:
+            query = query.where(Account.name == account_name)
+        async with self.session() as s:
+            rows = await s.exec(query.order_by(col(ApiToken.created_at).desc()))
+            return [
+                {
+                    "id": token.id,
+                    "account": name,
+                    "scope": token.scope,
+                    "created_at": token.created_at,
+                    "expires_at": token.expires_at,
+                    "last_used_at": token.last_used_at,
+                }
+                for token, name in rows
+            ]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Delete a token: from now on it is as invalid as one never made."""
+        async with self.session() as s:
+            result = await s.exec(delete(ApiToken).where(col(ApiToken.id) == token_id))
+            await s.commit()
+            return bool(result.rowcount)
+
+    async def touch_token(self, token_id: str) -> None:
+        async with self.session() as s:
+            await s.exec(update(ApiToken).where(col(ApiToken.id) == token_id).values(last_used_at=utcnow()))
+            await s.commit()
+
+    # -- runners -------------------------------------------------------------------------
+
+    async def create_runner(self, account_id: str, name: str, tags: list[str]) -> tuple[str, Runner]:
+        raw = new_token(RUNNER_TOKEN_PREFIX)
+        runner = Runner(account_id=account_id, name=name, tags=tags, token_hash=hash_token(raw))
+        async with self.session() as s:
+            s.add(runner)
+            await s.commit()
+        return raw, runner
+
+    async def list_runners(self, account_id: str, offset: int, limit: int) -> tuple[list[Runner], int]:
+        async with self.session() as s:
+            where = Runner.account_id == account_id
+            total = (await s.exec(select(func.count()).select_from(Runner).where(where))).one()
+            rows = await s.exec(
+                select(Runner)
+                .where(where)
+                .order_by(col(Runner.created_at).desc())
+                .offset(offset)
+                .limit(limit)
+            )
+            return list(rows), int(total)
+
+    async def account_runners(self, account_id: str) -> list[Runner]:
+        async with self.session() as s:
+            return list(await s.exec(select(Runner).where(Runner.account_id == account_id)))
+
+    async def get_runner(self, account_id: str | None, runner_id: str) -> Runner:
+        async with self.session() as s:
+            return await _owned(s, Runner, runner_id, account_id)
+
+    async def update_runner(self, account_id: str, runner_id: str, changes: dict[str, Any]) -> Runner:
+        async with self.session() as s:
+            return await _update(s, await _owned(s, Runner, runner_id, account_id), changes)
+
+    async def delete_runner(self, account_id: str, runner_id: str) -> None:
+        async with self.session() as s:
+            await s.delete(await _owned(s, Runner, runner_id, account_id))
+            await s.commit()
+
+    async def runner_by_token(self, raw: str) -> Runner | None:
+        async with self.session() as s:
+            return (await s.exec(select(Runner).where(Runner.token_hash == hash_token(raw)))).first()
+
+    async def save_runner_state(
+        self,
+        runner_id: str,
+        *,
+        capacity: dict[str, Any] | None = None,
+        comfyui: dict[str, Any] | None = None,
+    ) -> None:
+        """A heartbeat: its own short transaction."""
+        values: dict[str, Any] = {"last_seen_at": utcnow()}
+        if capacity is not None:
+            values["capacity"] = capacity
+        if comfyui is not None:
+            values["comfyui"] = comfyui
+        async with self.session() as s:
+            await s.exec(update(Runner).where(col(Runner.id) == runner_id).values(**values))
+            await s.commit()
+
+    # -- workflows -----------------------------------------------------------------------
+
+    async def add_workflow(self, workflow: Workflow, receipt: IdempotencyRecord | None = None) -> Workflow:
+        """Insert a workflow, and the answer to its Idempotency-Key in the same transaction,
+        so that a crash leaves both or neither. Raises :class:`KeyTaken` when the key went to
+        a request that committed first."""
+        async with self.session() as s:
+            s.add(workflow)
+            if receipt is not None:
+                s.add(receipt)
+            await _commit_receipt(s, receipt, lambda: self._fail.hit("before_workflow_commit"))
+            self._fail.hit("after_workflow_commit")
+            return workflow
+
+    async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
+        async with self.session() as s:
+            return await _owned(s, Workflow, workflow_id, account_id)
+
+    async def list_workflows(
+        self, account_id: str, offset: int, limit: int, filters: dict[str, str]
+    ) -> tuple[list[Workflow], int]:
+        conds: list[ColumnElement[bool]] = [col(Workflow.account_id) == account_id]
+        for key in ("status", "parent_id", "correlation_id"):
+            if key in filters:
+                conds.append(getattr(Workflow, key) == filters[key])
+        if "tag" in filters:
+            conds.append(col(Workflow.tag_index).contains(f",{filters['tag']},", autoescape=True))
+        async with self.session() as s:
+            total = (await s.exec(select(func.count()).select_from(Workflow).where(*conds))).one()
+            rows = await s.exec(
+                select(Workflow)
+                .where(*conds)
+                .order_by(col(Workflow.created_at).desc())
+                .offset(offset)
+                .limit(limit)
+            )
+            return list(rows), int(total)
+
+    async def child_ids(self, workflow_id: str) -> list[str]:
+        async with self.session() as s:
+            rows = await s.exec(
+                select(Workflow.id)
+                .where(Workflow.parent_id == workflow_id)
+                .order_by(col(Workflow.created_at))
+            )
+            return list(rows)
+
+    async def count_workflows_since(self, account_id: str, since: datetime) -> int:
+        async with self.session() as s:
+            n = await s.exec(
+                select(func.count())
+                .select_from(Workflow)
+                .where(Workflow.account_id == account_id, col(Workflow.created_at) >= since)
+            )
+            return int(n.one())
+
+    async def waiting_workflows(self) -> list[Workflow]:
+        """Accepted workflows no runner holds, oldest first."""
+        async with self.session() as s:
+            rows = await s.exec(
+                select(Workflow)
+                .where(Workflow.status == WorkflowStatus.ACCEPTED, col(Workflow.runner_id).is_(None))
+                .order_by(col(Workflow.created_at))
+            )
+            return list(rows)
+
+    async def claim_workflow(self, workflow_id: str, attempt: int, runner_id: str, timeout_s: int) -> bool:
+        """Give a waiting workflow to a runner, whose attempt must end within ``timeout_s``;
+        false if someone else changed it meanwhile."""
+        now = utcnow()
+        async with self.session() as s:
+            result = await s.exec(
+                update(Workflow)
+                .where(
+                    col(Workflow.id) == workflow_id,
+                    col(Workflow.attempt) == attempt,
+                    col(Workflow.status) == WorkflowStatus.ACCEPTED,
+                    col(Workflow.runner_id).is_(None),
+                )
+                # The preference has done its job once the workflow is placed; a requeue of
+                # this attempt goes wherever it can.
+                .values(
+                    runner_id=runner_id,
+                    dispatched_at=now,
+                    updated_at=now,
+                    queue_number=None,
+                    preferred_runner_id=None,
+                    deadline_at=now + timedelta(seconds=timeout_s),
+                )
+            )
+            await s.commit()
+            return bool(result.rowcount)
+
+    async def unclaim_workflow(
+        self, workflow_id: str, attempt: int, runner_id: str, queue_timeout_s: int
+    ) -> None:
+        """The job never reached the runner: the workflow waits again, with a fresh wait."""
+        now = utcnow()
+        async with self.session() as s:
+            await s.exec(
+                update(Workflow)
+                .where(
+                    col(Workflow.id) == workflow_id,
+                    col(Workflow.attempt) == attempt,
+                    col(Workflow.runner_id) == runner_id,
+                    col(Workflow.status) == WorkflowStatus.ACCEPTED,
+                )
+                .values(
+                    runner_id=None, dispatched_at=None, deadline_at=now + timedelta(seconds=queue_timeout_s)
+                )
+            )
+            await s.commit()
+
+    async def update_current(
+        self,
+        workflow_id: str,
+        attempt: int,
+        runner_id: str | None,
+        changes: dict[str, Any],
+        *,
+        resolved_params: dict[str, Any] | None = None,
+        texts: dict[str, list[str]] | None = None,
+        node_event: tuple[str, str | None, str] | None = None,
+        failed_node: tuple[str, str, str] | None = None,
+    ) -> Workflow | None:
+        """Apply an agent's report in one transaction, fenced: only the runner holding the
+        current attempt of a workflow that is not finished may change it, its tasks
+        included. ``failed_node`` is (node id, reason, failure kind) of the node whose error
+        ended the attempt. ``None`` when the report is stale."""
+        async with self.fenced(workflow_id, attempt, runner_id) as held:
+            if held is None:
+                return None
+            s, wf = held
+            _apply_report(wf, changes, resolved_params, texts)
+            s.add(wf)
+            if node_event is not None:
+                await _record_node_event(s, workflow_id, attempt, *node_event)
+            if failed_node is not None:
+                await _note_task(s, workflow_id, attempt, *failed_node)
+            if wf.status in TERMINAL:
+                await _close_tasks(s, workflow_id, attempt, task_end(wf.status))
+            await s.commit()
+            return wf
+
+    async def cancel_workflow(self, workflow_id: str) -> Workflow | None:
+        """Mark a workflow cancelled unless it already finished (then ``None``)."""
+        now = utcnow()
+        async with self.locked_workflow(workflow_id) as (s, wf):
+            if wf is None or wf.status in TERMINAL:
+                return None
+            wf.status, wf.completed_at, wf.updated_at, wf.deadline_at = (
+                WorkflowStatus.CANCELLED,
+                now,
+                now,
+                None,
+            )
+            await _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED)
+            s.add(wf)
+            await s.commit()
+            return wf
+
+    async def waiting_ahead(self, wf: Workflow) -> int:
+        """Workflows of the same account and tags waiting for a runner since before ``wf``."""
+        async with self.session() as s:
+            ahead = await s.exec(
+                select(func.count())
+                .select_from(Workflow)
+                .where(
+                    Workflow.account_id == wf.account_id,
+                    Workflow.tag_index == wf.tag_index,
+                    Workflow.status == WorkflowStatus.ACCEPTED,
+                    col(Workflow.runner_id).is_(None),
+                    col(Workflow.created_at) < wf.created_at,
+                )
+            )
+            return int(ahead.one())
+
+    async def inflight_workflows(self, runner_id: str | None = None) -> list[Workflow]:
+        """Workflows held by a runner (one, or any) that have not finished."""
+        conds: list[ColumnElement[bool]] = [
+            col(Workflow.runner_id).is_not(None),
+            col(Workflow.status).not_in(TERMINAL),
+        ]
+        if runner_id is not None:
+            conds.append(col(Workflow.runner_id) == runner_id)
+        async with self.session() as s:
+            return list(await s.exec(select(Workflow).where(*conds)))
+
+    async def retry(
+        self, workflow_id: str, attempt: int, runner_id: str | None, fault: Fault
+    ) -> Workflow | None:
+        """An attempt ended by a fault of the fleet (or a node out of GPU memory): the next
+        attempt waits for a runner after a backoff, elsewhere where possible; or, once the
+        workflow has had ``fault.max_attempts``, it fails, naming every attempt's reason.
+        The attempt's open tasks are closed with the reason. ``None`` if the workflow moved
+        on (finished, or held by another runner)."""
+        now = utcnow()
+        async with self.fenced(workflow_id, attempt, runner_id, without_graph=False) as held:
+            if held is None:
+                return None
+            s, wf = held
+            wf.attempt_log = [
+                *wf.attempt_log,
+                {
+                    "attempt": wf.attempt,
+                    "runner_id": runner_id,
+                    "kind": fault.kind,
+                    "reason": fault.reason,
+                    "at": now.isoformat(),
+                },
+            ]
+            if fault.node_id is not None:
+                await _note_task(
+                    s, workflow_id, attempt, fault.node_id, fault.reason, fault.kind, TaskStatus.FAILED
+                )
+            if wf.attempt >= fault.max_attempts:
+                await _close_tasks(s, workflow_id, wf.attempt, TaskStatus.FAILED, fault.reason, fault.kind)
+                tries = "attempt" if wf.attempt == 1 else "attempts"
+                every = "; ".join(f"attempt {e['attempt']}: {e['reason']}" for e in wf.attempt_log)
+                wf.status, wf.completed_at, wf.deadline_at = WorkflowStatus.FAILED, now, None
+                wf.failure_reason = "workflow" if fault.kind == "out_of_memory" else "infrastructure"
+                wf.exception_type = fault.exception_type or wf.exception_type
+                wf.exception_message = f"gave up after {wf.attempt} {tries}: {every}"
+            else:
+                await _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, fault.reason, fault.kind)
+                start_next_attempt(wf, now)
+                wf.not_before = now + timedelta(
+                    seconds=min(_MAX_BACKOFF_S, fault.backoff_s * 2 ** (attempt - 1))
+                )
+                if runner_id is not None and runner_id not in wf.avoid_runner_ids:
+                    wf.avoid_runner_ids = [*wf.avoid_runner_ids, runner_id]
+                if fault.min_gpu_free_bytes is not None:
+                    wf.min_gpu_free_bytes = fault.min_gpu_free_bytes
+            wf.updated_at = now
+            s.add(wf)
+            await s.commit()
+            return wf
+
+    async def new_attempt(
+        self,
+        workflow_id: str,
+        expected_attempt: int,
+        changes: dict[str, Any],
+        rerun_nodes: set[str] | None,
+        receipt: IdempotencyRecord | None = None,
+    ) -> Workflow | None:
+        """The Conductor-compatible rerun: start attempt + 1 of a workflow in one transaction
+        (with the answer to its Idempotency-Key). The previous attempt's tasks of the nodes
+        that rerun (all of them when ``rerun_nodes`` is None) become CANCELED, completed ones
+        included; of the others, those that had not completed were interrupted and become
+        CANCELED too. ``None`` if the attempt moved on meanwhile; :class:`KeyTaken` when the
+        key went to a request that committed first."""
+        now = utcnow()
+        async with self.locked_workflow(workflow_id) as (s, wf):
+            if wf is None or wf.attempt != expected_attempt:
+                return None
+            old_tasks = await s.exec(
+                select(Task).where(Task.workflow_id == workflow_id, Task.attempt == expected_attempt)
+            )
+            for task in old_tasks:
+                if rerun_nodes is None or task.node_id in rerun_nodes or task.status != TaskStatus.COMPLETED:
+                    task.status = TaskStatus.CANCELED
+                    task.ended_at = task.ended_at or now
+                    s.add(task)
+            for key, value in changes.items():
+                setattr(wf, key, value)
+            start_next_attempt(wf, now)
+            # A rerun asked for by the user starts afresh: earlier faults are history.
+            wf.attempt_log, wf.avoid_runner_ids, wf.min_gpu_free_bytes = [], [], None
+            wf.error_node = wf.exception_type = wf.exception_message = wf.failure_reason = None
+            wf.node_errors = None
+            wf.started_at = wf.completed_at = None
+            wf.updated_at = now
+            s.add(wf)
+            if receipt is not None:
+                s.add(receipt)
+            await _commit_receipt(s, receipt)
+            self._fail.hit("after_attempt_commit")
+            return wf
+
+    async def expired(self, now: datetime) -> list[str]:
+        """Workflows whose deadline has passed and that have not finished."""
+        async with self.session() as s:
+            rows = await s.exec(
+                select(Workflow.id).where(
+                    col(Workflow.deadline_at) < now, col(Workflow.status).not_in(TERMINAL)
+                )
+            )
+            return list(rows)
+
+    async def expire(self, workflow_id: str, now: datetime) -> tuple[Workflow, str | None] | None:
+        """Fail a workflow whose deadline passed: ``queue_timeout`` when no runner took it,
+        ``timeout`` when its attempt ran too long. Returns it with the runner that held it
+        (to be told to stop), or ``None`` if it moved on meanwhile."""
+        async with self.locked_workflow(workflow_id, without_graph=True) as (s, wf):
+            if wf is None or wf.status in TERMINAL or wf.deadline_at is None or as_utc(wf.deadline_at) >= now:
+                return None
+            held_by = wf.runner_id
+            if held_by is None:
+                wf.failure_reason, wf.exception_type = "queue_timeout", "QueueTimeout"
+                wf.exception_message = f"no runner took it within {wf.queue_timeout_s} s (the queue limit)"
+                reason = "the workflow waited past its queue limit"
+            else:
+                wf.failure_reason, wf.exception_type = "timeout", "Timeout"
+                wf.exception_message = f"attempt {wf.attempt} ran longer than its timeout of {wf.timeout_s} s"
+                reason = wf.exception_message
+            wf.status, wf.completed_at, wf.updated_at, wf.deadline_at = WorkflowStatus.FAILED, now, now, None
+            await _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, reason, "workflow")
+            s.add(wf)
+            await s.commit()
+            return wf, held_by
+
+    async def lineage_ids(self, workflow_id: str) -> set[str]:
+        """The workflow, its ancestors (parent_id chain) and all its reruns' descendants."""
+        found = {workflow_id}
+        async with self.session() as s:
+            current: str | None = workflow_id
+            while current is not None:
+                parent = (await s.exec(select(Workflow.parent_id).where(Workflow.id == current))).first()
+                current = parent if parent not in found else None
+                if current is not None:
+                    found.add(current)
+            frontier = [workflow_id]
+            while frontier:
+                children = list(
+                    await s.exec(select(Workflow.id).where(col(Workflow.parent_id).in_(frontier)))
+                )
+                frontier = [c for c in children if c not in found]
+                found.update(frontier)
+        return found
+
+    # -- templates -----------------------------------------------------------------------
+
+    async def add_template(self, template: Template) -> Template:
+        async with self.session() as s:
+            s.add(template)
+            await s.commit()
+            return template
+
+    async def get_template(self, account_id: str, template_id: str) -> Template:
+        async with self.session() as s:
+            return await _owned(s, Template, template_id, account_id)
+
+    async def update_template(self, account_id: str, template_id: str, changes: dict[str, Any]) -> Template:
+        async with self.session() as s:
+            return await _update(s, await _owned(s, Template, template_id, account_id), changes)
+
+    async def list_templates(self, account_id: str, offset: int, limit: int) -> tuple[list[Template], int]:
+        async with self.session() as s:
+            where = Template.account_id == account_id
+            total = (await s.exec(select(func.count()).select_from(Template).where(where))).one()
+            rows = await s.exec(
+                select(Template)
+                .where(where)
+                .order_by(col(Template.created_at).desc())
+                .offset(offset)
+                .limit(limit)
+            )
+            return list(rows), int(total)
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def tasks(self, workflow_id: str, attempt: int | None = None) -> list[Task]:
+        conds = [Task.workflow_id == workflow_id]
+        if attempt is not None:
+            conds.append(Task.attempt == attempt)
+        async with self.session() as s:
+            rows = await s.exec(
+                select(Task).where(*conds).order_by(col(Task.attempt).desc(), col(Task.started_at))
+            )
+            return list(rows)
+
+    # -- outputs -------------------------------------------------------------------------
+
+    async def add_output(self, output: Output, runner_id: str) -> tuple[Output, bool] | None:
+        """Record an uploaded output of the current attempt, fenced like a report; the same
+        file uploaded again (a retry, an agent that restarted) gives the output already
+        recorded. ``(output, created)``, or ``None`` when the attempt is no longer current."""
+        async with self.fenced(output.workflow_id, output.attempt, runner_id) as held:
+            if held is None:
+                return None
+            s, _ = held
+            same = (
+                await s.exec(
+                    select(Output).where(
+                        Output.workflow_id == output.workflow_id,
+                        Output.attempt == output.attempt,
+                        Output.node_id == output.node_id,
+                        Output.filename == output.filename,
+                        Output.sha256 == output.sha256,
+                    )
+                )
+            ).first()
+            if same is not None:
+                return same, False
+            s.add(output)
+            await s.commit()
+            return output, True
+
+    async def output_bytes(self, workflow_id: str, attempt: int) -> int:
+        """What an attempt has uploaded so far, in all."""
+        async with self.session() as s:
+            total = await s.exec(
+                select(func.coalesce(func.sum(Output.size_bytes), 0)).where(
+                    Output.workflow_id == workflow_id, Output.attempt == attempt
+                )
+            )
+            return int(total.one())
+
+    async def outputs(self, workflow_id: str, attempt: int | None = None) -> list[Output]:
+        conds = [Output.workflow_id == workflow_id]
+        if attempt is not None:
+            conds.append(Output.attempt == attempt)
+        async with self.session() as s:
+            rows = await s.exec(select(Output).where(*conds).order_by(col(Output.created_at)))
+            return list(rows)
+
+    async def get_output(self, account_id: str, output_id: str) -> Output:
+        async with self.session() as s:
+            return await _owned(s, Output, output_id, account_id)
+
+    async def blob_referenced(self, sha256: str) -> bool:
+        """Whether any workflow (as an input) or output refers to the blob."""
+        async with self.session() as s:
+            used_as_input = (
+                await s.exec(
+                    select(Workflow.id)
+                    .where(cast(Workflow.workflow_params, String).contains(sha256))
+                    .limit(1)
+                )
+            ).first()
+            if used_as_input is not None:
+                return True
+            return (
+                await s.exec(select(Output.id).where(Output.sha256 == sha256).limit(1))
+            ).first() is not None
+
+    # -- figures -------------------------------------------------------------------------
+
+    async def fleet_figures(self, account_id: str | None) -> FleetFigures:
+        """Workflows by status and the waiting queue per account, for /metrics: one account,
+        or every account when ``account_id`` is None."""
+        only_workflows = [Workflow.account_id == account_id] if account_id is not None else []
+        async with self.session() as s:
+            accounts = await s.exec(
+                select(Account.id, Account.name).where(*([Account.id == account_id] if account_id else []))
+            )
+            by_status = await s.exec(
+                select(Workflow.account_id, Workflow.status, func.count())
+                .where(*only_workflows)
+                .group_by(Workflow.account_id, Workflow.status)
+            )
+            waiting = await s.exec(
+                select(Workflow.account_id, func.count(), func.min(Workflow.created_at))
+                .where(
+                    *only_workflows,
+                    Workflow.status == WorkflowStatus.ACCEPTED,
+                    col(Workflow.runner_id).is_(None),
+                )
+                .group_by(Workflow.account_id)
+            )
+            return FleetFigures(
+                account_names=dict(accounts.all()),
+                workflows=[(a, st, int(n)) for a, st, n in by_status],
+                waiting=[(a, int(n), as_utc(first) if first else None) for a, n, first in waiting],
+            )
+
+    # -- idempotency ---------------------------------------------------------------------
+
+    async def get_idempotent(self, account_id: str, key: str) -> IdempotencyRecord | None:
+        async with self.session() as s:
+            return await s.get(IdempotencyRecord, (account_id, key))
+
+    async def forget_idempotent(self, account_id: str, key: str) -> None:
+        """Let an expired key go (it answers retries for a limited time only)."""
+        async with self.session() as s:
+            await s.exec(
+                delete(IdempotencyRecord).where(
+                    col(IdempotencyRecord.account_id) == account_id, col(IdempotencyRecord.key) == key
+                )
+            )
+            await s.commit()
+
+    async def forget_idempotent_before(self, cutoff: datetime) -> None:
+        async with self.session() as s:
+            await s.exec(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff))
+            await s.commit()
+
+
+_Owned = TypeVar("_Owned", Runner, Workflow, Template, Output)
+
+
+async def _owned(s: AsyncSession, model: type[_Owned], object_id: str, account_id: str | None) -> _Owned:
+    """The object if it exists and is the account's (``None``: any account's); another
+    account's objects are as absent as missing ones: 404, never 403."""
+    found = await s.get(model, object_id)
+    if found is None or (account_id is not None and found.account_id != account_id):
+        raise NotFound(f"{model.__tablename__} {object_id} not found")
+    return found
+
+
+async def _update(s: AsyncSession, obj: _Owned, changes: dict[str, Any]) -> _Owned:
+    for key, value in changes.items():
+        setattr(obj, key, value)
+    obj.updated_at = utcnow()
+    s.add(obj)
+    await s.commit()
+    return obj
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Why an attempt ended without a result, and what the retry should take into account."""
+
+    kind: str  # "infrastructure" or "out_of_memory"
+    reason: str
+    max_attempts: int
+    backoff_s: float
+    exception_type: str | None = None
+    node_id: str | None = None  # the node that failed (out of memory)
+    min_gpu_free_bytes: int | None = None
+
+
+def _apply_report(
+    wf: Workflow,
+    changes: dict[str, Any],
+    resolved_params: dict[str, Any] | None,
+    texts: dict[str, list[str]] | None,
+) -> None:
+    """A fenced report's changes on the workflow row, never moving its status back."""
+    status = changes.get("status")
+    if status is not None and moves_back(wf.status, status):
+        changes = {k: v for k, v in changes.items() if k not in ("status", "started_at")}
+    for key, value in changes.items():
+        setattr(wf, key, value)
+    if resolved_params is not None or texts:
+        params = WorkflowParams.of(wf.workflow_params)
+        if resolved_params is not None:
+            params.resolved = Resolved.model_validate(resolved_params)
+        if texts:
+            params.texts = texts
+        wf.workflow_params = params.stored()
+    wf.updated_at = utcnow()
+    if is_terminal(wf.status):
+        wf.deadline_at = None
+
+
+async def _commit_receipt(
+    s: AsyncSession, receipt: IdempotencyRecord | None, before_commit: Callable[[], None] | None = None
+) -> None:
+    """Commit, turning a taken Idempotency-Key (written in this transaction) into KeyTaken."""
+    try:
+        await s.flush()
+        if before_commit is not None:
+            before_commit()
+        await s.commit()
+    except IntegrityError:
+        if receipt is None:
+            raise
+        await s.rollback()
+        raise KeyTaken(receipt.key) from None
+
+
+async def _close_tasks(
+    s: AsyncSession,
+    workflow_id: str,
+    attempt: int,
+    status: str,
+    reason: str | None = None,
+    kind: str | None = None,
+) -> None:
+    """Close an attempt's open tasks (ComfyUI sends ``executed`` for output nodes only, so a
+    node that started and heard nothing more ended with the prompt)."""
+    values: dict[str, Any] = {"status": status, "ended_at": utcnow()}
+    if reason is not None:
+        values.update(reason=reason, failure_kind=kind)
+    await s.exec(
+        update(Task)
+        .where(
+            col(Task.workflow_id) == workflow_id,
+            col(Task.attempt) == attempt,
+            col(Task.status).in_(OPEN_TASK),
+        )
+        .values(**values)
+    )
+
+
+async def _note_task(
+    s: AsyncSession,
+    workflow_id: str,
+    attempt: int,
+    node_id: str,
+    reason: str,
+    kind: str,
+    status: str | None = None,
+) -> None:
+    """Say on a node's task why it did not complete (its error, and whose fault it was)."""
+    values: dict[str, Any] = {"reason": reason, "failure_kind": kind}
+    if status is not None:
+        values.update(status=status, ended_at=utcnow())
+    await s.exec(
+        update(Task)
+        .where(
+            col(Task.workflow_id) == workflow_id, col(Task.attempt) == attempt, col(Task.node_id) == node_id
+        )
+        .values(**values)
+    )
+
+
+async def _record_node_event(
+    s: AsyncSession, workflow_id: str, attempt: int, node_id: str, class_type: str | None, event: str
+) -> None:
+    """Fold one ComfyUI node event into the task record of that node and attempt."""
+    now = utcnow()
+    task = (
+        await s.exec(
+            select(Task).where(
+                Task.workflow_id == workflow_id, Task.attempt == attempt, Task.node_id == node_id
+            )
+        )
+    ).first()
+    if task is None:
+        task = Task(workflow_id=workflow_id, attempt=attempt, node_id=node_id, class_type=class_type)
+    if event in ("executing", "progress") and task.status == TaskStatus.SCHEDULED:
+        task.status, task.started_at = TaskStatus.IN_PROGRESS, now
+    elif event == "cached":
+        task.status, task.cached, task.ended_at = TaskStatus.COMPLETED, True, now
+    elif event == "executed":
+        task.status, task.ended_at = TaskStatus.COMPLETED, now
+        task.started_at = task.started_at or now
+    elif event == "error":
+        task.status, task.ended_at = TaskStatus.FAILED, now
+    elif event == "interrupted":
+        task.status, task.ended_at = TaskStatus.CANCELED, now
+    s.add(task)
+
+
+def day_ago() -> datetime:
+    return utcnow() - timedelta(days=1)
+
+
+__all__: Sequence[str] = (
+    "Fault",
+    "KeyTaken",
+    "Store",
+    "day_ago",
+    "hash_token",
+    "new_token",
+)

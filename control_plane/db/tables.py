@@ -1,0 +1,180 @@
+"""Database tables (SQLModel). REST schemas live in ``views.py``; protocol messages in
+``protocol.messages``: the three families are kept apart."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
+from sqlmodel import Field, SQLModel
+
+from control_plane.model.lifecycle import TaskStatus, WorkflowStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _ts(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=nullable))
+
+
+def _created() -> Any:
+    return Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class Account(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    tier: str = "free"
+    created_at: datetime = _created()
+
+
+class ApiToken(SQLModel, table=True):
+    __tablename__ = "api_token"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    token_hash: str = Field(unique=True, index=True)
+    scope: str = "client"  # client | operator
+    created_at: datetime = _created()
+    expires_at: datetime | None = _ts()
+    last_used_at: datetime | None = _ts()
+
+
+class Runner(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    name: str
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = "active"  # active | disabled
+    token_hash: str = Field(unique=True, index=True)
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+    last_seen_at: datetime | None = _ts()
+    capacity: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    comfyui: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class Workflow(SQLModel, table=True):
+    __table_args__ = (Index("ix_workflow_account_created", "account_id", "created_at"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    name: str
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # ",a,b," so that one tag can be filtered with LIKE on SQLite and PostgreSQL alike.
+    tag_index: str = ","
+    status: str = Field(default=WorkflowStatus.ACCEPTED, index=True)
+    workflow_json: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    # {"values": {name: str}, "files": {name: {sha256, filename, size_bytes, content_type}},
+    #  and once run: "random", "timestamp_ms", "comfy_files"} — enough to reproduce the run.
+    workflow_params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    attempt: int = 1
+    runner_id: str | None = Field(default=None, index=True)
+    # A rerun from a node goes back to the runner whose ComfyUI cache holds the upstream nodes.
+    preferred_runner_id: str | None = None
+    dispatched_at: datetime | None = _ts()
+    prompt_id: str | None = None
+    queue_number: int | None = None
+    progress: float | None = None
+    correlation_id: str | None = Field(default=None, index=True)
+    parent_id: str | None = Field(default=None, index=True)
+    error_node: str | None = None
+    exception_type: str | None = None
+    exception_message: str | None = None
+    node_errors: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Whose fault a failure was: "workflow" (its own graph), "infrastructure" (the fleet's,
+    # once max_attempts ran out), "timeout" (an attempt ran past timeout_s), "queue_timeout"
+    # (no runner took it within queue_timeout_s).
+    failure_reason: str | None = None
+    # Each attempt that ended without a result: {attempt, runner_id, kind, reason, at}.
+    attempt_log: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Runners where an earlier attempt met an infrastructure fault: others are tried first.
+    avoid_runner_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # A retried attempt waits out its backoff before it is dispatched.
+    not_before: datetime | None = _ts()
+    # After a node ran out of GPU memory: a runner with at least this much free is wanted.
+    min_gpu_free_bytes: int | None = Field(default=None, sa_column=Column(BigInteger))
+    # Limits, resolved at submit from the request, the template and the account's tier.
+    timeout_s: int = 3600
+    queue_timeout_s: int = 86400
+    # When the current wait runs out: for a runner while accepted and unclaimed, for the
+    # attempt's end once a runner holds it.
+    deadline_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True, index=True)
+    )
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+    started_at: datetime | None = _ts()
+    completed_at: datetime | None = _ts()
+
+
+class Template(SQLModel, table=True):
+    """A reusable workflow with placeholders; ``POST /v1/template/{id}/run`` makes a workflow."""
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    name: str
+    description: str = ""
+    body: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    # Runs of the template get this timeout unless they ask for another (None: the tier's).
+    timeout_s: int | None = None
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+
+
+def tag_index(tags: list[str]) -> str:
+    return "," + "".join(f"{t}," for t in tags)
+
+
+class Task(SQLModel, table=True):
+    """One attempt of one node of a workflow."""
+
+    __table_args__ = (Index("ix_task_workflow_attempt", "workflow_id", "attempt"),)
+    task_id: str = Field(default_factory=new_id, primary_key=True)
+    workflow_id: str = Field(foreign_key="workflow.id")
+    attempt: int
+    node_id: str
+    class_type: str | None = None
+    status: str = TaskStatus.SCHEDULED
+    cached: bool = False
+    started_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+    # Why a task did not complete: the node's error, or the fault that ended its attempt;
+    # failure_kind as the protocol says it ("workflow", "infrastructure", "out_of_memory").
+    reason: str | None = None
+    failure_kind: str | None = None
+
+
+class Output(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True)
+    workflow_id: str = Field(foreign_key="workflow.id", index=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    attempt: int
+    node_id: str
+    filename: str
+    kind: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime = _created()
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    __tablename__ = "idempotency_record"
+    account_id: str = Field(primary_key=True)
+    key: str = Field(primary_key=True)
+    request_hash: str
+    status: int
+    body: str
+    created_at: datetime = _created()

@@ -1,0 +1,559 @@
+"""The fleet: hands waiting workflows to connected runners and applies what runners report.
+
+One Fleet per control-plane process. Dispatch runs in a single background task woken by
+``kick()``, so two dispatches never race for the same free slot; the store's conditional
+claim keeps a workflow from being given out twice all the same.
+
+Failures are kept apart by whose they are. The workflow's own (ComfyUI rejected the prompt,
+a node raised) end it at once. The fleet's (a runner lost, its ComfyUI down, a prompt lost, a
+transfer that could not get through) start the next attempt after a short backoff, on
+another runner where one can run it, until ``max_attempts``. A node out of GPU memory gets
+one more try on a runner with more free GPU memory, when the fleet has one. Deadlines
+(``timeout_s`` per attempt, ``queue_timeout_s`` waiting for a runner) are swept every
+``deadline_sweep_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from control_plane.db.store import Fault, Store
+from control_plane.db.tables import IdempotencyRecord, Workflow, as_utc, utcnow
+from control_plane.fleet.capabilities import missing, needs
+from control_plane.fleet.events import EventHub, cause_event, status_event
+from control_plane.fleet.metrics import Metrics
+from control_plane.fleet.registry import AgentConnection, Registry
+from control_plane.model.errors import NotFound
+from control_plane.model.lifecycle import TERMINAL, WorkflowStatus, holds_current, runs_on
+from control_plane.model.params import WorkflowParams
+from control_plane.settings import Settings
+from protocol.agent_http import file_path
+from protocol.messages import (
+    Cancel,
+    HeldJob,
+    Job,
+    JobAck,
+    JobDone,
+    JobError,
+    JobFile,
+    JobUpdate,
+    Proceed,
+    dump_message,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_job(wf: Workflow) -> Job:
+    params = WorkflowParams.of(wf.workflow_params)
+    files = [
+        JobFile(
+            name=name,
+            filename=ref.filename,
+            url=file_path(wf.id, ref.sha256),
+            sha256=ref.sha256,
+            size_bytes=ref.size_bytes,
+        )
+        for name, ref in params.files.items()
+    ]
+    rerun = params.rerun
+    return Job(
+        workflow_id=wf.id,
+        attempt=wf.attempt,
+        workflow_json=wf.workflow_json,
+        params=dict(params.values),
+        files=files,
+        rerun_from=rerun.node_id if rerun else None,
+        fixed_random=rerun.fixed_random if rerun else {},
+        timestamp_ms=rerun.timestamp_ms if rerun else None,
+    )
+
+
+class Fleet:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        registry: Registry,
+        hub: EventHub,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = store
+        self.registry = registry
+        self.hub = hub
+        self._wake = asyncio.Event()
+        self._wake_later: asyncio.TimerHandle | None = None
+        self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Set (and replaced) whenever a runner or a workflow changes: wakes ``wait_for`` and
+        # anything else following the fleet live (the dashboard).
+        self._changed = asyncio.Event()
+        self.stopping = False  # set when the control plane shuts down
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """After a restart no runner is connected yet: every runner holding work gets its
+        grace period to come back before that work is requeued."""
+        held = await self.store.inflight_workflows()
+        for runner_id in {wf.runner_id for wf in held if wf.runner_id}:
+            self._start_grace(runner_id)
+        self._spawn(self._dispatch_loop())
+        self._spawn(self._deadline_loop())
+        self.kick()
+
+    async def stop(self) -> None:
+        for handle in self._grace.values():
+            handle.cancel()
+        self._grace.clear()
+        if self._wake_later is not None:
+            self._wake_later.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def kick(self) -> None:
+        self._wake.set()
+        self.changed()
+
+    def _kick_in(self, delay_s: float) -> None:
+        """Dispatch again in ``delay_s`` (a retry's backoff ends then); one timer, the earliest."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay_s
+        if self._wake_later is not None and self._wake_later.when() <= when:
+            return
+        if self._wake_later is not None:
+            self._wake_later.cancel()
+        self._wake_later = loop.call_at(when, self._kick_due)
+
+    def _kick_due(self) -> None:
+        self._wake_later = None
+        self.kick()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until ``predicate()`` holds, re-checking at every change of the fleet."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                await self._changed.wait()
+
+    async def next_change(self) -> None:
+        await self._changed.wait()
+
+    def publish_status(self, wf: Workflow) -> None:
+        if wf.status == WorkflowStatus.FAILED:
+            self.hub.publish(wf.id, "cause", cause_event(wf))
+        self.hub.publish(wf.id, "status", status_event(wf))
+        self.changed()
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.dispatch_waiting()
+            except Exception:  # a loop boundary: log and keep dispatching
+                log.exception("dispatch round failed")
+
+    async def dispatch_waiting(self) -> None:
+        now = utcnow()
+        backoff_ends: list[float] = []
+        for wf in await self.store.waiting_workflows():
+            if wf.not_before is not None and as_utc(wf.not_before) > now:
+                backoff_ends.append((as_utc(wf.not_before) - now).total_seconds())
+                continue
+            conn = self._pick_runner(wf, now)
+            if conn is not None:
+                await self._send_job(wf, conn)
+        if backoff_ends:
+            self._kick_in(min(backoff_ends))
+
+    async def _send_job(self, wf: Workflow, conn: AgentConnection) -> None:
+        try:
+            frame = dump_message(build_job(wf))
+        except Exception as exc:  # a boundary: this workflow only, whatever broke
+            log.warning("workflow %s: its job cannot be built: %s", wf.id, exc)
+            await self._fail_waiting(wf, f"its job cannot be built for a runner: {exc}")
+            return
+        if not await self.store.claim_workflow(wf.id, wf.attempt, conn.runner_id, wf.timeout_s):
+            return
+        conn.took(wf.id, needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values).model_files)
+        if await conn.send_frame(frame):
+            if self.metrics is not None:
+                waited_s = (utcnow() - as_utc(wf.updated_at)).total_seconds()
+                self.metrics.dispatch_latency.labels(wf.account_id).observe(waited_s)
+            log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
+        else:
+            conn.unsent(wf.id)
+            await self.store.unclaim_workflow(wf.id, wf.attempt, conn.runner_id, wf.queue_timeout_s)
+
+    async def _fail_waiting(self, wf: Workflow, message: str) -> None:
+        failed = await self.store.update_current(
+            wf.id,
+            wf.attempt,
+            None,
+            {
+                "status": WorkflowStatus.FAILED,
+                "completed_at": utcnow(),
+                "failure_reason": "workflow",
+                "exception_type": "UnsendableJob",
+                "exception_message": message,
+            },
+        )
+        if failed is not None:
+            self.publish_status(failed)
+
+    def _eligible(self, wf: Workflow) -> list[AgentConnection]:
+        need = needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values)
+        return [
+            c
+            for c in self.registry.all()
+            if c.account_id == wf.account_id and c.accepts(wf.tags) and not missing(need, c.offers)
+        ]
+
+    def _worth_waiting(self, wf: Workflow, now: datetime) -> bool:
+        """A rerun's preferred runner (or one with the GPU memory it needs) is busy: wait for
+        it a while, but not for ever."""
+        left_s = self.settings.rerun_affinity_wait_s - (now - as_utc(wf.updated_at)).total_seconds()
+        if left_s <= 0:
+            return False
+        asyncio.get_running_loop().call_later(left_s, self.kick)
+        return True
+
+    def _pick_runner(self, wf: Workflow, now: datetime) -> AgentConnection | None:
+        """In order: the runner a rerun from a task names; runners whose ComfyUI has every
+        node class and model; after an out-of-memory failure, those with more free GPU memory;
+        with a free slot; not where an earlier attempt met a fault; warm with the same models;
+        the least loaded. Ties go to the longest connected: never random."""
+        eligible = self._eligible(wf)
+        preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
+        if preferred is not None:
+            if preferred.free_slots > 0:
+                return preferred
+            # Its ComfyUI cache holds the upstream nodes: worth waiting a while for a slot,
+            # but not for a runner whose ComfyUI is down (its cache is gone).
+            if preferred.healthy and self._worth_waiting(wf, now):
+                return None
+        if wf.min_gpu_free_bytes is not None:
+            roomy = [c for c in eligible if c.gpu_free_bytes >= wf.min_gpu_free_bytes]
+            if roomy and not any(c.free_slots > 0 for c in roomy) and self._worth_waiting(wf, now):
+                return None
+            eligible = roomy or eligible
+        free = [c for c in eligible if c.free_slots > 0]
+        if not free:
+            return None
+        wanted = needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values).model_files
+        avoid = set(wf.avoid_runner_ids)
+
+        def rank(c: AgentConnection) -> tuple[bool, bool, int, float, float]:
+            warm = bool(wanted) and wanted <= c.warm_models
+            return (c.runner_id in avoid, not warm, len(c.jobs), c.gpu_busy_pct, c.connected_at)
+
+        return min(free, key=rank)
+
+    # -- what runners report -------------------------------------------------------------
+
+    async def runner_connected(self, conn: AgentConnection, held: list[HeldJob]) -> list[HeldJob]:
+        """Reconcile what a (re)connecting runner holds with what we think it holds.
+        Returns the held jobs it must drop (finished ones included: their result is
+        applied already, or no longer wanted)."""
+        handle = self._grace.pop(conn.runner_id, None)
+        if handle is not None:
+            handle.cancel()
+        ours = {wf.id: wf for wf in await self.store.inflight_workflows(conn.runner_id)}
+        held_current = {
+            h.workflow_id for h in held if h.workflow_id in ours and ours[h.workflow_id].attempt == h.attempt
+        }
+        drop = [h for h in held if h.workflow_id not in held_current]
+        for wf in ours.values():
+            if wf.id in held_current:
+                conn.holds(wf.id)
+            else:
+                # We gave it this job but the runner no longer has it: run it again.
+                await self._requeue(wf, f"runner {conn.name} lost the job")
+        return drop
+
+    async def runner_ready(self, conn: AgentConnection, free_slots: int) -> None:
+        # The agent counts what it holds; jobs sent but not yet arrived it cannot count.
+        conn.ready(free_slots)
+        self.kick()
+
+    async def runner_disconnected(self, conn: AgentConnection, *, left: bool = False) -> None:
+        self.changed()
+        if not conn.jobs:
+            return
+        if left:
+            for wf in await self.store.inflight_workflows(conn.runner_id):
+                await self._requeue(wf, f"runner {conn.name} left before running it")
+        else:
+            self._start_grace(conn.runner_id)
+
+    async def runner_deleted(self, runner_id: str) -> None:
+        """A deleted runner will not come back: its work goes elsewhere now, not after grace."""
+        handle = self._grace.pop(runner_id, None)
+        if handle is not None:
+            handle.cancel()
+        for wf in await self.store.inflight_workflows(runner_id):
+            await self._requeue(wf, "its runner was deleted")
+
+    def _start_grace(self, runner_id: str) -> None:
+        if runner_id in self._grace:
+            return
+        loop = asyncio.get_running_loop()
+        self._grace[runner_id] = loop.call_later(
+            self.settings.runner_grace_s, lambda: self._spawn(self._grace_expired(runner_id))
+        )
+
+    async def _grace_expired(self, runner_id: str) -> None:
+        self._grace.pop(runner_id, None)
+        if self.registry.get(runner_id) is not None:
+            return
+        for wf in await self.store.inflight_workflows(runner_id):
+            if self.registry.get(runner_id) is not None:
+                return  # it came back while we were at it: its hello reconciles the rest
+            await self._requeue(
+                wf, f"runner {runner_id} did not come back within {self.settings.runner_grace_s:g} s"
+            )
+
+    def _fault(self, kind: str, reason: str, **extra: Any) -> Fault:
+        return Fault(
+            kind=kind,
+            reason=reason,
+            max_attempts=self.settings.max_attempts,
+            backoff_s=self.settings.retry_backoff_s,
+            **extra,
+        )
+
+    async def _requeue(self, wf: Workflow, reason: str) -> None:
+        await self._retry(wf.id, wf.attempt, wf.runner_id, self._fault("infrastructure", reason))
+
+    async def _retry(self, workflow_id: str, attempt: int, runner_id: str | None, fault: Fault) -> bool:
+        updated = await self.store.retry(workflow_id, attempt, runner_id, fault)
+        if updated is None:
+            return False
+        if updated.status == WorkflowStatus.FAILED:
+            log.warning("workflow %s failed after attempt %d: %s", workflow_id, attempt, fault.reason)
+        else:
+            log.warning(
+                "workflow %s attempt %d runs again (%s): %s", workflow_id, attempt, fault.kind, fault.reason
+            )
+        self.publish_status(updated)
+        self.kick()
+        return True
+
+    async def job_update(self, conn: AgentConnection, msg: JobUpdate) -> None:
+        status = WorkflowStatus(msg.status) if msg.status is not None else None
+        error = msg.error
+        if status == WorkflowStatus.FAILED and error is not None and error.kind != "workflow":
+            fault = await self._fault_of(conn, msg.workflow_id, error)
+            if fault is not None:
+                await self._attempt_faulted(conn, msg, fault)
+                return
+            # Out of memory with nowhere roomier to go: the workflow's own failure after all.
+        changes = self._changes_of(msg, status)
+        wf = await self.store.update_current(
+            msg.workflow_id,
+            msg.attempt,
+            conn.runner_id,
+            changes,
+            resolved_params=msg.resolved_params,
+            node_event=(msg.node.node_id, msg.node.class_type, msg.node.event) if msg.node else None,
+            failed_node=(error.node_id, error.message, error.kind) if error and error.node_id else None,
+        )
+        if wf is None:
+            log.info("workflow %s: dropped stale update for attempt %d", msg.workflow_id, msg.attempt)
+            await self._stale(conn, msg.workflow_id, msg.attempt, final=status in TERMINAL)
+            return
+        self._announce(msg, wf, changes)
+        if status == WorkflowStatus.UPLOADED:
+            # The go-ahead, once ``uploaded`` is on record: a workflow cancelled before that
+            # point was stale above and got ``cancel`` instead, so its prompt never runs.
+            await conn.send(Proceed(workflow_id=wf.id, attempt=wf.attempt))
+        if wf.status in TERMINAL:
+            conn.let_go(wf.id)
+            await conn.send(JobAck(workflow_id=wf.id, attempt=wf.attempt))
+
+    def _changes_of(self, msg: JobUpdate, status: WorkflowStatus | None) -> dict[str, Any]:
+        """The workflow's columns a report changes (``completed`` comes with ``job_done``)."""
+        changes: dict[str, Any] = {
+            key: value
+            for key, value in (
+                ("prompt_id", msg.prompt_id),
+                ("queue_number", msg.queue_number),
+                ("progress", msg.progress),
+            )
+            if value is not None
+        }
+        if status is not None and status != WorkflowStatus.COMPLETED:
+            changes["status"] = status
+            if status == WorkflowStatus.RUNNING:
+                changes["started_at"] = utcnow()
+            if status in TERMINAL:
+                changes["completed_at"] = utcnow()
+            if status in (WorkflowStatus.FAILED, WorkflowStatus.INVALID):
+                changes["failure_reason"] = "workflow"
+        if msg.error is not None:
+            changes.update(
+                error_node=msg.error.node_id,
+                exception_type=msg.error.exception_type,
+                exception_message=msg.error.message,
+                node_errors=msg.error.node_errors,
+            )
+        return changes
+
+    def _announce(self, msg: JobUpdate, wf: Workflow, changes: dict[str, Any]) -> None:
+        """Tell the workflow's subscribers what the applied report changed."""
+        if msg.node is not None:
+            self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})
+            self.changed()
+        if msg.error is not None and wf.status != WorkflowStatus.FAILED:
+            self.hub.publish(wf.id, "cause", cause_event(wf))
+        if "status" in changes or "queue_number" in changes:
+            self.publish_status(wf)
+
+    async def _fault_of(self, conn: AgentConnection, workflow_id: str, error: JobError) -> Fault | None:
+        """The retry an attempt ended by the fleet's fault gets; for a node out of GPU memory,
+        one more try on a runner with more free GPU memory, if the fleet has one and the
+        workflow has not had that try already (``None`` otherwise)."""
+        where = f"on runner {conn.name}: {error.message}"
+        if error.kind != "out_of_memory":
+            return self._fault("infrastructure", where, exception_type=error.exception_type)
+        try:
+            wf = await self.store.get_workflow(conn.account_id, workflow_id)
+        except NotFound:
+            return None  # not this runner's: the fenced update below drops it
+        if any(entry.get("kind") == "out_of_memory" for entry in wf.attempt_log):
+            return None
+        had = conn.gpu_free_bytes
+        if not any(c.gpu_free_bytes > had for c in self._eligible(wf) if c is not conn):
+            return None
+        return self._fault(
+            "out_of_memory",
+            f"out of GPU memory {where}; retried on a runner with more than {had} bytes free",
+            exception_type=error.exception_type,
+            node_id=error.node_id,
+            min_gpu_free_bytes=had + 1,
+        )
+
+    async def _attempt_faulted(self, conn: AgentConnection, msg: JobUpdate, fault: Fault) -> None:
+        if not await self._retry(msg.workflow_id, msg.attempt, conn.runner_id, fault):
+            log.info("workflow %s: dropped stale failure of attempt %d", msg.workflow_id, msg.attempt)
+        conn.let_go(msg.workflow_id)
+        await conn.send(JobAck(workflow_id=msg.workflow_id, attempt=msg.attempt))
+
+    async def job_done(self, conn: AgentConnection, msg: JobDone) -> None:
+        now = utcnow()
+        wf = await self.store.update_current(
+            msg.workflow_id,
+            msg.attempt,
+            conn.runner_id,
+            {"status": WorkflowStatus.COMPLETED, "completed_at": now, "progress": 1.0, "queue_number": None},
+            texts=msg.texts,
+        )
+        if wf is None:
+            log.info("workflow %s: dropped stale completion of attempt %d", msg.workflow_id, msg.attempt)
+            await self._stale(conn, msg.workflow_id, msg.attempt, final=True)
+            return
+        log.info("workflow %s completed on runner %s (%d outputs)", wf.id, conn.runner_id, len(msg.outputs))
+        if self.metrics is not None and wf.started_at is not None:
+            self.metrics.execution_duration.labels(wf.account_id).observe(
+                (now - as_utc(wf.started_at)).total_seconds()
+            )
+        self.publish_status(wf)
+        conn.let_go(wf.id)
+        await conn.send(JobAck(workflow_id=wf.id, attempt=wf.attempt))
+
+    async def _stale(self, conn: AgentConnection, workflow_id: str, attempt: int, *, final: bool) -> None:
+        """A runner reports on work that is no longer its own (cancelled, requeued, rerun,
+        or already applied): forget it on that runner. A last report is acknowledged, so the
+        agent lets it go; a job still running is told to stop spending its GPU on it. An id
+        that does not exist and another account's get the same answer: nothing to learn."""
+        try:
+            current: Workflow | None = await self.store.get_workflow(conn.account_id, workflow_id)
+        except NotFound:
+            current = None
+        if not runs_on(current, conn.runner_id):
+            conn.let_go(workflow_id)
+        if final:
+            await conn.send(JobAck(workflow_id=workflow_id, attempt=attempt))
+        elif not holds_current(current, attempt, conn.runner_id):
+            await conn.send(Cancel(workflow_id=workflow_id, attempt=attempt))
+
+    # -- deadlines -----------------------------------------------------------------------
+
+    async def _deadline_loop(self) -> None:
+        while True:
+            # A periodic sweep, not a wait for an event: deadlines pass on their own.
+            await asyncio.sleep(self.settings.deadline_sweep_s)
+            try:
+                await self.expire_deadlines()
+            except Exception:  # a loop boundary: log and keep sweeping
+                log.exception("deadline sweep failed")
+
+    async def expire_deadlines(self) -> None:
+        now = utcnow()
+        for workflow_id in await self.store.expired(now):
+            expired = await self.store.expire(workflow_id, now)
+            if expired is None:
+                continue
+            wf, held_by = expired
+            log.warning("workflow %s failed: %s", wf.id, wf.exception_message)
+            if held_by is not None:
+                await self._tell_runner_to_stop(held_by, wf.id, wf.attempt)
+            self.publish_status(wf)
+
+    async def _tell_runner_to_stop(self, runner_id: str, workflow_id: str, attempt: int) -> None:
+        conn = self.registry.get(runner_id)
+        if conn is not None:
+            conn.let_go(workflow_id)
+            await conn.send(Cancel(workflow_id=workflow_id, attempt=attempt))
+
+    # -- what clients ask ----------------------------------------------------------------
+
+    async def cancel(self, wf: Workflow) -> Workflow | None:
+        """Cancel a workflow that has not finished; ``None`` if it already had."""
+        cancelled = await self.store.cancel_workflow(wf.id)
+        if cancelled is None:
+            return None
+        # The fresh row says who holds it now: the dispatcher may have sent it meanwhile.
+        if cancelled.runner_id is not None:
+            await self._tell_runner_to_stop(cancelled.runner_id, wf.id, cancelled.attempt)
+        log.info("workflow %s cancelled (was %s)", wf.id, wf.status)
+        self.publish_status(cancelled)
+        return cancelled
+
+    async def start_new_attempt(
+        self,
+        wf: Workflow,
+        changes: dict[str, Any],
+        rerun_nodes: set[str] | None,
+        receipt: IdempotencyRecord | None = None,
+    ) -> Workflow | None:
+        """The Conductor-compatible rerun: the next attempt of ``wf``. An ongoing attempt is
+        interrupted on its runner; the new one waits for a runner like any other (the
+        preferred one, if set)."""
+        updated = await self.store.new_attempt(wf.id, wf.attempt, changes, rerun_nodes, receipt)
+        if updated is None:
+            return None
+        if wf.runner_id is not None and wf.status not in TERMINAL:
+            await self._tell_runner_to_stop(wf.runner_id, wf.id, wf.attempt)
+        log.info("workflow %s: attempt %d replaces attempt %d", wf.id, updated.attempt, wf.attempt)
+        self.hub.publish(wf.id, "status", status_event(updated))
+        self.kick()
+        return updated

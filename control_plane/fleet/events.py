@@ -1,0 +1,98 @@
+"""Workflow events: what each carries, and their in-process publish/subscribe, which feeds the
+SSE streams (``GET /v1/workflow/{id}/subscribe``). The payloads here are the events' contract;
+the REST views reuse the output's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from control_plane.db.tables import Output, Workflow, as_utc
+
+EventName = Literal["status", "node", "output", "cause", "shutdown"]
+
+# A subscriber that stops reading loses its oldest events rather than growing without bound.
+_QUEUE_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Event:
+    name: EventName
+    data: dict[str, Any]
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self._subs: dict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
+
+    @contextmanager
+    def subscribe(self, workflow_id: str) -> Iterator[asyncio.Queue[Event]]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=_QUEUE_LIMIT)
+        self._subs[workflow_id].add(queue)
+        try:
+            yield queue
+        finally:
+            subs = self._subs.get(workflow_id)
+            if subs is not None:
+                subs.discard(queue)
+                if not subs:
+                    del self._subs[workflow_id]
+
+    def close(self) -> None:
+        """Shutting down: every subscriber gets a last ``shutdown`` event and should end."""
+        for workflow_id in list(self._subs):
+            self.publish(workflow_id, "shutdown", {})
+
+    def publish(self, workflow_id: str, name: EventName, data: dict[str, Any]) -> None:
+        event = Event(name, data)
+        for queue in self._subs.get(workflow_id, ()):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(event)
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else as_utc(value).isoformat().replace("+00:00", "Z")
+
+
+def status_event(wf: Workflow) -> dict[str, Any]:
+    return {
+        "id": wf.id,
+        "status": wf.status,
+        "attempt": wf.attempt,
+        "queue_number": wf.queue_number,
+        "progress": wf.progress,
+        "runner_id": wf.runner_id,
+        "updated_at": iso(wf.updated_at),
+    }
+
+
+def cause_event(wf: Workflow) -> dict[str, Any]:
+    """Why the workflow failed or is invalid: its error, whose fault, every attempt's reason."""
+    return {
+        "error_node": wf.error_node,
+        "exception_type": wf.exception_type,
+        "exception_message": wf.exception_message,
+        "node_errors": wf.node_errors,
+        "failure_reason": wf.failure_reason,
+        "attempts": wf.attempt_log,
+    }
+
+
+def output_event(out: Output) -> dict[str, Any]:
+    return {
+        "id": out.id,
+        "workflow_id": out.workflow_id,
+        "node_id": out.node_id,
+        "filename": out.filename,
+        "kind": out.kind,
+        "content_type": out.content_type,
+        "size": out.size_bytes,
+        "sha256": out.sha256,
+        "src": f"/v1/output/{out.id}",
+    }

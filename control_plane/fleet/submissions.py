@@ -1,0 +1,217 @@
+"""Making workflows: a new submission, a template run, and both reruns all pass through
+:class:`Submissions`, so each checks the same things in the same order. It takes parsed
+values (:class:`Sent`, :class:`TaskRerun`), never an HTTP request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from control_plane.db.store import Store, day_ago
+from control_plane.db.tables import Account, IdempotencyRecord, Workflow, tag_index, utcnow
+from control_plane.fleet.capabilities import Offers, check_values, missing, needs
+from control_plane.fleet.dispatch import Fleet
+from control_plane.fleet.rate_limits import RateLimiter
+from control_plane.fleet.registry import Registry, tags_match
+from control_plane.model.errors import BadRequest, Forbidden, TooManyRequests
+from control_plane.model.params import FileRef, WorkflowParams
+from control_plane.settings import Settings, Tier
+from protocol.placeholders import (
+    ParameterError,
+    PlaceholderError,
+    declared_parameters,
+    merge_values,
+    validate_values,
+)
+
+log = logging.getLogger(__name__)
+
+# The Idempotency-Key's answer for a new workflow, stored in the transaction that creates it.
+Receipt = Callable[[Workflow], IdempotencyRecord | None]
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a client sent with a submission, a template run or a rerun with new parameters."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)
+    files: dict[str, FileRef] = field(default_factory=dict)
+    timeout_s: str | None = None
+    correlation_id: str | None = None
+
+    @property
+    def parameter_count(self) -> int:
+        return len(self.texts) + len(self.choices) + len(self.files)
+
+
+class Submissions:
+    def __init__(
+        self, settings: Settings, store: Store, registry: Registry, fleet: Fleet, rate_limits: RateLimiter
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.fleet = fleet
+        self.rate_limits = rate_limits
+
+    def tier(self, account: Account) -> Tier:
+        return self.settings.tiers.get(account.tier) or self.settings.tiers["free"]
+
+    def check_submit_rate(self, account: Account, token_id: str) -> None:
+        """429 past the tier's submissions per second for this token (checked before the body
+        is read, so that a flood costs as little as it can)."""
+        tier = self.tier(account)
+        wait_s = self.rate_limits.take(token_id, tier.submits_per_s, tier.submit_burst)
+        if wait_s > 0:
+            raise TooManyRequests(
+                f"the {tier.name} tier submits at most {tier.submits_per_s:g} workflows a second "
+                f"(bursts of {tier.submit_burst}); try again in {wait_s:.1f} s",
+                wait_s,
+            )
+
+    def check_parameter_count(self, account: Account, parameter_count: int) -> None:
+        tier = self.tier(account)
+        if parameter_count > tier.max_parameters:
+            raise Forbidden(
+                f"{parameter_count} parameters sent; the {tier.name} tier allows {tier.max_parameters}"
+            )
+
+    async def check_tier(self, account: Account, parameter_count: int) -> None:
+        """Parameters per request and workflows per day (a rerun that creates one counts)."""
+        self.check_parameter_count(account, parameter_count)
+        tier = self.tier(account)
+        used = await self.store.count_workflows_since(account.id, day_ago())
+        if used >= tier.max_workflows_per_day:
+            raise Forbidden(
+                f"workflow limit of the {tier.name} tier reached ({tier.max_workflows_per_day} a day)"
+            )
+
+    def resolve_timeout(self, account: Account, requested: str | None, fallback: int | None) -> int:
+        """The attempt timeout: what the request asks for (up to the tier's maximum), else the
+        template's or the original's, else the tier's default."""
+        tier = self.tier(account)
+        if requested is None or not requested.strip():
+            return min(fallback, tier.max_timeout_s) if fallback is not None else tier.default_timeout_s
+        try:
+            value = int(requested)
+        except ValueError:
+            raise BadRequest(f"timeout_s must be a whole number of seconds, not {requested!r}") from None
+        if not 1 <= value <= tier.max_timeout_s:
+            raise BadRequest(
+                f"timeout_s must be between 1 and {tier.max_timeout_s} s on the {tier.name} tier"
+            )
+        return value
+
+    async def check_runner_available(
+        self, account: Account, tags: list[str], workflow_json: dict[str, Any], values: dict[str, str]
+    ) -> None:
+        """400 unless some active runner with matching tags can run the workflow, as far as
+        anyone knows (a runner that never connected has not said what it lacks)."""
+        runners = [
+            r
+            for r in await self.store.account_runners(account.id)
+            if r.status == "active" and tags_match(r.tags, tags)
+        ]
+        if not runners:
+            raise BadRequest(f"no runner available with matching tags {tags}")
+        need = needs(workflow_json, values)
+        shortfalls: list[tuple[str, list[str]]] = []
+        capable: list[Offers] = []
+        unknown = False
+        for runner in runners:
+            live = self.registry.get(runner.id)
+            offers = live.offers if live is not None else Offers.of(runner.comfyui)
+            lacks = missing(need, offers)
+            if lacks is None:
+                unknown = True
+            elif lacks:
+                shortfalls.append((runner.name, lacks))
+            elif offers is not None:
+                capable.append(offers)
+        if not capable and not unknown:
+            name, lacks = min(shortfalls, key=lambda item: sum(len(p) for p in item[1]))
+            raise BadRequest(f"no runner can run this workflow: {name} lacks {'; '.join(lacks)}")
+        try:
+            check_values(workflow_json, values, capable)
+        except ValueError as exc:  # ConversionError and friends: the message says what is wrong
+            raise BadRequest(str(exc)) from exc
+
+    async def create(
+        self,
+        account: Account,
+        sent: Sent,
+        *,
+        workflow_json: dict[str, Any],
+        name: str,
+        tags: list[str],
+        default_timeout_s: int | None = None,
+        receipt: Receipt | None = None,
+    ) -> Workflow:
+        """A new workflow from the parameters sent (submit and template run)."""
+        try:
+            parameters = declared_parameters(workflow_json)
+            values = validate_values(parameters, sent.texts, sent.choices, sent.files.keys())
+        except (PlaceholderError, ParameterError) as exc:
+            raise BadRequest(str(exc)) from exc
+        timeout_s = self.resolve_timeout(account, sent.timeout_s, default_timeout_s)
+        await self.check_tier(account, sent.parameter_count)
+        await self.check_runner_available(account, tags, workflow_json, values)
+        params = WorkflowParams(values=values, files={n: f for n, f in sent.files.items() if n in parameters})
+        wf = Workflow(
+            account_id=account.id,
+            name=name,
+            tags=tags,
+            tag_index=tag_index(tags),
+            workflow_json=workflow_json,
+            workflow_params=params.stored(),
+            correlation_id=sent.correlation_id,
+        )
+        wf = await self._add(account, wf, timeout_s, receipt)
+        log.info("workflow %s accepted for account %s", wf.id, account.name)
+        return wf
+
+    async def rerun_with_parameters(
+        self, account: Account, original: Workflow, sent: Sent, receipt: Receipt | None = None
+    ) -> Workflow:
+        """The rerun with new parameters: a new workflow with the original's structure, name and
+        tags; the parameters sent replace the original's, the others (files included) keep
+        their values, and ``$random()``/``$timestamp()`` are drawn afresh on the runner."""
+        before = WorkflowParams.of(original.workflow_params)
+        try:
+            parameters = declared_parameters(original.workflow_json)
+            values = merge_values(parameters, before.values, sent.texts, sent.choices, sent.files.keys())
+        except (PlaceholderError, ParameterError) as exc:
+            raise BadRequest(str(exc)) from exc
+        timeout_s = self.resolve_timeout(account, sent.timeout_s, original.timeout_s)
+        await self.check_tier(account, sent.parameter_count)
+        await self.check_runner_available(account, original.tags, original.workflow_json, values)
+        params = WorkflowParams(values=values, files={**before.files, **sent.files})
+        wf = Workflow(
+            account_id=account.id,
+            name=original.name,
+            tags=list(original.tags),
+            tag_index=tag_index(original.tags),
+            workflow_json=original.workflow_json,
+            workflow_params=params.stored(),
+            correlation_id=sent.correlation_id or original.correlation_id,
+            parent_id=original.id,
+        )
+        wf = await self._add(account, wf, timeout_s, receipt)
+        log.info("workflow %s is a rerun of %s", wf.id, original.id)
+        return wf
+
+    async def _add(self, account: Account, wf: Workflow, timeout_s: int, receipt: Receipt | None) -> Workflow:
+        """Store a new workflow with its limits and its first wait for a runner, then wake
+        dispatch."""
+        now = utcnow()
+        wf.created_at = wf.updated_at = now
+        wf.timeout_s = timeout_s
+        wf.queue_timeout_s = self.tier(account).max_queue_s
+        wf.deadline_at = now + timedelta(seconds=wf.queue_timeout_s)
+        wf = await self.store.add_workflow(wf, receipt(wf) if receipt is not None else None)
+        self.fleet.kick()
+        return wf

@@ -1,0 +1,200 @@
+"""/v1/workflow: submit, read, list, cancel, follow (SSE) and fetch outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from urllib.parse import quote
+
+from aiohttp import web
+
+from control_plane.db.tables import Workflow
+from control_plane.fleet.events import Event, output_event, status_event
+from control_plane.fleet.submissions import Receipt
+from control_plane.model.errors import BadRequest
+from control_plane.model.lifecycle import TERMINAL, WorkflowStatus
+from control_plane.model.names import TAG
+from control_plane.services import Services
+from control_plane.web import idempotency
+from control_plane.web.forms import MAX_NAME_CHARS, SUBMIT_FIELDS
+from control_plane.web.http_util import paging
+from control_plane.web.views import workflow_summary, workflow_view
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+SSE_KEEPALIVE_S = 15.0
+
+
+def services(request: web.Request) -> Services:
+    return request.app[Services.KEY]
+
+
+def created_receipt(claim: idempotency.Claim | None) -> Receipt | None:
+    """For a request that creates a workflow: its 201 answer, kept for the key's retries."""
+    if claim is None:
+        return None
+    return lambda wf: claim.receipt(201, json.dumps(workflow_view(wf)))
+
+
+@routes.post("/v1/workflow")
+async def submit_workflow(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    svc.submissions.check_submit_rate(principal.account, principal.token_id)
+    async with svc.read_form(request, principal.account) as form:
+        form.only(*SUBMIT_FIELDS)
+
+        async def produce(claim: idempotency.Claim | None) -> web.Response:
+            wf = await svc.submissions.create(
+                principal.account,
+                form.sent(),
+                workflow_json=await form.workflow(),
+                name=form.text_field("name", MAX_NAME_CHARS) or "untitled",
+                tags=form.tags(),
+                receipt=created_receipt(claim),
+            )
+            return web.json_response(workflow_view(wf), status=201)
+
+        return await idempotency.once(request, principal.account.id, form.fingerprint(), produce)
+
+
+@routes.get("/v1/workflow")
+async def list_workflows(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    offset, limit = paging(request)
+    filters = {
+        k: request.query[k] for k in ("status", "parent_id", "correlation_id", "tag") if k in request.query
+    }
+    if "status" in filters and filters["status"] not in set(WorkflowStatus):
+        raise BadRequest(f"status must be one of {', '.join(WorkflowStatus)}")
+    if "tag" in filters and not TAG.fullmatch(filters["tag"]):
+        raise BadRequest("tag must be letters, digits and _ . : - (at most 64)")
+    rows, total = await svc.store.list_workflows(principal.account.id, offset, limit, filters)
+    return web.json_response(
+        {"workflows": [workflow_summary(w) | {"parent_id": w.parent_id} for w in rows], "total": total}
+    )
+
+
+@routes.get("/v1/workflow/{id}")
+async def get_workflow(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+    queue_number = await svc.queue_position(wf)
+    children = await svc.store.child_ids(wf.id)
+    tasks = await svc.store.tasks(wf.id, wf.attempt)
+    return web.json_response(workflow_view(wf, queue_number=queue_number, children=children, tasks=tasks))
+
+
+@routes.post("/v1/workflow/{id}/cancel")
+async def cancel_workflow(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+    if wf.status in TERMINAL:
+        raise BadRequest(f"workflow {wf.id} is already {wf.status}")
+    cancelled = await svc.fleet.cancel(wf)
+    if cancelled is None:  # it finished while we were looking
+        current = await svc.store.get_workflow(principal.account.id, wf.id)
+        raise BadRequest(f"workflow {wf.id} is already {current.status}")
+    return web.json_response(workflow_view(cancelled))
+
+
+@routes.get("/v1/workflow/{id}/outputs")
+async def list_outputs(request: web.Request) -> web.Response:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+    outputs = [output_event(o) for o in await svc.store.outputs(wf.id, wf.attempt)]
+    return web.json_response({"outputs": outputs, "total": len(outputs)})
+
+
+@routes.get("/v1/output/{id}")
+async def download_output(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    out = await svc.store.get_output(principal.account.id, request.match_info["id"])
+    return web.FileResponse(
+        svc.blobs.path(out.sha256),
+        headers={
+            "Content-Type": safe_content_type(out.content_type),
+            "Content-Disposition": content_disposition(out.filename),
+            # The type a runner declared is not to be second-guessed into something a
+            # browser runs, here on the control plane's own origin.
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        },
+    )
+
+
+# Kinds of output a browser only displays. Anything else (HTML, SVG, scripts) is served as
+# bytes to save: a runner's ComfyUI names the type, and it must not run on this origin.
+_SAFE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif", "image/avif", "text/plain"})
+_SAFE_FAMILIES = ("video/", "audio/")
+
+
+def safe_content_type(declared: str) -> str:
+    base = declared.split(";", 1)[0].strip().lower()
+    if base in _SAFE_TYPES or base.startswith(_SAFE_FAMILIES):
+        return base
+    return "application/octet-stream"
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266: an ASCII fallback name and the exact one, percent-encoded as UTF-8."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _sse(event: str, data: dict[str, object]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _stream(
+    resp: web.StreamResponse, queue: asyncio.Queue[Event], wf: Workflow, queue_number: int | None
+) -> None:
+    """The current status first, then every change, until a terminal state (or shutdown)."""
+    await resp.write(_sse("status", status_event(wf) | {"queue_number": queue_number}))
+    last = (wf.status, wf.attempt)
+    while last[0] not in TERMINAL:
+        try:
+            event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
+        except TimeoutError:
+            await resp.write(b": keepalive\n\n")
+            continue
+        if event.name == "shutdown":
+            break
+        if event.name == "status":
+            now = (str(event.data["status"]), int(event.data["attempt"]))
+            if now == last and event.data.get("queue_number") is None:
+                continue
+            last = now
+        await resp.write(_sse(event.name, event.data))
+
+
+@routes.get("/v1/workflow/{id}/subscribe")
+async def subscribe(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: the current status first, then every change; closes once the
+    workflow reaches a terminal state."""
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    # Subscribe before reading the snapshot so that no change falls between the two.
+    with svc.hub.subscribe(request.match_info["id"]) as queue:
+        wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
+        try:
+            await _stream(resp, queue, wf, await svc.queue_position(wf))
+            await resp.write_eof()
+        except ConnectionResetError:
+            # The client left: an ordinary end of a stream, not an error.
+            log.info("workflow %s: event stream closed by the client", wf.id)
+    return resp
