@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> web.Application:
         blobs = BlobStore(settings.blob_dir)
         await asyncio.to_thread(blobs.setup)
         hub, registry = EventHub(), Registry()
-        fleet = Fleet(settings, store, registry, hub, figures)
+        fleet = Fleet(settings, store, registry, hub, blobs, figures)
         app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
         await fleet.start()
         log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))

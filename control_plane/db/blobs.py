@@ -77,6 +77,15 @@ class BlobStore:
         finally:
             await writer.abort()
 
+    async def put(self, data: bytes, *, max_bytes: int) -> StoredBlob:
+        """Store bytes already in memory (a text output)."""
+        writer = await self.open_writer(max_bytes)
+        try:
+            await writer.write(data)
+            return await writer.finish(None)
+        finally:
+            await writer.abort()
+
     async def open_writer(self, max_bytes: int) -> BlobWriter:
         """A blob written a piece at a time (for a part of a form as it is parsed)."""
         fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp)

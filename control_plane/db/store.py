@@ -358,7 +358,7 @@ class Store:
         changes: dict[str, Any],
         *,
         resolved_params: dict[str, Any] | None = None,
-        texts: dict[str, list[str]] | None = None,
+        outputs: list[Output] | None = None,
         node_event: tuple[str, str | None, str] | None = None,
         failed_node: tuple[str, str, str] | None = None,
     ) -> Workflow | None:
@@ -370,7 +370,10 @@ class Store:
             if held is None:
                 return None
             s, wf = held
-            _apply_report(wf, changes, resolved_params, texts)
+            _apply_report(wf, changes, resolved_params)
+            for output in outputs or ():
+                if not await _has_output(s, output):
+                    s.add(output)
             s.add(wf)
             if node_event is not None:
                 await _record_node_event(s, workflow_id, attempt, *node_event)
@@ -619,17 +622,7 @@ class Store:
             if held is None:
                 return None
             s, _ = held
-            same = (
-                await s.exec(
-                    select(Output).where(
-                        Output.workflow_id == output.workflow_id,
-                        Output.attempt == output.attempt,
-                        Output.node_id == output.node_id,
-                        Output.filename == output.filename,
-                        Output.sha256 == output.sha256,
-                    )
-                )
-            ).first()
+            same = await _has_output(s, output)
             if same is not None:
                 return same, False
             s.add(output)
@@ -760,28 +753,35 @@ class Fault:
     min_gpu_free_bytes: int | None = None
 
 
-def _apply_report(
-    wf: Workflow,
-    changes: dict[str, Any],
-    resolved_params: dict[str, Any] | None,
-    texts: dict[str, list[str]] | None,
-) -> None:
+def _apply_report(wf: Workflow, changes: dict[str, Any], resolved_params: dict[str, Any] | None) -> None:
     """A fenced report's changes on the workflow row, never moving its status back."""
     status = changes.get("status")
     if status is not None and moves_back(wf.status, status):
         changes = {k: v for k, v in changes.items() if k not in ("status", "started_at")}
     for key, value in changes.items():
         setattr(wf, key, value)
-    if resolved_params is not None or texts:
+    if resolved_params is not None:
         params = WorkflowParams.of(wf.workflow_params)
-        if resolved_params is not None:
-            params.resolved = Resolved.model_validate(resolved_params)
-        if texts:
-            params.texts = texts
+        params.resolved = Resolved.model_validate(resolved_params)
         wf.workflow_params = params.stored()
     wf.updated_at = utcnow()
     if is_terminal(wf.status):
         wf.deadline_at = None
+
+
+async def _has_output(s: AsyncSession, output: Output) -> Output | None:
+    """The same output already recorded for the attempt (an upload or report sent again)."""
+    return (
+        await s.exec(
+            select(Output).where(
+                Output.workflow_id == output.workflow_id,
+                Output.attempt == output.attempt,
+                Output.node_id == output.node_id,
+                Output.filename == output.filename,
+                Output.sha256 == output.sha256,
+            )
+        )
+    ).first()
 
 
 async def _commit_receipt(

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from control_plane.db.blobs import BlobStore
 from control_plane.db.store import Fault, Store
-from control_plane.db.tables import IdempotencyRecord, Workflow, as_utc, utcnow
+from control_plane.db.tables import IdempotencyRecord, Output, Workflow, as_utc, utcnow
 from control_plane.fleet.capabilities import missing, needs
-from control_plane.fleet.events import EventHub, cause_event, status_event
+from control_plane.fleet.events import EventHub, cause_event, output_event, status_event
 from control_plane.fleet.metrics import Metrics
 from control_plane.fleet.registry import AgentConnection, Registry
 from control_plane.model.errors import NotFound
@@ -46,6 +47,8 @@ from protocol.messages import (
 )
 
 log = logging.getLogger(__name__)
+# A text output is small (a caption, a number); one past this is refused like a file past its cap.
+MAX_TEXT_OUTPUT_BYTES = 1024 * 1024
 
 
 def build_job(wf: Workflow) -> Job:
@@ -80,9 +83,11 @@ class Fleet:
         store: Store,
         registry: Registry,
         hub: EventHub,
+        blobs: BlobStore,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.blobs = blobs
         self.metrics = metrics
         self.store = store
         self.registry = registry
@@ -459,17 +464,23 @@ class Fleet:
 
     async def job_done(self, conn: AgentConnection, msg: JobDone) -> None:
         now = utcnow()
+        texts, new_blobs = await self._text_outputs(conn, msg)
         wf = await self.store.update_current(
             msg.workflow_id,
             msg.attempt,
             conn.runner_id,
             {"status": WorkflowStatus.COMPLETED, "completed_at": now, "progress": 1.0, "queue_number": None},
-            texts=msg.texts,
+            outputs=texts,
         )
         if wf is None:
             log.info("workflow %s: dropped stale completion of attempt %d", msg.workflow_id, msg.attempt)
+            for sha256 in new_blobs:
+                if not await self.store.blob_referenced(sha256):
+                    await self.blobs.delete(sha256)
             await self._stale(conn, msg.workflow_id, msg.attempt, final=True)
             return
+        for out in texts:
+            self.hub.publish(wf.id, "output", output_event(out))
         log.info("workflow %s completed on runner %s (%d outputs)", wf.id, conn.runner_id, len(msg.outputs))
         if self.metrics is not None and wf.started_at is not None:
             self.metrics.execution_duration.labels(wf.account_id).observe(
@@ -478,6 +489,32 @@ class Fleet:
         self.publish_status(wf)
         conn.let_go(wf.id)
         await conn.send(JobAck(workflow_id=wf.id, attempt=wf.attempt))
+
+    async def _text_outputs(self, conn: AgentConnection, msg: JobDone) -> tuple[list[Output], list[str]]:
+        """A node's text outputs are outputs like its files: each text a ``text/plain`` blob and
+        an Output row of kind ``text``, recorded with the completion. Also the blobs that are
+        new, to remove if the completion turns out stale."""
+        outputs: list[Output] = []
+        new_blobs: list[str] = []
+        for node_id, texts in msg.texts.items():
+            for n, text in enumerate(texts):
+                stored = await self.blobs.put(text.encode(), max_bytes=MAX_TEXT_OUTPUT_BYTES)
+                if stored.created:
+                    new_blobs.append(stored.sha256)
+                outputs.append(
+                    Output(
+                        workflow_id=msg.workflow_id,
+                        account_id=conn.account_id,
+                        attempt=msg.attempt,
+                        node_id=node_id,
+                        filename=f"{node_id}_{n}.txt",
+                        kind="text",
+                        content_type="text/plain; charset=utf-8",
+                        size_bytes=stored.size_bytes,
+                        sha256=stored.sha256,
+                    )
+                )
+        return outputs, new_blobs
 
     async def _stale(self, conn: AgentConnection, workflow_id: str, attempt: int, *, final: bool) -> None:
         """A runner reports on work that is no longer its own (cancelled, requeued, rerun,

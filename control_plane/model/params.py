@@ -1,5 +1,6 @@
 """A workflow's parameters, typed: what the client sent, the files it uploaded, what the
-runner drew for ``$random``/``$timestamp``, and how a rerun from a task is to run.
+runner drew for ``$random``/``$timestamp``, and how a rerun from a task is to run. (What a
+run produced, files and texts alike, are ``Output`` rows.)
 
 Stored as one JSON column (``Workflow.workflow_params``); read and written only through
 :meth:`WorkflowParams.of` and :meth:`WorkflowParams.stored`, so its shape lives here alone.
@@ -48,7 +49,6 @@ class WorkflowParams(BaseModel):
     values: dict[str, str] = Field(default_factory=dict)  # $text and #choice values, by name
     files: dict[str, FileRef] = Field(default_factory=dict)  # $file uploads, by name
     resolved: Resolved | None = None  # set by the runner once the attempt ran
-    texts: dict[str, list[str]] | None = None  # text outputs, by node
     rerun: RerunFrom | None = None
 
     @classmethod
