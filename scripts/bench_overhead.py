@@ -1,11 +1,13 @@
 """What the fleet adds to a prompt's latency.
 
-Runs a trivial workflow (EmptyImage -> SaveImage) N times posted straight to the ComfyUI
-simulator and N times submitted through the control plane and an agent, in alternating
-blocks, and prints the median and p99 from submit to completed for each and their
-difference. Each run uses a new colour so that ComfyUI's cache never answers for it.
+Runs a trivial workflow (EmptyImage -> SaveImage) N times posted straight to ComfyUI and N
+times submitted through the control plane and an agent, in alternating blocks, and prints
+the median and p99 from submit to completed for each and their difference. Each run uses a
+new colour so that ComfyUI's cache never answers for it. ComfyUI (the simulator unless
+``--comfyui URL`` names a real one), ``comfyfleet serve`` and the agent are each a process of
+their own, as deployed; this one is the client.
 
-    .venv/bin/python scripts/bench_overhead.py [--runs 100]
+    .venv/bin/python scripts/bench_overhead.py [--runs 100] [--comfyui http://127.0.0.1:8188]
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def summary(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1000, p99 * 1000
 
 
-async def main(runs: int, block: int) -> None:
-    async with local_fleet() as fleet_:
+async def main(runs: int, block: int, comfyui: str | None) -> None:
+    async with local_fleet(comfyui=comfyui) as fleet_:
         http, sim, base, headers = fleet_.http, fleet_.sim, fleet_.base, fleet_.headers
         client_id = uuid.uuid4().hex
         ws = await http.ws_connect(f"{sim.replace('http', 'ws')}/ws?clientId={client_id}")
@@ -110,5 +112,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--comfyui", help="a real ComfyUI's URL instead of the simulator")
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.block))
+    asyncio.run(main(args.runs, args.block, args.comfyui))
