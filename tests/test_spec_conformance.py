@@ -28,7 +28,7 @@ from tests.test_faults import SLOW
 
 pytestmark = pytest.mark.timeout(600)
 CONFIG = Path(__file__).with_name("schemathesis.toml")
-EXAMPLES_PER_OPERATION = 25
+EXAMPLES_PER_OPERATION = 18
 
 
 async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSession) -> dict[str, str]:
