@@ -121,6 +121,7 @@ async def test_schemathesis_finds_no_disagreement_between_the_spec_and_the_serve
         await served.stop()
     text = out.decode()
     result = json.loads(report.read_text())
+    print(f"schemathesis: {result['test_cases']['generated']} cases generated")
     assert result["test_cases"]["generated"] >= 1000, text[-3000:]
     assert result["failures"] == [] and result["errors"] == [], text[-6000:]
     assert proc.returncode == 0, text[-3000:]
