@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from aiohttp import web
 
+from control_plane.agents.admission import Admission
 from control_plane.auth import Authenticator
 from control_plane.db.blobs import BlobStore
 from control_plane.db.store import Store
@@ -37,9 +38,11 @@ class Services:
     auth: Authenticator
     rate_limits: RateLimiter = field(default_factory=RateLimiter)
     form_gates: FormGates = field(default_factory=FormGates)
+    admission: Admission = field(init=False)
     submissions: Submissions = field(init=False)
 
     def __post_init__(self) -> None:
+        self.admission = Admission(self.settings.max_handshakes)
         self.submissions = Submissions(self.settings, self.store, self.registry, self.fleet, self.rate_limits)
 
     def read_form(self, request: web.Request, account: Account) -> AbstractAsyncContextManager[SubmittedForm]:

@@ -71,6 +71,9 @@ class Settings:
     # Empty means a SQLite file under data_dir.
     database_url: str = ""
     max_request_bytes: int = 50 * 1024 * 1024
+    # Agents between connecting and their welcome at once; more are told when to come back,
+    # so that a whole fleet reconnecting after a restart is let in at a pace it can take.
+    max_handshakes: int = 64
     heartbeat_s: float = 10.0
     # A runner that sends nothing for this long is taken for gone and its socket closed.
     runner_timeout_s: float = 30.0
@@ -105,6 +108,8 @@ class Settings:
     def validate(self) -> Settings:
         if self.max_request_bytes <= 0:
             raise ValueError("max_request_bytes must be positive")
+        if self.max_handshakes < 1:
+            raise ValueError("max_handshakes must be at least 1")
         if self.heartbeat_s <= 0 or self.runner_grace_s < 0:
             raise ValueError("heartbeat_s must be positive and runner_grace_s not negative")
         if self.runner_timeout_s < 2 * self.heartbeat_s:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from protocol.closing import REASONS, Close, gives_up
+from protocol.closing import REASONS, Close, gives_up, retry_after
 from protocol.messages import (
     CapacityUpdate,
     Hello,
@@ -147,6 +147,8 @@ class ControlPlaneConnection:
         self._rehello = False
         self._welcomed = False
         self._last_close_code: int | None = None
+        # A busy control plane's "come back in so many seconds", for the next pause only.
+        self._retry_after_s: float | None = None
         self.welcome: Welcome | None = None
         self.connected = asyncio.Event()
 
@@ -172,6 +174,11 @@ class ControlPlaneConnection:
                 rand=self._rand(),
             )
             failures += 1
+            if self._retry_after_s is not None:
+                # Never sooner than asked; jittered upwards so that a herd told the same
+                # time does not come back as one.
+                hint = self._retry_after_s * (1.0 + self.settings.reconnect_jitter * self._rand())
+                delay, self._retry_after_s = max(delay, hint), None
             log.info("reconnecting to %s in %.2f s", self.settings.connect_url, delay)
             await self._pause(delay)
 
@@ -255,6 +262,10 @@ class ControlPlaneConnection:
         code = self._last_close_code = socket.close_code
         if code == Close.REPLACED:
             log.warning("another connection with this runner's token replaced this one")
+            return
+        if code == Close.BUSY:
+            self._retry_after_s = retry_after(socket.close_reason)
+            log.info("the control plane is busy with other agents: %s", socket.close_reason or "")
             return
         if code is not None and gives_up(code):
             raise GiveUp(code, socket.close_reason or "")

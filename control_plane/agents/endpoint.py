@@ -7,16 +7,18 @@ Why a connection is closed, and whether the agent comes back, is protocol/closin
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
 from control_plane.agents.session import AgentSession
 from control_plane.auth import bearer_token
+from control_plane.db.tables import Runner
 from control_plane.fleet.capabilities import Offers
 from control_plane.fleet.registry import AgentConnection
 from control_plane.services import Services
 from protocol.agent_http import CONNECT_PATH
-from protocol.closing import Close
+from protocol.closing import Close, busy_reason
 from protocol.messages import (
     OLDEST_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -40,27 +42,73 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
     # it is alive, and the watchdog closes a socket that stays silent (a half-open TCP
     # connection included). Pings would double the per-runner traffic of a large fleet.
     ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
-    await ws.prepare(request)
+    # Admitted before the upgrade is answered: an agent connected is an agent counted.
+    if not svc.admission.enter():
+        await ws.prepare(request)
+        retry_after_s = svc.admission.retry_after_s()
+        await ws.close(code=Close.BUSY, message=busy_reason(retry_after_s).encode())
+        return ws
+    handshake = _Handshake(svc)
+    try:
+        await ws.prepare(request)
+        greeted = await _greeting(svc, request, ws)
+        if greeted is not None:
+            await _serve(svc, ws, *greeted, welcomed=handshake.done)
+    finally:
+        handshake.done()
+    return ws
+
+
+class _Handshake:
+    """An admitted handshake, which ends once: at the welcome, or when the connection does."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.ended = False
+
+    def done(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.svc.admission.leave()
+
+
+async def _greeting(
+    svc: Services, request: web.Request, ws: web.WebSocketResponse
+) -> tuple[Runner, Hello, int] | None:
+    """The runner's token and its hello, with the protocol version both speak; ``None``
+    once the socket was closed for want of either."""
     raw = bearer_token(request)
     runner = await svc.store.runner_by_token(raw) if raw else None
     if runner is None:
         await ws.close(code=Close.BAD_TOKEN, message=b"invalid runner token")
-        return ws
+        return None
     try:
         first = await ws.receive(timeout=HELLO_TIMEOUT_S)
         hello = parse_message(first.data) if first.type == WSMsgType.TEXT else None
     except (TimeoutError, ProtocolError) as exc:
         log.info("runner %s: no valid hello: %s", runner.id, exc)
         await ws.close(code=Close.BAD_PROTOCOL, message=b"expected hello")
-        return ws
+        return None
     version = negotiate(hello.protocol_version) if isinstance(hello, Hello) else None
     if not isinstance(hello, Hello) or version is None:
         await ws.close(
             code=Close.BAD_PROTOCOL,
             message=f"protocol versions {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION} spoken here".encode(),
         )
-        return ws
+        return None
+    return runner, hello, version
 
+
+async def _serve(
+    svc: Services,
+    ws: web.WebSocketResponse,
+    runner: Runner,
+    hello: Hello,
+    version: int,
+    *,
+    welcomed: Callable[[], None],
+) -> None:
+    """Register the runner, welcome it and run its session until the socket closes."""
     conn = AgentConnection(
         runner_id=runner.id,
         account_id=runner.account_id,
@@ -100,6 +148,7 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
                 drop_jobs=drop,
             )
         )
+        welcomed()
         await AgentSession(svc, conn).run()
     finally:
         conn.fail_pending()
@@ -110,4 +159,3 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
             await svc.fleet.runner_disconnected(conn, left=said_goodbye)
             await svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity.model_dump())
         log.info("runner %s disconnected (close code %s)", runner.id, ws.close_code)
-    return ws
