@@ -42,7 +42,7 @@ class Services:
     submissions: Submissions = field(init=False)
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.settings.max_handshakes)
+        self.admission = Admission(self.settings.max_handshakes, self.settings.handshake_queue)
         self.submissions = Submissions(self.settings, self.store, self.registry, self.fleet, self.rate_limits)
 
     def read_form(self, request: web.Request, account: Account) -> AbstractAsyncContextManager[SubmittedForm]:

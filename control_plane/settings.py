@@ -74,6 +74,9 @@ class Settings:
     # Agents between connecting and their welcome at once; more are told when to come back,
     # so that a whole fleet reconnecting after a restart is let in at a pace it can take.
     max_handshakes: int = 64
+    # Agents waiting for a handshake to free up; beyond them, agents are told to come back.
+    # They must be welcomed within the agent's own timeout (15 s by default).
+    handshake_queue: int = 1024
     heartbeat_s: float = 10.0
     # A runner that sends nothing for this long is taken for gone and its socket closed.
     runner_timeout_s: float = 30.0
@@ -108,8 +111,8 @@ class Settings:
     def validate(self) -> Settings:
         if self.max_request_bytes <= 0:
             raise ValueError("max_request_bytes must be positive")
-        if self.max_handshakes < 1:
-            raise ValueError("max_handshakes must be at least 1")
+        if self.max_handshakes < 1 or self.handshake_queue < 0:
+            raise ValueError("max_handshakes must be at least 1 and handshake_queue not negative")
         if self.heartbeat_s <= 0 or self.runner_grace_s < 0:
             raise ValueError("heartbeat_s must be positive and runner_grace_s not negative")
         if self.runner_timeout_s < 2 * self.heartbeat_s:

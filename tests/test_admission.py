@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -22,21 +23,41 @@ from runner_agent.connection import ControlPlaneConnection
 from tests.conftest import ControlPlane, start_control_plane
 
 
-def test_the_later_a_herd_member_is_turned_away_the_later_it_is_told_to_come_back() -> None:
+async def test_handshakes_go_in_order_and_those_past_the_queue_are_told_when_to_come_back() -> None:
     now = [0.0]
-    admission = Admission(limit=2, clock=lambda: now[0])
-    assert admission.enter() and admission.enter()
+    admission = Admission(limit=2, queue_limit=2, clock=lambda: now[0])
+    first, second, third, fourth = (admission.arrive() for _ in range(4))
+    assert first is not None and second is not None and first.done() and second.done()
+    assert third is not None and fourth is not None and not third.done() and not fourth.done()
+    assert admission.arrive() is None  # the queue is full too
+    admission.depart(first, 0.1)
+    assert third.done() and not fourth.done()  # first come, first served
+    admission.depart(fourth, 0.0)  # it left while waiting: its place goes
+    assert admission.waiting == 0
+    admission.depart(second, 0.1)
+    admission.depart(third, 0.1)
+    assert admission.in_progress == 0
+
+
+async def test_the_later_a_herd_member_is_turned_away_the_later_it_is_told_to_come_back() -> None:
+    now = [0.0]
+    admission = Admission(limit=2, queue_limit=0, clock=lambda: now[0])
+    held = [admission.arrive(), admission.arrive()]
+    for _ in range(50):  # handshakes have been taking 0.1 s: 20 a second, two at a time
+        turn = held.pop(0)
+        assert turn is not None
+        admission.depart(turn, 0.1)
+        held.append(admission.arrive())
     hints = []
     for _ in range(6):
-        assert not admission.enter()
+        assert admission.arrive() is None
         hints.append(admission.retry_after_s())
-    assert hints == [1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    # The n-th turned away this second comes back once n more handshakes could have run.
+    assert hints == pytest.approx([0.5 + n / 20 for n in range(1, 7)], rel=0.02)
     now[0] = 1.5  # a new second: the count starts again
-    assert not admission.enter() and admission.retry_after_s() == 1.5
-    admission.leave()
-    assert admission.enter()
-    for _ in range(1000):
-        admission.enter()
+    assert admission.arrive() is None and admission.retry_after_s() == pytest.approx(0.55, rel=0.02)
+    for _ in range(10_000):
+        admission.arrive()
     assert admission.retry_after_s() == MAX_RETRY_AFTER_S
 
 
@@ -53,7 +74,7 @@ async def test_a_connect_past_the_handshake_limit_is_told_when_to_come_back(
     tmp_path: Path, http: aiohttp.ClientSession, database_url: str
 ) -> None:
     runner, base, app, settings = await start_control_plane(
-        tmp_path, database_url=database_url, max_handshakes=1
+        tmp_path, database_url=database_url, max_handshakes=1, handshake_queue=0
     )
     cp = ControlPlane(base, settings, app, runner, http)
     try:
@@ -67,7 +88,7 @@ async def test_a_connect_past_the_handshake_limit_is_told_when_to_come_back(
             pass
         assert refused.close_code == Close.BUSY
         hint = retry_after(refused.close_reason)
-        assert hint is not None and hint >= 1.0
+        assert hint is not None and hint >= 0.5
         # The one holding the slot finishes its handshake; then there is room again.
         await holding.send(dump_message(hello()))
         assert json.loads(await asyncio.wait_for(holding.recv(), 10))["type"] == "welcome"
@@ -106,7 +127,7 @@ async def test_an_agent_turned_away_waits_at_least_as_long_as_it_was_asked(
     tmp_path: Path, http: aiohttp.ClientSession, database_url: str
 ) -> None:
     runner, base, app, settings = await start_control_plane(
-        tmp_path, database_url=database_url, max_handshakes=1
+        tmp_path, database_url=database_url, max_handshakes=1, handshake_queue=0
     )
     cp = ControlPlane(base, settings, app, runner, http)
     try:
@@ -126,13 +147,38 @@ async def test_an_agent_turned_away_waits_at_least_as_long_as_it_was_asked(
         connection = ControlPlaneConnection(agent_settings, handler, sleep=pause, rand=lambda: 0.5)
         running = asyncio.create_task(connection.run())
         await asyncio.wait_for(paused.wait(), 10)
-        # Asked to come back in a second or more: the backoff alone would have been 0.1 s.
-        assert pauses[0] >= 1.0 * (1 + 0.2 * 0.5)
+        # Asked to come back in half a second or more: the backoff alone would be 0.09 s.
+        assert pauses[0] >= 0.5 * (1 + 0.2 * 0.5)
         await holding.send(dump_message(hello()))
         assert json.loads(await asyncio.wait_for(holding.recv(), 10))["type"] == "welcome"
         await asyncio.wait_for(handler.welcomed.wait(), 10)
         await connection.stop()
         await asyncio.wait_for(running, 10)
         await holding.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_agent_in_the_queue_is_welcomed_once_the_one_ahead_is_through(
+    tmp_path: Path, http: aiohttp.ClientSession, database_url: str
+) -> None:
+    runner, base, app, settings = await start_control_plane(
+        tmp_path, database_url=database_url, max_handshakes=1, handshake_queue=1
+    )
+    cp = ControlPlane(base, settings, app, runner, http)
+    try:
+        a, b, c = [await cp.create_runner(name=n) for n in ("a", "b", "c")]
+        holding = await open_socket(cp, a["token"])
+        waiting = await open_socket(cp, b["token"])
+        await waiting.send(dump_message(hello()))  # said, but not yet heard: its turn comes later
+        refused = await open_socket(cp, c["token"])
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(refused.recv(), 10)
+        assert refused.close_code == Close.BUSY
+        await holding.send(dump_message(hello()))
+        assert json.loads(await asyncio.wait_for(holding.recv(), 10))["type"] == "welcome"
+        assert json.loads(await asyncio.wait_for(waiting.recv(), 10))["type"] == "welcome"
+        await holding.close()
+        await waiting.close()
     finally:
         await runner.cleanup()

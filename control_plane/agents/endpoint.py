@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
+from control_plane.agents.admission import Turn
 from control_plane.agents.session import AgentSession
 from control_plane.auth import bearer_token
 from control_plane.db.tables import Runner
@@ -42,15 +43,18 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
     # it is alive, and the watchdog closes a socket that stays silent (a half-open TCP
     # connection included). Pings would double the per-runner traffic of a large fleet.
     ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024)
-    # Admitted before the upgrade is answered: an agent connected is an agent counted.
-    if not svc.admission.enter():
+    # A place in line is taken before the upgrade is answered: who connected first goes first.
+    turn = svc.admission.arrive()
+    if turn is None:
         await ws.prepare(request)
         retry_after_s = svc.admission.retry_after_s()
         await ws.close(code=Close.BUSY, message=busy_reason(retry_after_s).encode())
         return ws
-    handshake = _Handshake(svc)
+    handshake = _Handshake(svc, turn)
     try:
         await ws.prepare(request)
+        await turn  # at once, or once those ahead are through their handshakes
+        handshake.started = svc.admission.now()
         greeted = await _greeting(svc, request, ws)
         if greeted is not None:
             await _serve(svc, ws, *greeted, welcomed=handshake.done)
@@ -62,14 +66,15 @@ async def agent_connect(request: web.Request) -> web.WebSocketResponse:
 class _Handshake:
     """An admitted handshake, which ends once: at the welcome, or when the connection does."""
 
-    def __init__(self, svc: Services) -> None:
-        self.svc = svc
+    def __init__(self, svc: Services, turn: Turn) -> None:
+        self.svc, self.turn = svc, turn
+        self.started = svc.admission.now()
         self.ended = False
 
     def done(self) -> None:
         if not self.ended:
             self.ended = True
-            self.svc.admission.leave()
+            self.svc.admission.depart(self.turn, self.svc.admission.now() - self.started)
 
 
 async def _greeting(
