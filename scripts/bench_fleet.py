@@ -12,7 +12,12 @@ prints:
 - dispatch latency: from submitting a workflow to an agent holding its job (median, p99 of
   --jobs workflows submitted one after another).
 
-    .venv/bin/python scripts/bench_fleet.py [--sizes 10,100,500,2000] [--heartbeat-s 2]
+With ``--storm`` it then kills the control plane and starts it again on the same data, so
+that every agent reconnects at once (each honouring a ``busy`` close's time to come back, as
+the real agent does), and prints how long until all are welcomed again, how often they were
+told to come back later, any HTTP 5xx and any runner the watchdog dropped.
+
+    .venv/bin/python scripts/bench_fleet.py [--sizes 10,100,500,2000] [--heartbeat-s 2] [--storm]
 """
 
 from __future__ import annotations
@@ -21,19 +26,23 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import resource
 import socket
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import psutil
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from protocol.capacity import Capacity, GpuInfo
+from protocol.closing import Close, retry_after
 from protocol.messages import PROTOCOL_VERSION, ComfyUIInfo, Hello, JobDone, Ready, dump_message
 
 TRIVIAL = {
@@ -69,11 +78,20 @@ class Arrivals:
         return await self._future(wf_id)
 
 
+@dataclass
+class StormStats:
+    """What the agents met while (re)connecting."""
+
+    busy: int = 0  # closes with ``busy`` (told when to come back)
+    http_5xx: int = 0
+    dropped_silent: int = 0  # closed by the watchdog
+
+
 class FakeAgent:
     """One simulated runner agent: hello, ready, capacity every heartbeat, jobs done at once."""
 
-    def __init__(self, url: str, token: str, index: int, arrivals: Arrivals) -> None:
-        self.url, self.token, self.index, self.arrivals = url, token, index, arrivals
+    def __init__(self, url: str, token: str, index: int, arrivals: Arrivals, stats: StormStats) -> None:
+        self.url, self.token, self.index, self.arrivals, self.stats = url, token, index, arrivals, stats
         self.capacity = Capacity(
             gpu_source="nvml",
             gpus=[GpuInfo(index=0, name="Simulated GPU", memory_total_bytes=24 << 30, utilization_pct=0.0)],
@@ -93,31 +111,56 @@ class FakeAgent:
             raise RuntimeError(f"agent {self.index} closed before its welcome")
 
     async def run(self, heartbeat_s: float) -> None:
-        async with connect(
-            self.url, additional_headers={"Authorization": f"Bearer {self.token}"}, max_size=None
-        ) as ws:
-            self.ws = ws
-            hello = Hello(
-                agent_version="bench",
-                protocol_version=PROTOCOL_VERSION,
-                capacity=self.capacity,
-                comfyui=ComfyUIInfo(url="http://sim", node_classes=["EmptyImage", "SaveImage"]),
-            )
-            await ws.send(dump_message(hello))
-            json.loads(await ws.recv())  # welcome
-            await ws.send(dump_message(Ready(free_slots=1)))
-            self.welcomed.set()
-            beat = asyncio.create_task(self._heartbeat(ws, heartbeat_s))
-            try:
-                async for raw in ws:
-                    msg = json.loads(raw)
-                    if msg["type"] == "job":
-                        self.arrivals.arrived(msg["workflow_id"])
-                        done = JobDone(workflow_id=msg["workflow_id"], attempt=msg["attempt"])
-                        await ws.send(dump_message(done))
-                        await ws.send(dump_message(Ready(free_slots=1)))
-            finally:
-                beat.cancel()
+        """Connected until cancelled: after a drop, back again as a real agent comes back (a
+        jittered pause, or the time a busy control plane asked for)."""
+        while True:
+            pause_s = await self._session(heartbeat_s)
+            await asyncio.sleep(pause_s * (1 + 0.2 * random.random()))  # the agent's own backoff
+
+    async def _session(self, heartbeat_s: float) -> float:
+        """One connection; how long to pause before the next."""
+        try:
+            async with connect(
+                self.url, additional_headers={"Authorization": f"Bearer {self.token}"}, max_size=None
+            ) as ws:
+                self.ws = ws
+                hello = Hello(
+                    agent_version="bench",
+                    protocol_version=PROTOCOL_VERSION,
+                    capacity=self.capacity,
+                    comfyui=ComfyUIInfo(url="http://sim", node_classes=["EmptyImage", "SaveImage"]),
+                )
+                await ws.send(dump_message(hello))
+                json.loads(await ws.recv())  # welcome
+                await ws.send(dump_message(Ready(free_slots=1)))
+                self.welcomed.set()
+                beat = asyncio.create_task(self._heartbeat(ws, heartbeat_s))
+                try:
+                    await self._jobs(ws)
+                finally:
+                    beat.cancel()
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == Close.BUSY:
+                self.stats.busy += 1
+                return retry_after(exc.rcvd.reason) or 1.0
+        except InvalidStatus as exc:
+            if exc.response.status_code >= 500:
+                self.stats.http_5xx += 1
+        except OSError:
+            pass  # the control plane is not listening (yet)
+        if self.ws is not None and self.ws.close_code == Close.SILENT:
+            self.stats.dropped_silent += 1
+        self.ws = None
+        return 0.5
+
+    async def _jobs(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg["type"] == "job":
+                self.arrivals.arrived(msg["workflow_id"])
+                done = JobDone(workflow_id=msg["workflow_id"], attempt=msg["attempt"])
+                await ws.send(dump_message(done))
+                await ws.send(dump_message(Ready(free_slots=1)))
 
     async def _heartbeat(self, ws: ClientConnection, heartbeat_s: float) -> None:
         update = json.dumps({"type": "capacity", "capacity": self.capacity.model_dump()})
@@ -138,7 +181,48 @@ async def create_runners(
     return list(await asyncio.gather(*(one(i) for i in range(start, start + n))))
 
 
-async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float) -> None:
+async def start_server(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, asyncio.Task[bytes]]:
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "comfyfleet",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=raise_fd_limit,
+    )
+    assert server.stderr is not None
+    while b"listening on" not in await server.stderr.readline():
+        pass
+    drain = asyncio.create_task(server.stderr.read())  # keep its log pipe from filling up
+    return server, drain
+
+
+async def storm(
+    agents: list[FakeAgent], env: dict[str, str], stats: StormStats, heartbeat_s: float
+) -> tuple[asyncio.subprocess.Process, asyncio.Task[bytes]]:
+    """Kill the control plane and start it again on the same data: every agent reconnects at
+    once. Prints how long until all were welcomed again and what they met on the way."""
+    for agent in agents:
+        agent.welcomed = asyncio.Event()
+    before = StormStats(stats.busy, stats.http_5xx, stats.dropped_silent)
+    started = time.perf_counter()
+    server, drain = await start_server(env)
+    await asyncio.gather(*(a.welcomed.wait() for a in agents))
+    all_in_s = time.perf_counter() - started
+    await asyncio.sleep(heartbeat_s * 6)  # past the runner timeout: would the watchdog drop any?
+    print(
+        f"reconnect storm of {len(agents)}: all welcomed {all_in_s:.1f} s after the restart; "
+        f"told to come back later {stats.busy - before.busy} times, "
+        f"{stats.http_5xx - before.http_5xx} HTTP 5xx, "
+        f"{stats.dropped_silent - before.dropped_silent} dropped by the watchdog",
+        flush=True,
+    )
+    return server, drain
+
+
+async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float, with_storm: bool) -> None:
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -167,25 +251,13 @@ async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float)
             env=env,
         )
         token = (await admin.communicate())[0].decode().strip().splitlines()[-1]
-        server = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "comfyfleet",
-            "serve",
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=raise_fd_limit,
-        )
-        assert server.stderr is not None
-        while b"listening on" not in await server.stderr.readline():
-            pass
-        drain = asyncio.create_task(server.stderr.read())  # keep its log pipe from filling up
+        server, drain = await start_server(env)
         proc = psutil.Process(server.pid)
         base = f"http://127.0.0.1:{port}"
         ws_url = f"ws://127.0.0.1:{port}/v1/agent/connect"
         headers = {"Authorization": f"Bearer {token}"}
         arrivals = Arrivals()
+        stats = StormStats()
         agents: list[FakeAgent] = []
         print(f"heartbeat every {heartbeat_s:g} s; CPU over a {window_s:g} s window; {jobs} jobs per size")
         columns = (
@@ -204,7 +276,9 @@ async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float)
                 baseline_rss = proc.memory_info().rss
                 for size in sizes:
                     tokens = await create_runners(http, base, headers, size - len(agents), len(agents))
-                    fresh = [FakeAgent(ws_url, t, len(agents) + i, arrivals) for i, t in enumerate(tokens)]
+                    fresh = [
+                        FakeAgent(ws_url, t, len(agents) + i, arrivals, stats) for i, t in enumerate(tokens)
+                    ]
                     started = time.perf_counter()
                     for agent in fresh:
                         agent.task = asyncio.create_task(agent.run(heartbeat_s))
@@ -235,6 +309,11 @@ async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float)
                         f"{rss_per_runner / 1024:>16.1f}{p50:>17.1f}{p99 * 1000:>9.1f}",
                         flush=True,
                     )
+                if with_storm:
+                    server.kill()  # a crash: nothing said to the agents
+                    await server.wait()
+                    drain.cancel()
+                    server, drain = await storm(agents, env, stats, heartbeat_s)
         finally:
             for agent in agents:
                 if agent.task is not None:
@@ -251,5 +330,7 @@ if __name__ == "__main__":
     parser.add_argument("--heartbeat-s", type=float, default=2.0)
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--storm", action="store_true", help="then restart the control plane under the fleet")
     args = parser.parse_args()
-    asyncio.run(main([int(n) for n in args.sizes.split(",")], args.heartbeat_s, args.jobs, args.window_s))
+    sizes = [int(n) for n in args.sizes.split(",")]
+    asyncio.run(main(sizes, args.heartbeat_s, args.jobs, args.window_s, args.storm))
