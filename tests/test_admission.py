@@ -5,7 +5,9 @@ at least that long before it tries again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,20 @@ def hello() -> Hello:
     return Hello(agent_version="test", capacity=Capacity(), comfyui=ComfyUIInfo(url="http://x"))
 
 
+@contextlib.asynccontextmanager
+async def admitting(
+    tmp_path: Path, http: aiohttp.ClientSession, database_url: str, queue: int
+) -> AsyncIterator[ControlPlane]:
+    """A control plane that lets one handshake run at a time and ``queue`` more wait."""
+    runner, base, app, settings = await start_control_plane(
+        tmp_path, database_url=database_url, max_handshakes=1, handshake_queue=queue
+    )
+    try:
+        yield ControlPlane(base, settings, app, runner, http)
+    finally:
+        await runner.cleanup()
+
+
 async def open_socket(cp: ControlPlane, token: str) -> ClientConnection:
     url = cp.base.replace("http", "ws") + "/v1/agent/connect"
     return await connect(url, additional_headers={"Authorization": f"Bearer {token}"})
@@ -73,11 +89,7 @@ async def open_socket(cp: ControlPlane, token: str) -> ClientConnection:
 async def test_a_connect_past_the_handshake_limit_is_told_when_to_come_back(
     tmp_path: Path, http: aiohttp.ClientSession, database_url: str
 ) -> None:
-    runner, base, app, settings = await start_control_plane(
-        tmp_path, database_url=database_url, max_handshakes=1, handshake_queue=0
-    )
-    cp = ControlPlane(base, settings, app, runner, http)
-    try:
+    async with admitting(tmp_path, http, database_url, queue=0) as cp:
         first, second = await cp.create_runner(name="first"), await cp.create_runner(name="second")
         holding = await open_socket(cp, first["token"])  # in its handshake until it says hello
         refused = await open_socket(cp, second["token"])
@@ -97,8 +109,6 @@ async def test_a_connect_past_the_handshake_limit_is_told_when_to_come_back(
         assert json.loads(await asyncio.wait_for(again.recv(), 10))["type"] == "welcome"
         await holding.close()
         await again.close()
-    finally:
-        await runner.cleanup()
 
 
 class Handler:
@@ -126,11 +136,7 @@ class Handler:
 async def test_an_agent_turned_away_waits_at_least_as_long_as_it_was_asked(
     tmp_path: Path, http: aiohttp.ClientSession, database_url: str
 ) -> None:
-    runner, base, app, settings = await start_control_plane(
-        tmp_path, database_url=database_url, max_handshakes=1, handshake_queue=0
-    )
-    cp = ControlPlane(base, settings, app, runner, http)
-    try:
+    async with admitting(tmp_path, http, database_url, queue=0) as cp:
         first, second = await cp.create_runner(name="first"), await cp.create_runner(name="second")
         holding = await open_socket(cp, first["token"])
         pauses: list[float] = []
@@ -155,18 +161,12 @@ async def test_an_agent_turned_away_waits_at_least_as_long_as_it_was_asked(
         await connection.stop()
         await asyncio.wait_for(running, 10)
         await holding.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_an_agent_in_the_queue_is_welcomed_once_the_one_ahead_is_through(
     tmp_path: Path, http: aiohttp.ClientSession, database_url: str
 ) -> None:
-    runner, base, app, settings = await start_control_plane(
-        tmp_path, database_url=database_url, max_handshakes=1, handshake_queue=1
-    )
-    cp = ControlPlane(base, settings, app, runner, http)
-    try:
+    async with admitting(tmp_path, http, database_url, queue=1) as cp:
         a, b, c = [await cp.create_runner(name=n) for n in ("a", "b", "c")]
         holding = await open_socket(cp, a["token"])
         waiting = await open_socket(cp, b["token"])
@@ -180,5 +180,3 @@ async def test_an_agent_in_the_queue_is_welcomed_once_the_one_ahead_is_through(
         assert json.loads(await asyncio.wait_for(waiting.recv(), 10))["type"] == "welcome"
         await holding.close()
         await waiting.close()
-    finally:
-        await runner.cleanup()
