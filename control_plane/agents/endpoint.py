@@ -138,9 +138,9 @@ async def _serve(
         len(hello.jobs),
     )
     try:
-        await svc.store.save_runner_state(
-            runner.id, capacity=conn.capacity.model_dump(), comfyui=conn.comfyui
-        )
+        # What the runner's ComfyUI offers is large and seldom changes: written when it did.
+        comfyui = conn.comfyui if conn.comfyui != runner.comfyui else None
+        await svc.store.save_runner_state(runner.id, capacity=conn.capacity.model_dump(), comfyui=comfyui)
         drop = await svc.fleet.runner_connected(conn, hello.jobs)
         await conn.send(
             Welcome(

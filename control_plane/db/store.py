@@ -418,15 +418,17 @@ class Store:
             return int(ahead.one())
 
     async def inflight_workflows(self, runner_id: str | None = None) -> list[Workflow]:
-        """Workflows held by a runner (one, or any) that have not finished."""
+        """Workflows held by a runner (one, or any) that have not finished; without their
+        graphs (a reconnecting fleet asks this once per runner)."""
         conds: list[ColumnElement[bool]] = [
             col(Workflow.runner_id).is_not(None),
             col(Workflow.status).not_in(TERMINAL),
         ]
         if runner_id is not None:
             conds.append(col(Workflow.runner_id) == runner_id)
+        query = select(Workflow).where(*conds).options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
         async with self.session() as s:
-            return list(await s.exec(select(Workflow).where(*conds)))
+            return list(await s.exec(query))
 
     async def retry(
         self, workflow_id: str, attempt: int, runner_id: str | None, fault: Fault
