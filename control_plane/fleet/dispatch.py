@@ -24,7 +24,7 @@ from typing import Any
 from control_plane.db.blobs import BlobStore
 from control_plane.db.store import Fault, Store
 from control_plane.db.tables import IdempotencyRecord, Output, Workflow, as_utc, utcnow
-from control_plane.fleet.capabilities import missing, needs
+from control_plane.fleet.capabilities import Needs, missing, needs
 from control_plane.fleet.events import EventHub, cause_event, output_event, status_event
 from control_plane.fleet.metrics import Metrics
 from control_plane.fleet.registry import AgentConnection, Registry
@@ -74,6 +74,10 @@ def build_job(wf: Workflow) -> Job:
         fixed_random=rerun.fixed_random if rerun else {},
         timestamp_ms=rerun.timestamp_ms if rerun else None,
     )
+
+
+def _needs_of(wf: Workflow) -> Needs:
+    return needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values)
 
 
 class Fleet:
@@ -183,13 +187,14 @@ class Fleet:
             if wf.not_before is not None and as_utc(wf.not_before) > now:
                 backoff_ends.append((as_utc(wf.not_before) - now).total_seconds())
                 continue
-            conn = self._pick_runner(wf, now)
+            need = _needs_of(wf)  # once per workflow and round: choosing and sending share it
+            conn = self._pick_runner(wf, need, now)
             if conn is not None:
-                await self._send_job(wf, conn)
+                await self._send_job(wf, need, conn)
         if backoff_ends:
             self._kick_in(min(backoff_ends))
 
-    async def _send_job(self, wf: Workflow, conn: AgentConnection) -> None:
+    async def _send_job(self, wf: Workflow, need: Needs, conn: AgentConnection) -> None:
         try:
             frame = dump_message(build_job(wf))
         except Exception as exc:  # a boundary: this workflow only, whatever broke
@@ -198,7 +203,7 @@ class Fleet:
             return
         if not await self.store.claim_workflow(wf.id, wf.attempt, conn.runner_id, wf.timeout_s):
             return
-        conn.took(wf.id, needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values).model_files)
+        conn.took(wf.id, need.model_files)
         if await conn.send_frame(frame):
             if self.metrics is not None:
                 waited_s = (utcnow() - as_utc(wf.updated_at)).total_seconds()
@@ -224,8 +229,7 @@ class Fleet:
         if failed is not None:
             self.publish_status(failed)
 
-    def _eligible(self, wf: Workflow) -> list[AgentConnection]:
-        need = needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values)
+    def _eligible(self, wf: Workflow, need: Needs) -> list[AgentConnection]:
         return [
             c
             for c in self.registry.all()
@@ -241,12 +245,12 @@ class Fleet:
         asyncio.get_running_loop().call_later(left_s, self.kick)
         return True
 
-    def _pick_runner(self, wf: Workflow, now: datetime) -> AgentConnection | None:
+    def _pick_runner(self, wf: Workflow, need: Needs, now: datetime) -> AgentConnection | None:
         """In order: the runner a rerun from a task names; runners whose ComfyUI has every
         node class and model; after an out-of-memory failure, those with more free GPU memory;
         with a free slot; not where an earlier attempt met a fault; warm with the same models;
         the least loaded. Ties go to the longest connected: never random."""
-        eligible = self._eligible(wf)
+        eligible = self._eligible(wf, need)
         preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
         if preferred is not None:
             if preferred.free_slots > 0:
@@ -263,7 +267,7 @@ class Fleet:
         free = [c for c in eligible if c.free_slots > 0]
         if not free:
             return None
-        wanted = needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values).model_files
+        wanted = need.model_files
         avoid = set(wf.avoid_runner_ids)
 
         def rank(c: AgentConnection) -> tuple[bool, bool, int, float, float]:
@@ -446,7 +450,7 @@ class Fleet:
         if any(entry.get("kind") == "out_of_memory" for entry in wf.attempt_log):
             return None
         had = conn.gpu_free_bytes
-        if not any(c.gpu_free_bytes > had for c in self._eligible(wf) if c is not conn):
+        if not any(c.gpu_free_bytes > had for c in self._eligible(wf, _needs_of(wf)) if c is not conn):
             return None
         return self._fault(
             "out_of_memory",
