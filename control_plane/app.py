@@ -31,6 +31,7 @@ from control_plane.web import reruns as api_reruns
 from control_plane.web import runners as api_runners
 from control_plane.web import templates as api_templates
 from control_plane.web import workflows as api_workflows
+from control_plane.web.forms import FORM_GATES, FormGates
 from control_plane.web.middleware import error_middleware, url_middleware
 from protocol.closing import Close
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings) -> web.Application:
         await asyncio.to_thread(blobs.setup)
         hub, registry = EventHub(), Registry()
         fleet = Fleet(settings, store, registry, hub, blobs, figures)
+        app[FORM_GATES] = FormGates()
         app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
         await fleet.start()
         log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))

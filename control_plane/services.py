@@ -3,18 +3,17 @@ under one AppKey: the composition of the layers below."""
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar
 
 from aiohttp import web
 
-from control_plane.agents.admission import Admission
 from control_plane.auth import Authenticator
 from control_plane.db.blobs import BlobStore
 from control_plane.db.store import Store
-from control_plane.db.tables import Account, Workflow
+from control_plane.db.tables import Workflow
+from control_plane.fleet.admission import Admission
 from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.events import EventHub
 from control_plane.fleet.rate_limits import RateLimiter
@@ -22,7 +21,6 @@ from control_plane.fleet.registry import Registry
 from control_plane.fleet.submissions import Submissions
 from control_plane.model.lifecycle import WorkflowStatus
 from control_plane.settings import Settings
-from control_plane.web.forms import PLAIN_PARTS, FormGates, FormLimits, SubmittedForm, uploaded_form
 
 
 @dataclass
@@ -37,21 +35,12 @@ class Services:
     fleet: Fleet
     auth: Authenticator
     rate_limits: RateLimiter = field(default_factory=RateLimiter)
-    form_gates: FormGates = field(default_factory=FormGates)
     admission: Admission = field(init=False)
     submissions: Submissions = field(init=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings.max_handshakes, self.settings.handshake_queue)
         self.submissions = Submissions(self.settings, self.store, self.registry, self.fleet, self.rate_limits)
-
-    def read_form(self, request: web.Request, account: Account) -> AbstractAsyncContextManager[SubmittedForm]:
-        """The request's multipart (or url-encoded) form, within the account's tier's limits
-        and read in the account's turn (forms.py)."""
-        tier = self.settings.tiers.get(account.tier) or self.settings.tiers["free"]
-        limits = FormLimits(self.settings.max_request_bytes, tier.max_parameters + PLAIN_PARTS)
-        gate = self.form_gates.turn(account.id)
-        return uploaded_form(request, self.blobs, limits, self.store.blob_referenced, gate)
 
     def live_runner(self, runner_id: str) -> dict[str, object] | None:
         conn = self.registry.get(runner_id)

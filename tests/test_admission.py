@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from control_plane.agents.admission import MAX_RETRY_AFTER_S, Admission
+from control_plane.fleet.admission import MAX_RETRY_AFTER_S, Admission
 from protocol.capacity import Capacity
 from protocol.closing import Close, retry_after
 from protocol.messages import CapacityUpdate, ComfyUIInfo, Hello, Message, Welcome, dump_message

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
-from control_plane.agents.admission import Turn
 from control_plane.agents.session import AgentSession
 from control_plane.auth import bearer_token
 from control_plane.db.tables import Runner
+from control_plane.fleet.admission import Turn
 from control_plane.fleet.capabilities import Offers
 from control_plane.fleet.registry import AgentConnection
 from control_plane.services import Services

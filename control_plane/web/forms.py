@@ -20,12 +20,14 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from control_plane.db.blobs import BlobStore, BlobWriter
+from control_plane.db.tables import Account
 from control_plane.fleet.graph import check_graph
 from control_plane.fleet.submissions import Sent
 from control_plane.model.errors import BadRequest, TooLarge
 from control_plane.model.json_limits import parse_json
 from control_plane.model.names import check_tags
 from control_plane.model.params import FileRef
+from control_plane.services import Services
 from control_plane.web import multipart
 
 _CHUNK = 64 * 1024
@@ -182,6 +184,21 @@ def check_declared_length(request: web.Request, limit: int) -> None:
 
 
 Referenced = Callable[[str], Awaitable[bool]]
+
+
+# One per app: the forms being read, per account.
+FORM_GATES = web.AppKey("form_gates", FormGates)
+
+
+def read_form(
+    request: web.Request, svc: Services, account: Account
+) -> AbstractAsyncContextManager[SubmittedForm]:
+    """The request's multipart (or url-encoded) form, within the account's tier's limits
+    and read in the account's turn."""
+    tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
+    limits = FormLimits(svc.settings.max_request_bytes, tier.max_parameters + PLAIN_PARTS)
+    gate = request.app[FORM_GATES].turn(account.id)
+    return uploaded_form(request, svc.blobs, limits, svc.store.blob_referenced, gate)
 
 
 @asynccontextmanager

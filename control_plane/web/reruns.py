@@ -16,6 +16,7 @@ from control_plane.fleet.reruns import TaskRerun, rerun_from_task
 from control_plane.model.errors import BadRequest
 from control_plane.services import Services
 from control_plane.web import idempotency
+from control_plane.web.forms import read_form
 from control_plane.web.http_util import json_body
 from control_plane.web.views import workflow_view
 from control_plane.web.workflows import created_receipt
@@ -33,7 +34,7 @@ async def rerun_with_new_parameters(request: web.Request) -> web.Response:
     principal = await svc.auth.client(request)
     svc.submissions.check_submit_rate(principal.account, principal.token_id)
     original = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
-    async with svc.read_form(request, principal.account) as form:
+    async with read_form(request, svc, principal.account) as form:
         sent = set(form.fields) | ({"workflow_json"} if form.workflow_json else set())
         fixed = [f for f in _FIXED_ON_RERUN if f in sent]
         if fixed:

@@ -12,7 +12,7 @@ from control_plane.fleet.events import iso
 from control_plane.model.errors import BadRequest
 from control_plane.services import Services
 from control_plane.web import idempotency
-from control_plane.web.forms import MAX_NAME_CHARS, SUBMIT_FIELDS, SubmittedForm
+from control_plane.web.forms import MAX_NAME_CHARS, SUBMIT_FIELDS, SubmittedForm, read_form
 from control_plane.web.http_util import paging
 from control_plane.web.views import workflow_view
 from control_plane.web.workflows import created_receipt
@@ -75,7 +75,7 @@ async def _template_fields(form: SubmittedForm, *, partial: bool) -> dict[str, A
 def _template_form(
     request: web.Request, svc: Services, account: Account
 ) -> AbstractAsyncContextManager[SubmittedForm]:
-    return svc.read_form(request, account)
+    return read_form(request, svc, account)
 
 
 def _body_part(form: SubmittedForm) -> SubmittedForm:

@@ -17,7 +17,7 @@ from control_plane.model.lifecycle import TERMINAL, WorkflowStatus
 from control_plane.model.names import TAG
 from control_plane.services import Services
 from control_plane.web import idempotency
-from control_plane.web.forms import MAX_NAME_CHARS, SUBMIT_FIELDS
+from control_plane.web.forms import MAX_NAME_CHARS, SUBMIT_FIELDS, read_form
 from control_plane.web.http_util import paging
 from control_plane.web.views import workflow_summary, workflow_view
 
@@ -42,7 +42,7 @@ async def submit_workflow(request: web.Request) -> web.Response:
     svc = services(request)
     principal = await svc.auth.client(request)
     svc.submissions.check_submit_rate(principal.account, principal.token_id)
-    async with svc.read_form(request, principal.account) as form:
+    async with read_form(request, svc, principal.account) as form:
         form.only(*SUBMIT_FIELDS)
 
         async def produce(claim: idempotency.Claim | None) -> web.Response:
