@@ -20,9 +20,14 @@ async def _store(settings: Settings) -> AsyncIterator[Store]:
     engine = make_engine(settings.resolved_database_url)
     try:
         await create_schema(engine)
-        yield Store(engine)
-    finally:
+    except BaseException:
         await engine.dispose()
+        raise
+    store = Store(engine)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def create_token(

@@ -75,7 +75,7 @@ def create_app(settings: Settings) -> web.Application:
         log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))
         yield
         await fleet.stop()
-        await engine.dispose()
+        await store.close()
 
     async def close_agents(app: web.Application) -> None:
         # Agents see GOING_AWAY and reconnect to whoever serves next.

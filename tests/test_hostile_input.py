@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sqlmodel import Session
 from websockets.asyncio.client import connect
 
 from control_plane.db.tables import Output
@@ -309,9 +310,12 @@ async def test_outputs_download_with_nosniff_and_only_harmless_types_as_declared
         size_bytes=stored.size_bytes,
         sha256=stored.sha256,
     )
-    async with store.session() as s:
+
+    def add(s: Session) -> None:
         s.add(out)
-        await s.commit()
+        s.commit()
+
+    await store.run(add)
     async with cp.http.get(f"{cp.base}/v1/output/{out.id}", headers=await cp.headers()) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "application/octet-stream"

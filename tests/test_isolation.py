@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sqlmodel import Session
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -78,9 +79,12 @@ async def alices(cp: ControlPlane) -> dict[str, str]:
         size_bytes=0,
         sha256="0" * 64,
     )
-    async with store.session() as s:
+
+    def add(s: Session) -> None:
         s.add(out)
-        await s.commit()
+        s.commit()
+
+    await store.run(add)
     return {
         "wf": wf["id"],
         "run": runner["id"],

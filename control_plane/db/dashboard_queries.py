@@ -1,6 +1,6 @@
 """The read-only queries behind the operator dashboard: a handful of short ones, each loading
 only the columns the dashboard shows (never ``workflow_json`` or a runner's node-class lists),
-all in one session. ``account_id`` None means every account (``admin`` tokens)."""
+all in one unit of work. ``account_id`` None means every account (``admin`` tokens)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from typing import Any
 
 from sqlalchemy import and_, case, func
 from sqlalchemy import select as wide_select  # sqlmodel's select types at most four columns
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel import Session, col, select
 
 from control_plane.db.store import Store
 from control_plane.db.tables import Account, Runner, Task, Workflow, as_utc
@@ -58,33 +57,36 @@ def _only(column: Any, account_id: str | None) -> list[Any]:
 
 
 async def dashboard_rows(store: Store, account_id: str | None, now: datetime) -> DashboardRows:
-    async with store.session() as s:
-        inflight = await _workflows(
+    return await store.run(lambda s: _rows(s, account_id, now))
+
+
+def _rows(s: Session, account_id: str | None, now: datetime) -> DashboardRows:
+    inflight = _workflows(
+        s,
+        *_only(Workflow.account_id, account_id),
+        col(Workflow.runner_id).is_not(None),
+        col(Workflow.status).not_in(TERMINAL),
+        order=col(Workflow.created_at),
+    )
+    edges, finished = _throughput(s, account_id, now)
+    return DashboardRows(
+        runners=_runners(s, account_id),
+        inflight=inflight,
+        current_nodes=_current_nodes(s, inflight),
+        queue=_queue(s, account_id),
+        recent=_workflows(
             s,
             *_only(Workflow.account_id, account_id),
-            col(Workflow.runner_id).is_not(None),
-            col(Workflow.status).not_in(TERMINAL),
-            order=col(Workflow.created_at),
-        )
-        edges, finished = await _throughput(s, account_id, now)
-        return DashboardRows(
-            runners=await _runners(s, account_id),
-            inflight=inflight,
-            current_nodes=await _current_nodes(s, inflight),
-            queue=await _queue(s, account_id),
-            recent=await _workflows(
-                s,
-                *_only(Workflow.account_id, account_id),
-                order=col(Workflow.created_at).desc(),
-                limit=RECENT_LIMIT,
-            ),
-            bucket_edges=edges,
-            finished=finished,
-        )
+            order=col(Workflow.created_at).desc(),
+            limit=RECENT_LIMIT,
+        ),
+        bucket_edges=edges,
+        finished=finished,
+    )
 
 
-async def _runners(s: AsyncSession, account_id: str | None) -> list[dict[str, Any]]:
-    rows = await (await s.connection()).execute(
+def _runners(s: Session, account_id: str | None) -> list[dict[str, Any]]:
+    rows = s.connection().execute(
         wide_select(
             col(Runner.id),
             col(Runner.name),
@@ -101,21 +103,19 @@ async def _runners(s: AsyncSession, account_id: str | None) -> list[dict[str, An
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
-async def _workflows(
-    s: AsyncSession, *conds: Any, order: Any, limit: int | None = None
-) -> list[dict[str, Any]]:
+def _workflows(s: Session, *conds: Any, order: Any, limit: int | None = None) -> list[dict[str, Any]]:
     query = wide_select(*(getattr(Workflow, f) for f in _WF_FIELDS)).where(*conds).order_by(order)
     if limit is not None:
         query = query.limit(limit)
-    return [dict(zip(_WF_FIELDS, row, strict=True)) for row in await (await s.connection()).execute(query)]
+    return [dict(zip(_WF_FIELDS, row, strict=True)) for row in s.connection().execute(query)]
 
 
-async def _current_nodes(s: AsyncSession, inflight: list[dict[str, Any]]) -> dict[str, str]:
+def _current_nodes(s: Session, inflight: list[dict[str, Any]]) -> dict[str, str]:
     """The node each running workflow is executing now (class_type, else node id)."""
     attempts = {wf["id"]: wf["attempt"] for wf in inflight if wf["status"] == WorkflowStatus.RUNNING}
     if not attempts:
         return {}
-    rows = await (await s.connection()).execute(
+    rows = s.connection().execute(
         wide_select(
             col(Task.workflow_id),
             col(Task.attempt),
@@ -135,9 +135,9 @@ async def _current_nodes(s: AsyncSession, inflight: list[dict[str, Any]]) -> dic
     return {wf_id: label for wf_id, (_, label) in found.items()}
 
 
-async def _queue(s: AsyncSession, account_id: str | None) -> list[tuple[str, int, datetime]]:
+def _queue(s: Session, account_id: str | None) -> list[tuple[str, int, datetime]]:
     """Waiting workflows (accepted, no runner yet) counted per tag set."""
-    rows = await s.exec(
+    rows = s.exec(
         select(col(Workflow.tag_index), func.count(), func.min(col(Workflow.created_at)))
         .where(
             *_only(Workflow.account_id, account_id),
@@ -149,8 +149,8 @@ async def _queue(s: AsyncSession, account_id: str | None) -> list[tuple[str, int
     return [(tag_index, int(count), oldest) for tag_index, count, oldest in rows]
 
 
-async def _throughput(
-    s: AsyncSession, account_id: str | None, now: datetime
+def _throughput(
+    s: Session, account_id: str | None, now: datetime
 ) -> tuple[list[datetime], list[tuple[int, int]]]:
     """Workflows that finished completed or failed (failed + invalid) per five-minute
     bucket; the buckets are aligned to the clock and the last one holds ``now``."""
@@ -167,6 +167,6 @@ async def _throughput(
         )
         sums.append(func.sum(case((and_(inside, col(Workflow.status).in_(FAILED)), 1), else_=0)))
     only = _only(Workflow.account_id, account_id)
-    row = (await s.exec(select(*sums).where(*only, done_at >= start, done_at < end))).one()
+    row = (s.exec(select(*sums).where(*only, done_at >= start, done_at < end))).one()
     counts = [int(v or 0) for v in row]
     return edges, [(counts[2 * i], counts[2 * i + 1]) for i in range(BUCKETS)]

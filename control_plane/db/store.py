@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -17,10 +14,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import defer
 from sqlalchemy.sql.elements import ColumnElement
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel import Session, col, select
 
+from control_plane.db.database import Database
+from control_plane.db.read_cache import ReadCache
 from control_plane.db.tables import (
+    RUNNERS,
+    TASKS,
+    TOKENS,
+    WORKFLOWS,
     Account,
     ApiToken,
     IdempotencyRecord,
@@ -52,6 +54,10 @@ from control_plane.model.params import Resolved, WorkflowParams
 _MAX_BACKOFF_S = 30.0
 CLIENT_TOKEN_PREFIX = "cf_"
 RUNNER_TOKEN_PREFIX = "cfr_"
+T = TypeVar("T")
+# How long the hot path's repeated reads (tokens, an account's runners, its workflows of the
+# last day) are served from memory; what this process changes is seen at once.
+READ_CACHE_S = 5.0
 
 
 class KeyTaken(Exception):
@@ -68,60 +74,45 @@ def new_token(prefix: str) -> str:
 
 class Store:
     def __init__(self, engine: AsyncEngine, fail_points: FailPoints | None = None) -> None:
+        self.db = Database(engine)
         self.engine = engine
         self._fail = fail_points or FailPoints()
-        # Read-check-write of a workflow must not interleave with another. PostgreSQL locks
-        # the row (SELECT ... FOR UPDATE); SQLite has no row locks, so one control-plane
-        # process serialises these sections with this lock.
-        self._sqlite = engine.dialect.name == "sqlite"
-        self._rmw_lock = asyncio.Lock()
+        self._tokens: ReadCache[str, tuple[ApiToken, Account]] = ReadCache(READ_CACHE_S)
+        self._runner_tokens: ReadCache[str, Runner] = ReadCache(READ_CACHE_S)
+        self._account_runners: ReadCache[str, list[Runner]] = ReadCache(READ_CACHE_S, 1000)
+        # Per account: workflows created in the 24 h before the count was read, and since.
+        self._last_day: ReadCache[str, list[int]] = ReadCache(READ_CACHE_S)
 
-    @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        async with AsyncSession(self.engine, expire_on_commit=False) as s:
-            yield s
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """One unit of work on a session of its own (``database.py``)."""
+        return await self.db.run(work)
 
-    @asynccontextmanager
-    async def locked_workflow(
-        self, workflow_id: str, *, without_graph: bool = False
-    ) -> AsyncIterator[tuple[AsyncSession, Workflow | None]]:
-        """A session holding the workflow's row for a read-check-write. ``without_graph``
-        leaves the workflow JSON (which can be large) unread: fencing an agent's report needs
-        only a few small columns."""
-        query = select(Workflow).where(Workflow.id == workflow_id).with_for_update()
-        if without_graph:
-            query = query.options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
-        async with self._rmw_lock if self._sqlite else contextlib.nullcontext(), self.session() as s:
-            yield s, (await s.exec(query)).first()
-
-    @contextlib.asynccontextmanager
-    async def fenced(
-        self, workflow_id: str, attempt: int, runner_id: str | None, *, without_graph: bool = True
-    ) -> AsyncIterator[tuple[AsyncSession, Workflow] | None]:
-        """The fence every write on behalf of a runner goes through: the workflow's row,
-        locked, if that runner holds that attempt of it and it has not finished; else
-        ``None`` (the report is stale: the attempt was cancelled, replaced or moved)."""
-        async with self.locked_workflow(workflow_id, without_graph=without_graph) as (s, wf):
-            yield (s, wf) if wf is not None and holds_current(wf, attempt, runner_id) else None
+    async def close(self) -> None:
+        await self.db.close()
 
     async def ping(self) -> None:
         """A round trip to the database (health checks)."""
-        async with self.session() as s:
-            await s.exec(text("SELECT 1"))  # type: ignore[call-overload]
+
+        def work(s: Session) -> None:
+            s.exec(text("SELECT 1"))  # type: ignore[call-overload]
+
+        return await self.run(work)
 
     # -- accounts and tokens -------------------------------------------------------------
 
     async def get_or_create_account(self, name: str, tier: str | None = None) -> Account:
-        async with self.session() as s:
-            account = (await s.exec(select(Account).where(Account.name == name))).first()
+        def work(s: Session) -> Account:
+            account = (s.exec(select(Account).where(Account.name == name))).first()
             if account is None:
                 account = Account(name=name, tier=tier or "free")
                 s.add(account)
             elif tier is not None:
                 account.tier = tier
                 s.add(account)
-            await s.commit()
+            s.commit()
             return account
+
+        return await self.run(work)
 
     async def create_token(
         self, account_id: str, scope: str, expires_at: datetime | None = None
@@ -130,28 +121,44 @@ class Store:
         token = ApiToken(
             account_id=account_id, token_hash=hash_token(raw), scope=scope, expires_at=expires_at
         )
-        async with self.session() as s:
+
+        def work(s: Session) -> None:
             s.add(token)
-            await s.commit()
+            s.commit()
+
+        await self.run(work)
         return raw, token
 
     async def resolve_token(self, raw: str) -> tuple[ApiToken, Account] | None:
-        async with self.session() as s:
+        """The token and its account (served from memory for ``READ_CACHE_S``; a token not
+        found is looked up again every time, so that a new one works at once)."""
+        token_hash = hash_token(raw)
+        cached = self._tokens.get(token_hash)
+        if cached is not None:
+            return cached
+
+        def work(s: Session) -> tuple[ApiToken, Account] | None:
             row = (
-                await s.exec(
+                s.exec(
                     select(ApiToken, Account)
                     .join(Account, col(Account.id) == col(ApiToken.account_id))
-                    .where(ApiToken.token_hash == hash_token(raw))
+                    .where(ApiToken.token_hash == token_hash)
                 )
             ).first()
             return None if row is None else (row[0], row[1])
+
+        found = await self.run(work)
+        if found is not None:
+            self._tokens.put(token_hash, found)
+        return found
 
     async def list_tokens(self, account_name: str | None) -> list[dict[str, Any]]:
         query = select(ApiToken, Account.name).join(Account, col(Account.id) == col(ApiToken.account_id))
         if account_name is not None:
             query = query.where(Account.name == account_name)
-        async with self.session() as s:
-            rows = await s.exec(query.order_by(col(ApiToken.created_at).desc()))
+
+        def work(s: Session) -> list[dict[str, Any]]:
+            rows = s.exec(query.order_by(col(ApiToken.created_at).desc()))
             return [
                 {
                     "id": token.id,
@@ -164,33 +171,47 @@ class Store:
                 for token, name in rows
             ]
 
+        return await self.run(work)
+
     async def revoke_token(self, token_id: str) -> bool:
         """Delete a token: from now on it is as invalid as one never made."""
-        async with self.session() as s:
-            result = await s.exec(delete(ApiToken).where(col(ApiToken.id) == token_id))
-            await s.commit()
+
+        def work(s: Session) -> bool:
+            result = s.exec(delete(ApiToken).where(col(ApiToken.id) == token_id))
+            s.commit()
             return bool(result.rowcount)
 
+        self._tokens.clear()
+        return await self.run(work)
+
     async def touch_token(self, token_id: str) -> None:
-        async with self.session() as s:
-            await s.exec(update(ApiToken).where(col(ApiToken.id) == token_id).values(last_used_at=utcnow()))
-            await s.commit()
+        def work(s: Session) -> None:
+            s.connection().execute(
+                update(TOKENS).where(TOKENS.c.id == token_id).values(last_used_at=utcnow())
+            )
+            s.commit()
+
+        return await self.run(work)
 
     # -- runners -------------------------------------------------------------------------
 
     async def create_runner(self, account_id: str, name: str, tags: list[str]) -> tuple[str, Runner]:
         raw = new_token(RUNNER_TOKEN_PREFIX)
         runner = Runner(account_id=account_id, name=name, tags=tags, token_hash=hash_token(raw))
-        async with self.session() as s:
+
+        def work(s: Session) -> None:
             s.add(runner)
-            await s.commit()
+            s.commit()
+
+        await self.run(work)
+        self._forget_runner(runner)
         return raw, runner
 
     async def list_runners(self, account_id: str, offset: int, limit: int) -> tuple[list[Runner], int]:
-        async with self.session() as s:
+        def work(s: Session) -> tuple[list[Runner], int]:
             where = Runner.account_id == account_id
-            total = (await s.exec(select(func.count()).select_from(Runner).where(where))).one()
-            rows = await s.exec(
+            total = (s.exec(select(func.count()).select_from(Runner).where(where))).one()
+            rows = s.exec(
                 select(Runner)
                 .where(where)
                 .order_by(col(Runner.created_at).desc())
@@ -199,26 +220,63 @@ class Store:
             )
             return list(rows), int(total)
 
-    async def account_runners(self, account_id: str) -> list[Runner]:
-        async with self.session() as s:
-            return list(await s.exec(select(Runner).where(Runner.account_id == account_id)))
+        return await self.run(work)
+
+    async def account_runners(self, account_id: str, *, fresh: bool = False) -> list[Runner]:
+        """The account's runners; from memory for ``READ_CACHE_S`` unless ``fresh``."""
+        cached = None if fresh else self._account_runners.get(account_id)
+        if cached is not None:
+            return cached
+
+        def work(s: Session) -> list[Runner]:
+            return list(s.exec(select(Runner).where(Runner.account_id == account_id)))
+
+        runners = await self.run(work)
+        self._account_runners.put(account_id, runners)
+        return runners
 
     async def get_runner(self, account_id: str | None, runner_id: str) -> Runner:
-        async with self.session() as s:
-            return await _owned(s, Runner, runner_id, account_id)
+        def work(s: Session) -> Runner:
+            return _owned(s, Runner, runner_id, account_id)
+
+        return await self.run(work)
 
     async def update_runner(self, account_id: str, runner_id: str, changes: dict[str, Any]) -> Runner:
-        async with self.session() as s:
-            return await _update(s, await _owned(s, Runner, runner_id, account_id), changes)
+        def work(s: Session) -> Runner:
+            return _update(s, _owned(s, Runner, runner_id, account_id), changes)
+
+        runner = await self.run(work)
+        self._forget_runner(runner)
+        return runner
 
     async def delete_runner(self, account_id: str, runner_id: str) -> None:
-        async with self.session() as s:
-            await s.delete(await _owned(s, Runner, runner_id, account_id))
-            await s.commit()
+        def work(s: Session) -> Runner:
+            runner = _owned(s, Runner, runner_id, account_id)
+            s.delete(runner)
+            s.commit()
+            return runner
+
+        self._forget_runner(await self.run(work))
+
+    def _forget_runner(self, runner: Runner) -> None:
+        self._runner_tokens.drop(runner.token_hash)
+        self._account_runners.drop(runner.account_id)
 
     async def runner_by_token(self, raw: str) -> Runner | None:
-        async with self.session() as s:
-            return (await s.exec(select(Runner).where(Runner.token_hash == hash_token(raw)))).first()
+        """The runner a token belongs to (from memory for ``READ_CACHE_S``, like client
+        tokens)."""
+        token_hash = hash_token(raw)
+        cached = self._runner_tokens.get(token_hash)
+        if cached is not None:
+            return cached
+
+        def work(s: Session) -> Runner | None:
+            return (s.exec(select(Runner).where(Runner.token_hash == token_hash))).first()
+
+        runner = await self.run(work)
+        if runner is not None:
+            self._runner_tokens.put(token_hash, runner)
+        return runner
 
     async def save_runner_state(
         self,
@@ -233,9 +291,14 @@ class Store:
             values["capacity"] = capacity
         if comfyui is not None:
             values["comfyui"] = comfyui
-        async with self.session() as s:
-            await s.exec(update(Runner).where(col(Runner.id) == runner_id).values(**values))
-            await s.commit()
+
+        def work(s: Session) -> None:
+            s.connection().execute(update(RUNNERS).where(RUNNERS.c.id == runner_id).values(**values))
+            s.commit()
+
+        await self.run(work)
+        if comfyui is not None:  # what the runner offers changed (rare): read it afresh
+            self._account_runners.clear()
 
     # -- workflows -----------------------------------------------------------------------
 
@@ -243,17 +306,26 @@ class Store:
         """Insert a workflow, and the answer to its Idempotency-Key in the same transaction,
         so that a crash leaves both or neither. Raises :class:`KeyTaken` when the key went to
         a request that committed first."""
-        async with self.session() as s:
+
+        def work(s: Session) -> Workflow:
             s.add(workflow)
             if receipt is not None:
                 s.add(receipt)
-            await _commit_receipt(s, receipt, lambda: self._fail.hit("before_workflow_commit"))
+            _commit_receipt(s, receipt, lambda: self._fail.hit("before_workflow_commit"))
             self._fail.hit("after_workflow_commit")
             return workflow
 
+        added = await self.run(work)
+        counted = self._last_day.get(added.account_id)
+        if counted is not None:
+            counted[1] += 1
+        return added
+
     async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
-        async with self.session() as s:
-            return await _owned(s, Workflow, workflow_id, account_id)
+        def work(s: Session) -> Workflow:
+            return _owned(s, Workflow, workflow_id, account_id)
+
+        return await self.run(work)
 
     async def list_workflows(
         self, account_id: str, offset: int, limit: int, filters: dict[str, str]
@@ -264,9 +336,10 @@ class Store:
                 conds.append(getattr(Workflow, key) == filters[key])
         if "tag" in filters:
             conds.append(col(Workflow.tag_index).contains(f",{filters['tag']},", autoescape=True))
-        async with self.session() as s:
-            total = (await s.exec(select(func.count()).select_from(Workflow).where(*conds))).one()
-            rows = await s.exec(
+
+        def work(s: Session) -> tuple[list[Workflow], int]:
+            total = (s.exec(select(func.count()).select_from(Workflow).where(*conds))).one()
+            rows = s.exec(
                 select(Workflow)
                 .where(*conds)
                 .order_by(col(Workflow.created_at).desc())
@@ -275,46 +348,66 @@ class Store:
             )
             return list(rows), int(total)
 
+        return await self.run(work)
+
     async def child_ids(self, workflow_id: str) -> list[str]:
-        async with self.session() as s:
-            rows = await s.exec(
+        def work(s: Session) -> list[str]:
+            rows = s.exec(
                 select(Workflow.id)
                 .where(Workflow.parent_id == workflow_id)
                 .order_by(col(Workflow.created_at))
             )
             return list(rows)
 
-    async def count_workflows_since(self, account_id: str, since: datetime) -> int:
-        async with self.session() as s:
-            n = await s.exec(
+        return await self.run(work)
+
+    async def workflows_last_day(self, account_id: str) -> int:
+        """The account's workflows created in the last 24 hours: counted in the database at
+        most every ``READ_CACHE_S``, and those this process added since then on top."""
+        cached = self._last_day.get(account_id)
+        if cached is not None:
+            return cached[0] + cached[1]
+        since = day_ago()
+
+        def work(s: Session) -> int:
+            n = s.exec(
                 select(func.count())
                 .select_from(Workflow)
                 .where(Workflow.account_id == account_id, col(Workflow.created_at) >= since)
             )
             return int(n.one())
 
+        counted = await self.run(work)
+        self._last_day.put(account_id, [counted, 0])
+        return counted
+
     async def waiting_workflows(self) -> list[Workflow]:
         """Accepted workflows no runner holds, oldest first."""
-        async with self.session() as s:
-            rows = await s.exec(
+
+        def work(s: Session) -> list[Workflow]:
+            rows = s.exec(
                 select(Workflow)
                 .where(Workflow.status == WorkflowStatus.ACCEPTED, col(Workflow.runner_id).is_(None))
                 .order_by(col(Workflow.created_at))
             )
             return list(rows)
 
+        return await self.run(work)
+
     async def claim_workflow(self, workflow_id: str, attempt: int, runner_id: str, timeout_s: int) -> bool:
         """Give a waiting workflow to a runner, whose attempt must end within ``timeout_s``;
         false if someone else changed it meanwhile."""
         now = utcnow()
-        async with self.session() as s:
-            result = await s.exec(
-                update(Workflow)
+
+        def work(s: Session) -> bool:
+            w = WORKFLOWS.c
+            result = s.connection().execute(
+                update(WORKFLOWS)
                 .where(
-                    col(Workflow.id) == workflow_id,
-                    col(Workflow.attempt) == attempt,
-                    col(Workflow.status) == WorkflowStatus.ACCEPTED,
-                    col(Workflow.runner_id).is_(None),
+                    w.id == workflow_id,
+                    w.attempt == attempt,
+                    w.status == WorkflowStatus.ACCEPTED,
+                    w.runner_id.is_(None),
                 )
                 # The preference has done its job once the workflow is placed; a requeue of
                 # this attempt goes wherever it can.
@@ -327,28 +420,34 @@ class Store:
                     deadline_at=now + timedelta(seconds=timeout_s),
                 )
             )
-            await s.commit()
+            s.commit()
             return bool(result.rowcount)
+
+        return await self.run(work)
 
     async def unclaim_workflow(
         self, workflow_id: str, attempt: int, runner_id: str, queue_timeout_s: int
     ) -> None:
         """The job never reached the runner: the workflow waits again, with a fresh wait."""
         now = utcnow()
-        async with self.session() as s:
-            await s.exec(
-                update(Workflow)
+
+        def work(s: Session) -> None:
+            w = WORKFLOWS.c
+            s.connection().execute(
+                update(WORKFLOWS)
                 .where(
-                    col(Workflow.id) == workflow_id,
-                    col(Workflow.attempt) == attempt,
-                    col(Workflow.runner_id) == runner_id,
-                    col(Workflow.status) == WorkflowStatus.ACCEPTED,
+                    w.id == workflow_id,
+                    w.attempt == attempt,
+                    w.runner_id == runner_id,
+                    w.status == WorkflowStatus.ACCEPTED,
                 )
                 .values(
                     runner_id=None, dispatched_at=None, deadline_at=now + timedelta(seconds=queue_timeout_s)
                 )
             )
-            await s.commit()
+            s.commit()
+
+        return await self.run(work)
 
     async def update_current(
         self,
@@ -366,28 +465,33 @@ class Store:
         current attempt of a workflow that is not finished may change it, its tasks
         included. ``failed_node`` is (node id, reason, failure kind) of the node whose error
         ended the attempt. ``None`` when the report is stale."""
-        async with self.fenced(workflow_id, attempt, runner_id) as held:
-            if held is None:
+
+        def work(s: Session) -> Workflow | None:
+            wf = _fenced(s, workflow_id, attempt, runner_id)
+            if wf is None:
                 return None
-            s, wf = held
             _apply_report(wf, changes, resolved_params)
             for output in outputs or ():
-                if not await _has_output(s, output):
+                if not _has_output(s, output):
                     s.add(output)
             s.add(wf)
             if node_event is not None:
-                await _record_node_event(s, workflow_id, attempt, *node_event)
+                _record_node_event(s, workflow_id, attempt, *node_event)
             if failed_node is not None:
-                await _note_task(s, workflow_id, attempt, *failed_node)
+                _note_task(s, workflow_id, attempt, *failed_node)
             if wf.status in TERMINAL:
-                await _close_tasks(s, workflow_id, attempt, task_end(wf.status))
-            await s.commit()
+                _close_tasks(s, workflow_id, attempt, task_end(wf.status))
+            s.commit()
             return wf
+
+        return await self.run(work)
 
     async def cancel_workflow(self, workflow_id: str) -> Workflow | None:
         """Mark a workflow cancelled unless it already finished (then ``None``)."""
         now = utcnow()
-        async with self.locked_workflow(workflow_id) as (s, wf):
+
+        def work(s: Session) -> Workflow | None:
+            wf = _locked(s, workflow_id)
             if wf is None or wf.status in TERMINAL:
                 return None
             wf.status, wf.completed_at, wf.updated_at, wf.deadline_at = (
@@ -396,15 +500,18 @@ class Store:
                 now,
                 None,
             )
-            await _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED)
+            _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED)
             s.add(wf)
-            await s.commit()
+            s.commit()
             return wf
+
+        return await self.run(work)
 
     async def waiting_ahead(self, wf: Workflow) -> int:
         """Workflows of the same account and tags waiting for a runner since before ``wf``."""
-        async with self.session() as s:
-            ahead = await s.exec(
+
+        def work(s: Session) -> int:
+            ahead = s.exec(
                 select(func.count())
                 .select_from(Workflow)
                 .where(
@@ -417,6 +524,8 @@ class Store:
             )
             return int(ahead.one())
 
+        return await self.run(work)
+
     async def inflight_workflows(self, runner_id: str | None = None) -> list[Workflow]:
         """Workflows held by a runner (one, or any) that have not finished; without their
         graphs (a reconnecting fleet asks this once per runner)."""
@@ -427,8 +536,11 @@ class Store:
         if runner_id is not None:
             conds.append(col(Workflow.runner_id) == runner_id)
         query = select(Workflow).where(*conds).options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
-        async with self.session() as s:
-            return list(await s.exec(query))
+
+        def work(s: Session) -> list[Workflow]:
+            return list(s.exec(query))
+
+        return await self.run(work)
 
     async def retry(
         self, workflow_id: str, attempt: int, runner_id: str | None, fault: Fault
@@ -439,10 +551,11 @@ class Store:
         The attempt's open tasks are closed with the reason. ``None`` if the workflow moved
         on (finished, or held by another runner)."""
         now = utcnow()
-        async with self.fenced(workflow_id, attempt, runner_id, without_graph=False) as held:
-            if held is None:
+
+        def work(s: Session) -> Workflow | None:
+            wf = _fenced(s, workflow_id, attempt, runner_id, without_graph=False)
+            if wf is None:
                 return None
-            s, wf = held
             wf.attempt_log = [
                 *wf.attempt_log,
                 {
@@ -454,11 +567,11 @@ class Store:
                 },
             ]
             if fault.node_id is not None:
-                await _note_task(
+                _note_task(
                     s, workflow_id, attempt, fault.node_id, fault.reason, fault.kind, TaskStatus.FAILED
                 )
             if wf.attempt >= fault.max_attempts:
-                await _close_tasks(s, workflow_id, wf.attempt, TaskStatus.FAILED, fault.reason, fault.kind)
+                _close_tasks(s, workflow_id, wf.attempt, TaskStatus.FAILED, fault.reason, fault.kind)
                 tries = "attempt" if wf.attempt == 1 else "attempts"
                 every = "; ".join(f"attempt {e['attempt']}: {e['reason']}" for e in wf.attempt_log)
                 wf.status, wf.completed_at, wf.deadline_at = WorkflowStatus.FAILED, now, None
@@ -466,7 +579,7 @@ class Store:
                 wf.exception_type = fault.exception_type or wf.exception_type
                 wf.exception_message = f"gave up after {wf.attempt} {tries}: {every}"
             else:
-                await _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, fault.reason, fault.kind)
+                _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, fault.reason, fault.kind)
                 start_next_attempt(wf, now)
                 wf.not_before = now + timedelta(
                     seconds=min(_MAX_BACKOFF_S, fault.backoff_s * 2 ** (attempt - 1))
@@ -477,8 +590,10 @@ class Store:
                     wf.min_gpu_free_bytes = fault.min_gpu_free_bytes
             wf.updated_at = now
             s.add(wf)
-            await s.commit()
+            s.commit()
             return wf
+
+        return await self.run(work)
 
     async def new_attempt(
         self,
@@ -495,10 +610,12 @@ class Store:
         CANCELED too. ``None`` if the attempt moved on meanwhile; :class:`KeyTaken` when the
         key went to a request that committed first."""
         now = utcnow()
-        async with self.locked_workflow(workflow_id) as (s, wf):
+
+        def work(s: Session) -> Workflow | None:
+            wf = _locked(s, workflow_id)
             if wf is None or wf.attempt != expected_attempt:
                 return None
-            old_tasks = await s.exec(
+            old_tasks = s.exec(
                 select(Task).where(Task.workflow_id == workflow_id, Task.attempt == expected_attempt)
             )
             for task in old_tasks:
@@ -518,25 +635,32 @@ class Store:
             s.add(wf)
             if receipt is not None:
                 s.add(receipt)
-            await _commit_receipt(s, receipt)
+            _commit_receipt(s, receipt)
             self._fail.hit("after_attempt_commit")
             return wf
 
+        return await self.run(work)
+
     async def expired(self, now: datetime) -> list[str]:
         """Workflows whose deadline has passed and that have not finished."""
-        async with self.session() as s:
-            rows = await s.exec(
+
+        def work(s: Session) -> list[str]:
+            rows = s.exec(
                 select(Workflow.id).where(
                     col(Workflow.deadline_at) < now, col(Workflow.status).not_in(TERMINAL)
                 )
             )
             return list(rows)
 
+        return await self.run(work)
+
     async def expire(self, workflow_id: str, now: datetime) -> tuple[Workflow, str | None] | None:
         """Fail a workflow whose deadline passed: ``queue_timeout`` when no runner took it,
         ``timeout`` when its attempt ran too long. Returns it with the runner that held it
         (to be told to stop), or ``None`` if it moved on meanwhile."""
-        async with self.locked_workflow(workflow_id, without_graph=True) as (s, wf):
+
+        def work(s: Session) -> tuple[Workflow, str | None] | None:
+            wf = _locked(s, workflow_id, without_graph=True)
             if wf is None or wf.status in TERMINAL or wf.deadline_at is None or as_utc(wf.deadline_at) >= now:
                 return None
             held_by = wf.runner_id
@@ -549,51 +673,60 @@ class Store:
                 wf.exception_message = f"attempt {wf.attempt} ran longer than its timeout of {wf.timeout_s} s"
                 reason = wf.exception_message
             wf.status, wf.completed_at, wf.updated_at, wf.deadline_at = WorkflowStatus.FAILED, now, now, None
-            await _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, reason, "workflow")
+            _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, reason, "workflow")
             s.add(wf)
-            await s.commit()
+            s.commit()
             return wf, held_by
+
+        return await self.run(work)
 
     async def lineage_ids(self, workflow_id: str) -> set[str]:
         """The workflow, its ancestors (parent_id chain) and all its reruns' descendants."""
         found = {workflow_id}
-        async with self.session() as s:
+
+        def work(s: Session) -> set[str]:
             current: str | None = workflow_id
             while current is not None:
-                parent = (await s.exec(select(Workflow.parent_id).where(Workflow.id == current))).first()
+                parent = (s.exec(select(Workflow.parent_id).where(Workflow.id == current))).first()
                 current = parent if parent not in found else None
                 if current is not None:
                     found.add(current)
             frontier = [workflow_id]
             while frontier:
-                children = list(
-                    await s.exec(select(Workflow.id).where(col(Workflow.parent_id).in_(frontier)))
-                )
+                children = list(s.exec(select(Workflow.id).where(col(Workflow.parent_id).in_(frontier))))
                 frontier = [c for c in children if c not in found]
                 found.update(frontier)
-        return found
+            return found
+
+        return await self.run(work)
 
     # -- templates -----------------------------------------------------------------------
 
     async def add_template(self, template: Template) -> Template:
-        async with self.session() as s:
+        def work(s: Session) -> Template:
             s.add(template)
-            await s.commit()
+            s.commit()
             return template
 
+        return await self.run(work)
+
     async def get_template(self, account_id: str, template_id: str) -> Template:
-        async with self.session() as s:
-            return await _owned(s, Template, template_id, account_id)
+        def work(s: Session) -> Template:
+            return _owned(s, Template, template_id, account_id)
+
+        return await self.run(work)
 
     async def update_template(self, account_id: str, template_id: str, changes: dict[str, Any]) -> Template:
-        async with self.session() as s:
-            return await _update(s, await _owned(s, Template, template_id, account_id), changes)
+        def work(s: Session) -> Template:
+            return _update(s, _owned(s, Template, template_id, account_id), changes)
+
+        return await self.run(work)
 
     async def list_templates(self, account_id: str, offset: int, limit: int) -> tuple[list[Template], int]:
-        async with self.session() as s:
+        def work(s: Session) -> tuple[list[Template], int]:
             where = Template.account_id == account_id
-            total = (await s.exec(select(func.count()).select_from(Template).where(where))).one()
-            rows = await s.exec(
+            total = (s.exec(select(func.count()).select_from(Template).where(where))).one()
+            rows = s.exec(
                 select(Template)
                 .where(where)
                 .order_by(col(Template.created_at).desc())
@@ -602,17 +735,20 @@ class Store:
             )
             return list(rows), int(total)
 
+        return await self.run(work)
+
     # -- tasks ---------------------------------------------------------------------------
 
     async def tasks(self, workflow_id: str, attempt: int | None = None) -> list[Task]:
         conds = [Task.workflow_id == workflow_id]
         if attempt is not None:
             conds.append(Task.attempt == attempt)
-        async with self.session() as s:
-            rows = await s.exec(
-                select(Task).where(*conds).order_by(col(Task.attempt).desc(), col(Task.started_at))
-            )
+
+        def work(s: Session) -> list[Task]:
+            rows = s.exec(select(Task).where(*conds).order_by(col(Task.attempt).desc(), col(Task.started_at)))
             return list(rows)
+
+        return await self.run(work)
 
     # -- outputs -------------------------------------------------------------------------
 
@@ -620,44 +756,56 @@ class Store:
         """Record an uploaded output of the current attempt, fenced like a report; the same
         file uploaded again (a retry, an agent that restarted) gives the output already
         recorded. ``(output, created)``, or ``None`` when the attempt is no longer current."""
-        async with self.fenced(output.workflow_id, output.attempt, runner_id) as held:
-            if held is None:
+
+        def work(s: Session) -> tuple[Output, bool] | None:
+            wf = _fenced(s, output.workflow_id, output.attempt, runner_id)
+            if wf is None:
                 return None
-            s, _ = held
-            same = await _has_output(s, output)
+            same = _has_output(s, output)
             if same is not None:
                 return same, False
             s.add(output)
-            await s.commit()
+            s.commit()
             return output, True
+
+        return await self.run(work)
 
     async def output_bytes(self, workflow_id: str, attempt: int) -> int:
         """What an attempt has uploaded so far, in all."""
-        async with self.session() as s:
-            total = await s.exec(
+
+        def work(s: Session) -> int:
+            total = s.exec(
                 select(func.coalesce(func.sum(Output.size_bytes), 0)).where(
                     Output.workflow_id == workflow_id, Output.attempt == attempt
                 )
             )
             return int(total.one())
 
+        return await self.run(work)
+
     async def outputs(self, workflow_id: str, attempt: int | None = None) -> list[Output]:
         conds = [Output.workflow_id == workflow_id]
         if attempt is not None:
             conds.append(Output.attempt == attempt)
-        async with self.session() as s:
-            rows = await s.exec(select(Output).where(*conds).order_by(col(Output.created_at)))
+
+        def work(s: Session) -> list[Output]:
+            rows = s.exec(select(Output).where(*conds).order_by(col(Output.created_at)))
             return list(rows)
 
+        return await self.run(work)
+
     async def get_output(self, account_id: str, output_id: str) -> Output:
-        async with self.session() as s:
-            return await _owned(s, Output, output_id, account_id)
+        def work(s: Session) -> Output:
+            return _owned(s, Output, output_id, account_id)
+
+        return await self.run(work)
 
     async def blob_referenced(self, sha256: str) -> bool:
         """Whether any workflow (as an input) or output refers to the blob."""
-        async with self.session() as s:
+
+        def work(s: Session) -> bool:
             used_as_input = (
-                await s.exec(
+                s.exec(
                     select(Workflow.id)
                     .where(cast(Workflow.workflow_params, String).contains(sha256))
                     .limit(1)
@@ -665,9 +813,9 @@ class Store:
             ).first()
             if used_as_input is not None:
                 return True
-            return (
-                await s.exec(select(Output.id).where(Output.sha256 == sha256).limit(1))
-            ).first() is not None
+            return (s.exec(select(Output.id).where(Output.sha256 == sha256).limit(1))).first() is not None
+
+        return await self.run(work)
 
     # -- figures -------------------------------------------------------------------------
 
@@ -675,16 +823,17 @@ class Store:
         """Workflows by status and the waiting queue per account, for /metrics: one account,
         or every account when ``account_id`` is None."""
         only_workflows = [Workflow.account_id == account_id] if account_id is not None else []
-        async with self.session() as s:
-            accounts = await s.exec(
+
+        def work(s: Session) -> FleetFigures:
+            accounts = s.exec(
                 select(Account.id, Account.name).where(*([Account.id == account_id] if account_id else []))
             )
-            by_status = await s.exec(
+            by_status = s.exec(
                 select(Workflow.account_id, Workflow.status, func.count())
                 .where(*only_workflows)
                 .group_by(Workflow.account_id, Workflow.status)
             )
-            waiting = await s.exec(
+            waiting = s.exec(
                 select(Workflow.account_id, func.count(), func.min(Workflow.created_at))
                 .where(
                     *only_workflows,
@@ -699,46 +848,75 @@ class Store:
                 waiting=[(a, int(n), as_utc(first) if first else None) for a, n, first in waiting],
             )
 
+        return await self.run(work)
+
     # -- idempotency ---------------------------------------------------------------------
 
     async def get_idempotent(self, account_id: str, key: str) -> IdempotencyRecord | None:
-        async with self.session() as s:
-            return await s.get(IdempotencyRecord, (account_id, key))
+        def work(s: Session) -> IdempotencyRecord | None:
+            return s.get(IdempotencyRecord, (account_id, key))
+
+        return await self.run(work)
 
     async def forget_idempotent(self, account_id: str, key: str) -> None:
         """Let an expired key go (it answers retries for a limited time only)."""
-        async with self.session() as s:
-            await s.exec(
+
+        def work(s: Session) -> None:
+            s.exec(
                 delete(IdempotencyRecord).where(
                     col(IdempotencyRecord.account_id) == account_id, col(IdempotencyRecord.key) == key
                 )
             )
-            await s.commit()
+            s.commit()
+
+        return await self.run(work)
 
     async def forget_idempotent_before(self, cutoff: datetime) -> None:
-        async with self.session() as s:
-            await s.exec(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff))
-            await s.commit()
+        def work(s: Session) -> None:
+            s.exec(delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff))
+            s.commit()
+
+        return await self.run(work)
 
 
 _Owned = TypeVar("_Owned", Runner, Workflow, Template, Output)
 
 
-async def _owned(s: AsyncSession, model: type[_Owned], object_id: str, account_id: str | None) -> _Owned:
+def _locked(s: Session, workflow_id: str, *, without_graph: bool = False) -> Workflow | None:
+    """The workflow's row, locked for a read-check-write (PostgreSQL; on SQLite no two units
+    of work interleave). ``without_graph`` leaves the workflow JSON (which can be large)
+    unread: fencing an agent's report needs only a few small columns."""
+    query = select(Workflow).where(Workflow.id == workflow_id).with_for_update()
+    if without_graph:
+        query = query.options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
+    return s.exec(query).first()
+
+
+def _fenced(
+    s: Session, workflow_id: str, attempt: int, runner_id: str | None, *, without_graph: bool = True
+) -> Workflow | None:
+    """The fence every write on behalf of a runner goes through: the workflow's row, locked,
+    if that runner holds that attempt of it and it has not finished; else ``None`` (the
+    report is stale: the attempt was cancelled, replaced or moved)."""
+    wf = _locked(s, workflow_id, without_graph=without_graph)
+    return wf if wf is not None and holds_current(wf, attempt, runner_id) else None
+
+
+def _owned(s: Session, model: type[_Owned], object_id: str, account_id: str | None) -> _Owned:
     """The object if it exists and is the account's (``None``: any account's); another
     account's objects are as absent as missing ones: 404, never 403."""
-    found = await s.get(model, object_id)
+    found = s.get(model, object_id)
     if found is None or (account_id is not None and found.account_id != account_id):
         raise NotFound(f"{model.__tablename__} {object_id} not found")
     return found
 
 
-async def _update(s: AsyncSession, obj: _Owned, changes: dict[str, Any]) -> _Owned:
+def _update(s: Session, obj: _Owned, changes: dict[str, Any]) -> _Owned:
     for key, value in changes.items():
         setattr(obj, key, value)
     obj.updated_at = utcnow()
     s.add(obj)
-    await s.commit()
+    s.commit()
     return obj
 
 
@@ -771,10 +949,10 @@ def _apply_report(wf: Workflow, changes: dict[str, Any], resolved_params: dict[s
         wf.deadline_at = None
 
 
-async def _has_output(s: AsyncSession, output: Output) -> Output | None:
+def _has_output(s: Session, output: Output) -> Output | None:
     """The same output already recorded for the attempt (an upload or report sent again)."""
     return (
-        await s.exec(
+        s.exec(
             select(Output).where(
                 Output.workflow_id == output.workflow_id,
                 Output.attempt == output.attempt,
@@ -786,24 +964,24 @@ async def _has_output(s: AsyncSession, output: Output) -> Output | None:
     ).first()
 
 
-async def _commit_receipt(
-    s: AsyncSession, receipt: IdempotencyRecord | None, before_commit: Callable[[], None] | None = None
+def _commit_receipt(
+    s: Session, receipt: IdempotencyRecord | None, before_commit: Callable[[], None] | None = None
 ) -> None:
     """Commit, turning a taken Idempotency-Key (written in this transaction) into KeyTaken."""
     try:
-        await s.flush()
+        s.flush()
         if before_commit is not None:
             before_commit()
-        await s.commit()
+        s.commit()
     except IntegrityError:
         if receipt is None:
             raise
-        await s.rollback()
+        s.rollback()
         raise KeyTaken(receipt.key) from None
 
 
-async def _close_tasks(
-    s: AsyncSession,
+def _close_tasks(
+    s: Session,
     workflow_id: str,
     attempt: int,
     status: str,
@@ -815,19 +993,17 @@ async def _close_tasks(
     values: dict[str, Any] = {"status": status, "ended_at": utcnow()}
     if reason is not None:
         values.update(reason=reason, failure_kind=kind)
-    await s.exec(
-        update(Task)
-        .where(
-            col(Task.workflow_id) == workflow_id,
-            col(Task.attempt) == attempt,
-            col(Task.status).in_(OPEN_TASK),
-        )
+    s.flush()  # a Core statement: what the session holds goes first
+    t = TASKS.c
+    s.connection().execute(
+        update(TASKS)
+        .where(t.workflow_id == workflow_id, t.attempt == attempt, t.status.in_(OPEN_TASK))
         .values(**values)
     )
 
 
-async def _note_task(
-    s: AsyncSession,
+def _note_task(
+    s: Session,
     workflow_id: str,
     attempt: int,
     node_id: str,
@@ -839,22 +1015,22 @@ async def _note_task(
     values: dict[str, Any] = {"reason": reason, "failure_kind": kind}
     if status is not None:
         values.update(status=status, ended_at=utcnow())
-    await s.exec(
-        update(Task)
-        .where(
-            col(Task.workflow_id) == workflow_id, col(Task.attempt) == attempt, col(Task.node_id) == node_id
-        )
+    s.flush()  # a Core statement: what the session holds goes first
+    t = TASKS.c
+    s.connection().execute(
+        update(TASKS)
+        .where(t.workflow_id == workflow_id, t.attempt == attempt, t.node_id == node_id)
         .values(**values)
     )
 
 
-async def _record_node_event(
-    s: AsyncSession, workflow_id: str, attempt: int, node_id: str, class_type: str | None, event: str
+def _record_node_event(
+    s: Session, workflow_id: str, attempt: int, node_id: str, class_type: str | None, event: str
 ) -> None:
     """Fold one ComfyUI node event into the task record of that node and attempt."""
     now = utcnow()
     task = (
-        await s.exec(
+        s.exec(
             select(Task).where(
                 Task.workflow_id == workflow_id, Task.attempt == attempt, Task.node_id == node_id
             )

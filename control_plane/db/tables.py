@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Table
 from sqlmodel import Field, SQLModel
 
 from control_plane.model.lifecycle import TaskStatus, WorkflowStatus
@@ -178,3 +178,13 @@ class IdempotencyRecord(SQLModel, table=True):
     status: int
     body: str
     created_at: datetime = _created()
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The plain table behind a model, for the hot path's Core statements: they skip the ORM's
+    bookkeeping (identity map, unit of work, bulk-update evaluation)."""
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
+WORKFLOWS, TASKS, RUNNERS, TOKENS = (table_of(m) for m in (Workflow, Task, Runner, ApiToken))

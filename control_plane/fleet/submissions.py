@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from control_plane.db.store import Store, day_ago
+from control_plane.db.store import Store
 from control_plane.db.tables import Account, IdempotencyRecord, Workflow, tag_index, utcnow
 from control_plane.fleet.capabilities import Offers, check_values, missing, needs
 from control_plane.fleet.dispatch import Fleet
@@ -84,7 +84,7 @@ class Submissions:
         """Parameters per request and workflows per day (a rerun that creates one counts)."""
         self.check_parameter_count(account, parameter_count)
         tier = self.tier(account)
-        used = await self.store.count_workflows_since(account.id, day_ago())
+        used = await self.store.workflows_last_day(account.id)
         if used >= tier.max_workflows_per_day:
             raise Forbidden(
                 f"workflow limit of the {tier.name} tier reached ({tier.max_workflows_per_day} a day)"
@@ -110,10 +110,25 @@ class Submissions:
         self, account: Account, tags: list[str], workflow_json: dict[str, Any], values: dict[str, str]
     ) -> None:
         """400 unless some active runner with matching tags can run the workflow, as far as
-        anyone knows (a runner that never connected has not said what it lacks)."""
+        anyone knows (a runner that never connected has not said what it lacks). The runners
+        come from the store's short-lived cache; a refusal is only ever made on a fresh read."""
+        try:
+            await self._check_runners(account, tags, workflow_json, values, fresh=False)
+        except BadRequest:
+            await self._check_runners(account, tags, workflow_json, values, fresh=True)
+
+    async def _check_runners(
+        self,
+        account: Account,
+        tags: list[str],
+        workflow_json: dict[str, Any],
+        values: dict[str, str],
+        *,
+        fresh: bool,
+    ) -> None:
         runners = [
             r
-            for r in await self.store.account_runners(account.id)
+            for r in await self.store.account_runners(account.id, fresh=fresh)
             if r.status == "active" and tags_match(r.tags, tags)
         ]
         if not runners:

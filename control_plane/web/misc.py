@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from control_plane.db.store import day_ago
 from control_plane.fleet.events import iso
 from control_plane.services import Services
 
@@ -29,7 +28,7 @@ async def user(request: web.Request) -> web.Response:
                 "max_request_bytes": svc.settings.max_request_bytes,
             },
             "usage": {
-                "workflows_last_24h": await svc.store.count_workflows_since(account.id, day_ago()),
+                "workflows_last_24h": await svc.store.workflows_last_day(account.id),
                 "runners": len(runners),
                 "runners_connected": sum(1 for r in runners if svc.registry.get(r.id)),
             },
