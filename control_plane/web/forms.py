@@ -227,9 +227,10 @@ async def _read_form(
     request: web.Request, blobs: BlobStore, limits: FormLimits, referenced: Referenced
 ) -> SubmittedForm:
     check_declared_length(request, limits.max_bytes)
-    if request.content_type == "application/x-www-form-urlencoded":
+    media_type = multipart.media_type(request.headers.get("Content-Type", ""))
+    if media_type == "application/x-www-form-urlencoded":
         return _from_urlencoded(await _urlencoded_pairs(request, limits.max_parts))
-    if not request.content_type.startswith("multipart/"):
+    if not media_type.startswith("multipart/"):
         raise BadRequest("send multipart/form-data (curl -F) or a url-encoded form")
     form = SubmittedForm()
     try:
