@@ -59,7 +59,8 @@ class Services:
         what the runner reported."""
         if wf.status != WorkflowStatus.ACCEPTED or wf.runner_id is not None:
             return wf.queue_number
-        return await self.store.waiting_ahead(wf) + 1
+        position = self.fleet.waiting.position(wf.id)
+        return position if position is not None else wf.queue_number
 
 
 Services.KEY = web.AppKey("services", Services)

@@ -348,7 +348,7 @@ async def test_a_job_that_cannot_be_sent_fails_its_workflow_and_frees_the_slot(
     stuck = await cp.services.store.add_workflow(
         Workflow(account_id=account.id, name="deep", workflow_json=deep, created_at=now, updated_at=now)
     )
-    cp.services.fleet.kick()
+    cp.services.fleet.enqueue(stuck)
     done = await cp.wait_for_status(stuck.id, ENDS)
     assert (done["status"], done["failure_reason"], done["exception_type"]) == (
         "failed",

@@ -394,12 +394,15 @@ class Store:
 
         return await self.run(work)
 
-    async def claim_workflow(self, workflow_id: str, attempt: int, runner_id: str, timeout_s: int) -> bool:
-        """Give a waiting workflow to a runner, whose attempt must end within ``timeout_s``;
-        false if someone else changed it meanwhile."""
+    async def claim_workflow(
+        self, workflow_id: str, attempt: int, runner_id: str, timeout_s: int
+    ) -> Workflow | None:
+        """Give a waiting workflow to a runner, whose attempt must end within ``timeout_s``:
+        the workflow as claimed, graph included (its job is built from it), or ``None`` if
+        someone else changed it meanwhile."""
         now = utcnow()
 
-        def work(s: Session) -> bool:
+        def work(s: Session) -> Workflow | None:
             w = WORKFLOWS.c
             result = s.connection().execute(
                 update(WORKFLOWS)
@@ -420,8 +423,11 @@ class Store:
                     deadline_at=now + timedelta(seconds=timeout_s),
                 )
             )
+            if not result.rowcount:
+                return None
+            claimed = s.get(Workflow, workflow_id)
             s.commit()
-            return bool(result.rowcount)
+            return claimed
 
         return await self.run(work)
 
@@ -470,11 +476,10 @@ class Store:
             wf = _fenced(s, workflow_id, attempt, runner_id)
             if wf is None:
                 return None
-            _apply_report(wf, changes, resolved_params)
+            _apply_report(s, wf, changes, resolved_params)
             for output in outputs or ():
                 if not _has_output(s, output):
                     s.add(output)
-            s.add(wf)
             if node_event is not None:
                 _record_node_event(s, workflow_id, attempt, *node_event)
             if failed_node is not None:
@@ -504,25 +509,6 @@ class Store:
             s.add(wf)
             s.commit()
             return wf
-
-        return await self.run(work)
-
-    async def waiting_ahead(self, wf: Workflow) -> int:
-        """Workflows of the same account and tags waiting for a runner since before ``wf``."""
-
-        def work(s: Session) -> int:
-            ahead = s.exec(
-                select(func.count())
-                .select_from(Workflow)
-                .where(
-                    Workflow.account_id == wf.account_id,
-                    Workflow.tag_index == wf.tag_index,
-                    Workflow.status == WorkflowStatus.ACCEPTED,
-                    col(Workflow.runner_id).is_(None),
-                    col(Workflow.created_at) < wf.created_at,
-                )
-            )
-            return int(ahead.one())
 
         return await self.run(work)
 
@@ -933,20 +919,26 @@ class Fault:
     min_gpu_free_bytes: int | None = None
 
 
-def _apply_report(wf: Workflow, changes: dict[str, Any], resolved_params: dict[str, Any] | None) -> None:
-    """A fenced report's changes on the workflow row, never moving its status back."""
+def _apply_report(
+    s: Session, wf: Workflow, changes: dict[str, Any], resolved_params: dict[str, Any] | None
+) -> None:
+    """A fenced report's changes on the workflow, never moving its status back: set on the
+    object (the caller's answer) and written with one UPDATE of the columns that change (the
+    ORM's unit of work is the costliest part of a report)."""
     status = changes.get("status")
     if status is not None and moves_back(wf.status, status):
         changes = {k: v for k, v in changes.items() if k not in ("status", "started_at")}
-    for key, value in changes.items():
-        setattr(wf, key, value)
+    values = dict(changes, updated_at=utcnow())
     if resolved_params is not None:
         params = WorkflowParams.of(wf.workflow_params)
         params.resolved = Resolved.model_validate(resolved_params)
-        wf.workflow_params = params.stored()
-    wf.updated_at = utcnow()
-    if is_terminal(wf.status):
-        wf.deadline_at = None
+        values["workflow_params"] = params.stored()
+    if is_terminal(values.get("status", wf.status)):
+        values["deadline_at"] = None
+    s.expunge(wf)
+    for key, value in values.items():
+        setattr(wf, key, value)
+    s.connection().execute(update(WORKFLOWS).where(WORKFLOWS.c.id == wf.id).values(**values))
 
 
 def _has_output(s: Session, output: Output) -> Output | None:

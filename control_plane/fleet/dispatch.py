@@ -28,6 +28,7 @@ from control_plane.fleet.capabilities import Needs, missing, needs
 from control_plane.fleet.events import EventHub, cause_event, output_event, status_event
 from control_plane.fleet.metrics import Metrics
 from control_plane.fleet.registry import AgentConnection, Registry
+from control_plane.fleet.waiting import Waiting, WaitingIndex, waits
 from control_plane.model.errors import NotFound
 from control_plane.model.lifecycle import TERMINAL, WorkflowStatus, holds_current, runs_on
 from control_plane.model.params import WorkflowParams
@@ -76,10 +77,6 @@ def build_job(wf: Workflow) -> Job:
     )
 
 
-def _needs_of(wf: Workflow) -> Needs:
-    return needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values)
-
-
 class Fleet:
     def __init__(
         self,
@@ -97,6 +94,7 @@ class Fleet:
         self.registry = registry
         self.hub = hub
         self._wake = asyncio.Event()
+        self.waiting = WaitingIndex()
         self._wake_later: asyncio.TimerHandle | None = None
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -113,6 +111,7 @@ class Fleet:
         held = await self.store.inflight_workflows()
         for runner_id in {wf.runner_id for wf in held if wf.runner_id}:
             self._start_grace(runner_id)
+        await self._load_waiting()
         self._spawn(self._dispatch_loop())
         self._spawn(self._deadline_loop())
         self.kick()
@@ -180,45 +179,77 @@ class Fleet:
             except Exception:  # a loop boundary: log and keep dispatching
                 log.exception("dispatch round failed")
 
+    def enqueue(self, wf: Workflow, need: Needs | None = None) -> None:
+        """``wf`` (loaded with its graph, unless ``need`` is given) waits for a runner now."""
+        if waits(wf):
+            self.waiting.add(Waiting.of(wf, need))
+        else:
+            self.waiting.discard(wf.id)
+        self.kick()
+
+    async def _load_waiting(self) -> None:
+        for wf in await self.store.waiting_workflows():
+            self.waiting.add(Waiting.of(wf))
+
     async def dispatch_waiting(self) -> None:
+        """Hand the waiting workflows, oldest first, to free runners. A round costs nothing
+        while every runner is busy, and looks no further once they all are; the database is
+        asked only to claim what was chosen."""
         now = utcnow()
         backoff_ends: list[float] = []
-        for wf in await self.store.waiting_workflows():
-            if wf.not_before is not None and as_utc(wf.not_before) > now:
-                backoff_ends.append((as_utc(wf.not_before) - now).total_seconds())
+        free = [c for c in self.registry.all() if c.free_slots > 0]
+        # (account, tags, needs) of plain workflows no free runner can take this round.
+        nowhere: set[tuple[str, str, Needs]] = set()
+        for entry in self.waiting.oldest_first() if free else ():
+            if entry.not_before is not None and entry.not_before > now:
+                backoff_ends.append((entry.not_before - now).total_seconds())
                 continue
-            need = _needs_of(wf)  # once per workflow and round: choosing and sending share it
-            conn = self._pick_runner(wf, need, now)
-            if conn is not None:
-                await self._send_job(wf, need, conn)
+            kind = (entry.account_id, entry.tag_index, entry.need)
+            if entry.plain and kind in nowhere:
+                continue
+            conn = self._pick_runner(entry, now, free)
+            if conn is None:
+                if entry.plain:
+                    nowhere.add(kind)
+                continue
+            await self._send_job(entry, conn)
+            free = [c for c in free if c.free_slots > 0]
+            if not free:
+                break
         if backoff_ends:
             self._kick_in(min(backoff_ends))
 
-    async def _send_job(self, wf: Workflow, need: Needs, conn: AgentConnection) -> None:
+    async def _send_job(self, entry: Waiting, conn: AgentConnection) -> None:
+        self.waiting.discard(entry.id)
+        wf = await self.store.claim_workflow(entry.id, entry.attempt, conn.runner_id, entry.timeout_s)
+        if wf is None:
+            return  # it moved on (cancelled, expired, rerun): the index forgets it
         try:
             frame = dump_message(build_job(wf))
         except Exception as exc:  # a boundary: this workflow only, whatever broke
             log.warning("workflow %s: its job cannot be built: %s", wf.id, exc)
-            await self._fail_waiting(wf, f"its job cannot be built for a runner: {exc}")
+            await self._fail_claimed(wf, conn.runner_id, f"its job cannot be built for a runner: {exc}")
             return
-        if not await self.store.claim_workflow(wf.id, wf.attempt, conn.runner_id, wf.timeout_s):
-            return
-        conn.took(wf.id, need.model_files)
+        conn.took(wf.id, entry.need.model_files)
         if await conn.send_frame(frame):
             if self.metrics is not None:
-                waited_s = (utcnow() - as_utc(wf.updated_at)).total_seconds()
+                waited_s = (utcnow() - entry.updated_at).total_seconds()
                 self.metrics.dispatch_latency.labels(wf.account_id).observe(waited_s)
             log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
         else:
             conn.unsent(wf.id)
             await self.store.unclaim_workflow(wf.id, wf.attempt, conn.runner_id, wf.queue_timeout_s)
+            self.waiting.add(entry)
 
-    async def _fail_waiting(self, wf: Workflow, message: str) -> None:
+    async def _fail_claimed(self, wf: Workflow, runner_id: str, message: str) -> None:
+        """Fail a workflow just claimed whose job cannot be built: no runner ever had it."""
         failed = await self.store.update_current(
             wf.id,
             wf.attempt,
-            None,
+            runner_id,
             {
+                "runner_id": None,
+                "dispatched_at": None,
                 "status": WorkflowStatus.FAILED,
                 "completed_at": utcnow(),
                 "failure_reason": "workflow",
@@ -229,28 +260,32 @@ class Fleet:
         if failed is not None:
             self.publish_status(failed)
 
-    def _eligible(self, wf: Workflow, need: Needs) -> list[AgentConnection]:
+    def _eligible(
+        self, account_id: str, tags: list[str], need: Needs, among: list[AgentConnection] | None = None
+    ) -> list[AgentConnection]:
         return [
             c
-            for c in self.registry.all()
-            if c.account_id == wf.account_id and c.accepts(wf.tags) and not missing(need, c.offers)
+            for c in (self.registry.all() if among is None else among)
+            if c.account_id == account_id and c.accepts(tags) and not missing(need, c.offers)
         ]
 
-    def _worth_waiting(self, wf: Workflow, now: datetime) -> bool:
+    def _worth_waiting(self, entry: Waiting, now: datetime) -> bool:
         """A rerun's preferred runner (or one with the GPU memory it needs) is busy: wait for
         it a while, but not for ever."""
-        left_s = self.settings.rerun_affinity_wait_s - (now - as_utc(wf.updated_at)).total_seconds()
+        left_s = self.settings.rerun_affinity_wait_s - (now - entry.updated_at).total_seconds()
         if left_s <= 0:
             return False
         asyncio.get_running_loop().call_later(left_s, self.kick)
         return True
 
-    def _pick_runner(self, wf: Workflow, need: Needs, now: datetime) -> AgentConnection | None:
+    def _pick_runner(self, wf: Waiting, now: datetime, free: list[AgentConnection]) -> AgentConnection | None:
         """In order: the runner a rerun from a task names; runners whose ComfyUI has every
         node class and model; after an out-of-memory failure, those with more free GPU memory;
         with a free slot; not where an earlier attempt met a fault; warm with the same models;
         the least loaded. Ties go to the longest connected: never random."""
-        eligible = self._eligible(wf, need)
+        need = wf.need
+        # A plain workflow can only go to a free runner: only those need looking at.
+        eligible = self._eligible(wf.account_id, list(wf.tags), need, free if wf.plain else None)
         preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
         if preferred is not None:
             if preferred.free_slots > 0:
@@ -268,7 +303,7 @@ class Fleet:
         if not free:
             return None
         wanted = need.model_files
-        avoid = set(wf.avoid_runner_ids)
+        avoid = wf.avoid_runner_ids
 
         def rank(c: AgentConnection) -> tuple[bool, bool, int, float, float]:
             warm = bool(wanted) and wanted <= c.warm_models
@@ -363,7 +398,7 @@ class Fleet:
                 "workflow %s attempt %d runs again (%s): %s", workflow_id, attempt, fault.kind, fault.reason
             )
         self.publish_status(updated)
-        self.kick()
+        self.enqueue(updated)
         return True
 
     async def job_update(self, conn: AgentConnection, msg: JobUpdate) -> None:
@@ -450,7 +485,10 @@ class Fleet:
         if any(entry.get("kind") == "out_of_memory" for entry in wf.attempt_log):
             return None
         had = conn.gpu_free_bytes
-        if not any(c.gpu_free_bytes > had for c in self._eligible(wf, _needs_of(wf)) if c is not conn):
+        need = needs(wf.workflow_json, WorkflowParams.of(wf.workflow_params).values)
+        if not any(
+            c.gpu_free_bytes > had for c in self._eligible(wf.account_id, wf.tags, need) if c is not conn
+        ):
             return None
         return self._fault(
             "out_of_memory",
@@ -554,6 +592,7 @@ class Fleet:
             if expired is None:
                 continue
             wf, held_by = expired
+            self.waiting.discard(wf.id)
             log.warning("workflow %s failed: %s", wf.id, wf.exception_message)
             if held_by is not None:
                 await self._tell_runner_to_stop(held_by, wf.id, wf.attempt)
@@ -575,6 +614,7 @@ class Fleet:
         # The fresh row says who holds it now: the dispatcher may have sent it meanwhile.
         if cancelled.runner_id is not None:
             await self._tell_runner_to_stop(cancelled.runner_id, wf.id, cancelled.attempt)
+        self.waiting.discard(wf.id)
         log.info("workflow %s cancelled (was %s)", wf.id, wf.status)
         self.publish_status(cancelled)
         return cancelled
@@ -596,5 +636,5 @@ class Fleet:
             await self._tell_runner_to_stop(wf.runner_id, wf.id, wf.attempt)
         log.info("workflow %s: attempt %d replaces attempt %d", wf.id, updated.attempt, wf.attempt)
         self.hub.publish(wf.id, "status", status_event(updated))
-        self.kick()
+        self.enqueue(updated)
         return updated

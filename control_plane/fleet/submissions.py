@@ -228,5 +228,5 @@ class Submissions:
         wf.queue_timeout_s = self.tier(account).max_queue_s
         wf.deadline_at = now + timedelta(seconds=wf.queue_timeout_s)
         wf = await self.store.add_workflow(wf, receipt(wf) if receipt is not None else None)
-        self.fleet.kick()
+        self.fleet.enqueue(wf)
         return wf
