@@ -119,6 +119,22 @@ class Workflow(SQLModel, table=True):
     completed_at: datetime | None = _ts()
 
 
+def new_workflow(**fields: Any) -> Workflow:
+    """A new workflow, its defaults given outright: pydantic inspects a default factory's
+    signature every time it calls it, a twentieth of a submit's CPU for the four of them."""
+    now = utcnow()
+    defaults: dict[str, Any] = {
+        "id": new_id(),
+        "tags": [],
+        "workflow_params": {},
+        "attempt_log": [],
+        "avoid_runner_ids": [],
+        "created_at": now,
+        "updated_at": now,
+    }
+    return Workflow(**(defaults | fields))
+
+
 class Template(SQLModel, table=True):
     """A reusable workflow with placeholders; ``POST /v1/template/{id}/run`` makes a workflow."""
 

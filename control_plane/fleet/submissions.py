@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from control_plane.db.store import Store
-from control_plane.db.tables import Account, IdempotencyRecord, Workflow, tag_index, utcnow
+from control_plane.db.tables import Account, IdempotencyRecord, Workflow, new_workflow, tag_index, utcnow
 from control_plane.fleet.capabilities import Offers, check_values, missing, needs
 from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.rate_limits import RateLimiter
@@ -176,7 +176,7 @@ class Submissions:
         await self.check_tier(account, sent.parameter_count)
         await self.check_runner_available(account, tags, workflow_json, values)
         params = WorkflowParams(values=values, files={n: f for n, f in sent.files.items() if n in parameters})
-        wf = Workflow(
+        wf = new_workflow(
             account_id=account.id,
             name=name,
             tags=tags,
@@ -205,7 +205,7 @@ class Submissions:
         await self.check_tier(account, sent.parameter_count)
         await self.check_runner_available(account, original.tags, original.workflow_json, values)
         params = WorkflowParams(values=values, files={**before.files, **sent.files})
-        wf = Workflow(
+        wf = new_workflow(
             account_id=account.id,
             name=original.name,
             tags=list(original.tags),
