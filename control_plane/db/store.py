@@ -321,9 +321,20 @@ class Store:
             counted[1] += 1
         return added
 
-    async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
+    async def get_workflow(
+        self, account_id: str | None, workflow_id: str, *, without_graph: bool = False
+    ) -> Workflow:
+        """``without_graph``: its status only (an event stream's first event), the workflow
+        JSON left unread."""
+
         def work(s: Session) -> Workflow:
-            return _owned(s, Workflow, workflow_id, account_id)
+            if not without_graph:
+                return _owned(s, Workflow, workflow_id, account_id)
+            query = select(Workflow).where(Workflow.id == workflow_id)
+            found = s.exec(query.options(defer(Workflow.workflow_json))).first()  # type: ignore[arg-type]
+            if found is None or (account_id is not None and found.account_id != account_id):
+                raise NotFound(f"workflow {workflow_id} not found")
+            return found
 
         return await self.run(work)
 
@@ -396,13 +407,13 @@ class Store:
 
     async def claim_workflow(
         self, workflow_id: str, attempt: int, runner_id: str, timeout_s: int
-    ) -> Workflow | None:
-        """Give a waiting workflow to a runner, whose attempt must end within ``timeout_s``:
-        the workflow as claimed, graph included (its job is built from it), or ``None`` if
-        someone else changed it meanwhile."""
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Give a waiting workflow to a runner, whose attempt must end within ``timeout_s``,
+        in one statement: the workflow's graph and parameters (its job is built from them),
+        or ``None`` if someone else changed it meanwhile."""
         now = utcnow()
 
-        def work(s: Session) -> Workflow | None:
+        def work(s: Session) -> tuple[dict[str, Any], dict[str, Any]] | None:
             w = WORKFLOWS.c
             result = s.connection().execute(
                 update(WORKFLOWS)
@@ -422,12 +433,11 @@ class Store:
                     preferred_runner_id=None,
                     deadline_at=now + timedelta(seconds=timeout_s),
                 )
+                .returning(w.workflow_json, w.workflow_params)
             )
-            if not result.rowcount:
-                return None
-            claimed = s.get(Workflow, workflow_id)
+            claimed = result.first()
             s.commit()
-            return claimed
+            return None if claimed is None else (claimed[0], claimed[1])
 
         return await self.run(work)
 

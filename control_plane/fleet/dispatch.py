@@ -52,13 +52,15 @@ log = logging.getLogger(__name__)
 MAX_TEXT_OUTPUT_BYTES = 1024 * 1024
 
 
-def build_job(wf: Workflow) -> Job:
-    params = WorkflowParams.of(wf.workflow_params)
+def build_job(
+    workflow_id: str, attempt: int, workflow_json: dict[str, Any], workflow_params: dict[str, Any]
+) -> Job:
+    params = WorkflowParams.of(workflow_params)
     files = [
         JobFile(
             name=name,
             filename=ref.filename,
-            url=file_path(wf.id, ref.sha256),
+            url=file_path(workflow_id, ref.sha256),
             sha256=ref.sha256,
             size_bytes=ref.size_bytes,
         )
@@ -66,9 +68,9 @@ def build_job(wf: Workflow) -> Job:
     ]
     rerun = params.rerun
     return Job(
-        workflow_id=wf.id,
-        attempt=wf.attempt,
-        workflow_json=wf.workflow_json,
+        workflow_id=workflow_id,
+        attempt=attempt,
+        workflow_json=workflow_json,
         params=dict(params.values),
         files=files,
         rerun_from=rerun.node_id if rerun else None,
@@ -198,9 +200,16 @@ class Fleet:
         now = utcnow()
         backoff_ends: list[float] = []
         free = [c for c in self.registry.all() if c.free_slots > 0]
+        # Only the queues some free runner could serve (its account, tags it accepts) are
+        # walked: ten thousand workflows waiting for other runners cost nothing here.
+        live = [
+            keys
+            for head, keys in (self.waiting.queues() if free else ())
+            if any(c.account_id == head.account_id and c.accepts(list(head.tags)) for c in free)
+        ]
         # (account, tags, needs) of plain workflows no free runner can take this round.
         nowhere: set[tuple[str, str, Needs]] = set()
-        for entry in self.waiting.oldest_first() if free else ():
+        for entry in self.waiting.oldest_first(live):
             if entry.not_before is not None and entry.not_before > now:
                 backoff_ends.append((entry.not_before - now).total_seconds())
                 continue
@@ -221,31 +230,31 @@ class Fleet:
 
     async def _send_job(self, entry: Waiting, conn: AgentConnection) -> None:
         self.waiting.discard(entry.id)
-        wf = await self.store.claim_workflow(entry.id, entry.attempt, conn.runner_id, entry.timeout_s)
-        if wf is None:
+        claimed = await self.store.claim_workflow(entry.id, entry.attempt, conn.runner_id, entry.timeout_s)
+        if claimed is None:
             return  # it moved on (cancelled, expired, rerun): the index forgets it
         try:
-            frame = dump_message(build_job(wf))
+            frame = dump_message(build_job(entry.id, entry.attempt, *claimed))
         except Exception as exc:  # a boundary: this workflow only, whatever broke
-            log.warning("workflow %s: its job cannot be built: %s", wf.id, exc)
-            await self._fail_claimed(wf, conn.runner_id, f"its job cannot be built for a runner: {exc}")
+            log.warning("workflow %s: its job cannot be built: %s", entry.id, exc)
+            await self._fail_claimed(entry, conn.runner_id, f"its job cannot be built for a runner: {exc}")
             return
-        conn.took(wf.id, entry.need.model_files)
+        conn.took(entry.id, entry.need.model_files)
         if await conn.send_frame(frame):
             if self.metrics is not None:
                 waited_s = (utcnow() - entry.updated_at).total_seconds()
-                self.metrics.dispatch_latency.labels(wf.account_id).observe(waited_s)
-            log.info("workflow %s attempt %d -> runner %s", wf.id, wf.attempt, conn.runner_id)
+                self.metrics.dispatch_latency.labels(entry.account_id).observe(waited_s)
+            log.info("workflow %s attempt %d -> runner %s", entry.id, entry.attempt, conn.runner_id)
         else:
-            conn.unsent(wf.id)
-            await self.store.unclaim_workflow(wf.id, wf.attempt, conn.runner_id, wf.queue_timeout_s)
+            conn.unsent(entry.id)
+            await self.store.unclaim_workflow(entry.id, entry.attempt, conn.runner_id, entry.queue_timeout_s)
             self.waiting.add(entry)
 
-    async def _fail_claimed(self, wf: Workflow, runner_id: str, message: str) -> None:
+    async def _fail_claimed(self, entry: Waiting, runner_id: str, message: str) -> None:
         """Fail a workflow just claimed whose job cannot be built: no runner ever had it."""
         failed = await self.store.update_current(
-            wf.id,
-            wf.attempt,
+            entry.id,
+            entry.attempt,
             runner_id,
             {
                 "runner_id": None,

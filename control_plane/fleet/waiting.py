@@ -10,6 +10,8 @@ reached its runner."""
 from __future__ import annotations
 
 import bisect
+import heapq
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -83,7 +85,6 @@ def waits(wf: Workflow) -> bool:
 class WaitingIndex:
     def __init__(self) -> None:
         self._by_id: dict[str, Waiting] = {}
-        self._order: list[_Key] = []  # every waiting workflow, oldest first
         # Per account and tag set (the workflows that compete for the same runners).
         self._queues: dict[tuple[str, str], list[_Key]] = {}
 
@@ -96,14 +97,12 @@ class WaitingIndex:
     def add(self, entry: Waiting) -> None:
         self.discard(entry.id)
         self._by_id[entry.id] = entry
-        bisect.insort(self._order, entry.key)
         bisect.insort(self._queues.setdefault((entry.account_id, entry.tag_index), []), entry.key)
 
     def discard(self, workflow_id: str) -> None:
         entry = self._by_id.pop(workflow_id, None)
         if entry is None:
             return
-        _remove(self._order, entry.key)
         queue_key = (entry.account_id, entry.tag_index)
         queue = self._queues[queue_key]
         _remove(queue, entry.key)
@@ -113,9 +112,19 @@ class WaitingIndex:
     def get(self, workflow_id: str) -> Waiting | None:
         return self._by_id.get(workflow_id)
 
-    def oldest_first(self) -> list[Waiting]:
-        """A copy: dispatch changes the index while it walks it."""
-        return [self._by_id[key[1]] for key in self._order]
+    def queues(self) -> list[tuple[Waiting, list[_Key]]]:
+        """Each queue (account and tag set) with its oldest workflow, which says whose it is
+        and what tags it asks for, and a copy of its order: dispatch changes the index while
+        it walks it."""
+        return [(self._by_id[keys[0][1]], list(keys)) for keys in self._queues.values()]
+
+    def oldest_first(self, queues: list[list[_Key]]) -> Iterator[Waiting]:
+        """The workflows of these queues, oldest first across them; any that left the index
+        meanwhile (dispatched, cancelled) are passed over."""
+        for key in heapq.merge(*queues):
+            entry = self._by_id.get(key[1])
+            if entry is not None and entry.key == key:
+                yield entry
 
     def position(self, workflow_id: str) -> int | None:
         """From 1, among the waiting workflows of its account with the same tags."""

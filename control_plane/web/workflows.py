@@ -182,7 +182,7 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     principal = await svc.auth.client(request)
     # Subscribe before reading the snapshot so that no change falls between the two.
     with svc.hub.subscribe(request.match_info["id"]) as queue:
-        wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+        wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"], without_graph=True)
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
