@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from control_plane.db.blobs import BlobStore
+from control_plane.db.rows import WorkflowState
 from control_plane.db.store import Fault, Store
 from control_plane.db.tables import IdempotencyRecord, Output, Workflow, as_utc, utcnow
 from control_plane.fleet.capabilities import Needs, missing, needs
@@ -164,7 +165,7 @@ class Fleet:
     async def next_change(self) -> None:
         await self._changed.wait()
 
-    def publish_status(self, wf: Workflow) -> None:
+    def publish_status(self, wf: Workflow | WorkflowState) -> None:
         if wf.status == WorkflowStatus.FAILED:
             self.hub.publish(wf.id, "cause", cause_event(wf))
         self.hub.publish(wf.id, "status", status_event(wf))
@@ -470,7 +471,7 @@ class Fleet:
             )
         return changes
 
-    def _announce(self, msg: JobUpdate, wf: Workflow, changes: dict[str, Any]) -> None:
+    def _announce(self, msg: JobUpdate, wf: WorkflowState, changes: dict[str, Any]) -> None:
         """Tell the workflow's subscribers what the applied report changed."""
         if msg.node is not None:
             self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from control_plane.db.rows import WorkflowState
 from control_plane.db.tables import Output, Workflow, as_utc
 
 EventName = Literal["status", "node", "output", "cause", "shutdown"]
@@ -60,7 +61,7 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else as_utc(value).isoformat().replace("+00:00", "Z")
 
 
-def status_event(wf: Workflow) -> dict[str, Any]:
+def status_event(wf: Workflow | WorkflowState) -> dict[str, Any]:
     return {
         "id": wf.id,
         "status": wf.status,
@@ -72,7 +73,7 @@ def status_event(wf: Workflow) -> dict[str, Any]:
     }
 
 
-def cause_event(wf: Workflow) -> dict[str, Any]:
+def cause_event(wf: Workflow | WorkflowState) -> dict[str, Any]:
     """Why the workflow failed or is invalid: its error, whose fault, every attempt's reason."""
     return {
         "error_node": wf.error_node,

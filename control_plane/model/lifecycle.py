@@ -78,12 +78,17 @@ def task_end(status: str) -> TaskStatus:
     return _TASK_END[WorkflowStatus(status)]
 
 
-class Attempted(Protocol):
-    """What the lifecycle reads and writes of a workflow (the table row)."""
+class Held(Protocol):
+    """What the fence reads of a workflow."""
 
     status: str
     attempt: int
     runner_id: str | None
+
+
+class Attempted(Held, Protocol):
+    """What the lifecycle reads and writes of a workflow (the table row)."""
+
     dispatched_at: datetime | None
     prompt_id: str | None
     queue_number: int | None
@@ -93,12 +98,12 @@ class Attempted(Protocol):
     queue_timeout_s: int
 
 
-def runs_on(wf: Attempted | None, runner_id: str | None) -> bool:
+def runs_on(wf: Held | None, runner_id: str | None) -> bool:
     """The workflow is unfinished and held by that runner (whatever its attempt)."""
     return wf is not None and wf.runner_id == runner_id and not is_terminal(wf.status)
 
 
-def holds_current(wf: Attempted | None, attempt: int, runner_id: str | None) -> bool:
+def holds_current(wf: Held | None, attempt: int, runner_id: str | None) -> bool:
     """The fence: a report is about the attempt the workflow is on, from the runner that holds
     it, and the workflow has not finished."""
     return runs_on(wf, runner_id) and wf is not None and wf.attempt == attempt
