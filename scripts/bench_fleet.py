@@ -12,12 +12,16 @@ prints:
 - dispatch latency: from submitting a workflow to an agent holding its job (median, p99 of
   --jobs workflows submitted one after another).
 
+With ``--waiting N``, N workflows wait throughout (tagged for a runner that never connects),
+so that dispatch is measured beside a queue that long.
+
 With ``--storm`` it then kills the control plane and starts it again on the same data, so
 that every agent reconnects at once (each honouring a ``busy`` close's time to come back, as
 the real agent does), and prints how long until all are welcomed again, how often they were
 told to come back later, any HTTP 5xx and any runner the watchdog dropped.
 
     .venv/bin/python scripts/bench_fleet.py [--sizes 10,100,500,2000] [--heartbeat-s 2] [--storm]
+        [--waiting 10000]
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from protocol.capacity import Capacity, GpuInfo
 from protocol.closing import Close, retry_after
@@ -71,8 +75,9 @@ class Arrivals:
     def _future(self, wf_id: str) -> asyncio.Future[float]:
         return self._at.setdefault(wf_id, asyncio.get_running_loop().create_future())
 
-    def arrived(self, wf_id: str) -> None:
-        self._future(wf_id).set_result(time.perf_counter())
+    def arrived(self, wf_id: str, at: float | None = None) -> None:
+        # perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine.
+        self._future(wf_id).set_result(time.perf_counter() if at is None else at)
 
     async def wait(self, wf_id: str) -> float:
         return await self._future(wf_id)
@@ -146,8 +151,8 @@ class FakeAgent:
         except InvalidStatus as exc:
             if exc.response.status_code >= 500:
                 self.stats.http_5xx += 1
-        except OSError:
-            pass  # the control plane is not listening (yet)
+        except (OSError, WebSocketException):
+            pass  # not listening (yet), or gone in the middle of the handshake: try again
         if self.ws is not None and self.ws.close_code == Close.SILENT:
             self.stats.dropped_silent += 1
         self.ws = None
@@ -169,16 +174,159 @@ class FakeAgent:
             await ws.send(update)
 
 
+# -- the processes that hold the simulated agents ------------------------------------------
+
+
+class ReportedArrivals(Arrivals):
+    """In a holder process: a job's arrival goes to the benchmark on stdout."""
+
+    def arrived(self, wf_id: str, at: float | None = None) -> None:
+        say({"arrived": wf_id, "at": time.perf_counter()})
+
+
+def say(message: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+async def hold(ws_url: str, heartbeat_s: float) -> None:
+    """A holder process: runs the agents it is given, answers the benchmark's commands (one
+    JSON object per line on stdin, one answer per line on stdout)."""
+    raise_fd_limit()
+    loop = asyncio.get_running_loop()
+    commands = asyncio.StreamReader(limit=1 << 26)  # an ``add`` line carries thousands of tokens
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
+    agents: list[FakeAgent] = []
+    arrivals, stats = ReportedArrivals(), StormStats()
+    while line := await commands.readline():
+        command = json.loads(line)
+        if "add" in command:
+            fresh = [
+                FakeAgent(ws_url, t, len(agents) + i, arrivals, stats) for i, t in enumerate(command["add"])
+            ]
+            for agent in fresh:
+                agent.task = asyncio.create_task(agent.run(heartbeat_s))
+            await asyncio.gather(*(a.ready() for a in fresh))
+            agents.extend(fresh)
+            say({"ready": len(fresh)})
+        elif "forget_welcomes" in command:
+            for agent in agents:
+                agent.welcomed = asyncio.Event()
+            say({"ok": True})
+        elif "welcomed" in command:
+            await asyncio.gather(*(a.welcomed.wait() for a in agents))
+            say({"welcomed": time.perf_counter()})
+        elif "stats" in command:
+            say({"busy": stats.busy, "http_5xx": stats.http_5xx, "dropped_silent": stats.dropped_silent})
+
+
+class Holders:
+    """The benchmark's side of the holder processes: agents spread evenly over them."""
+
+    def __init__(self, count: int, ws_url: str, heartbeat_s: float, arrivals: Arrivals) -> None:
+        self.count, self.ws_url, self.heartbeat_s, self.arrivals = count, ws_url, heartbeat_s, arrivals
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.answers: list[asyncio.Queue[dict[str, object]]] = []
+        self.readers: list[asyncio.Task[None]] = []
+        self.size = 0
+
+    async def start(self) -> None:
+        for _ in range(self.count):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--hold",
+                self.ws_url,
+                "--heartbeat-s",
+                str(self.heartbeat_s),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                preexec_fn=raise_fd_limit,
+            )
+            answers: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+            self.procs.append(proc)
+            self.answers.append(answers)
+            self.readers.append(asyncio.create_task(self._read(proc, answers)))
+
+    async def _read(
+        self, proc: asyncio.subprocess.Process, answers: asyncio.Queue[dict[str, object]]
+    ) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            message = json.loads(line)
+            if "arrived" in message:
+                self.arrivals.arrived(str(message["arrived"]), float(message["at"]))
+            else:
+                answers.put_nowait(message)
+
+    async def _all(self, command: list[dict[str, object]]) -> list[dict[str, object]]:
+        for proc, one in zip(self.procs, command, strict=True):
+            assert proc.stdin is not None
+            proc.stdin.write((json.dumps(one) + "\n").encode())
+        return list(await asyncio.gather(*(answers.get() for answers in self.answers)))
+
+    async def add(self, tokens: list[str]) -> None:
+        await self._all([{"add": tokens[i :: self.count]} for i in range(self.count)])
+        self.size += len(tokens)
+
+    async def forget_welcomes(self) -> None:
+        await self._all([{"forget_welcomes": True}] * self.count)
+
+    async def all_welcomed(self) -> float:
+        """When the last agent was welcomed (again)."""
+        return max(float(str(a["welcomed"])) for a in await self._all([{"welcomed": True}] * self.count))
+
+    async def stats(self) -> StormStats:
+        found = await self._all([{"stats": True}] * self.count)
+        return StormStats(
+            *(sum(int(str(a[k])) for a in found) for k in ("busy", "http_5xx", "dropped_silent"))
+        )
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.kill()
+        await asyncio.gather(*(p.wait() for p in self.procs))
+        for reader in self.readers:
+            reader.cancel()
+
+
 async def create_runners(
-    http: aiohttp.ClientSession, base: str, headers: dict[str, str], n: int, start: int
+    http: aiohttp.ClientSession,
+    base: str,
+    headers: dict[str, str],
+    n: int,
+    start: int,
+    tags: tuple[str, ...] = ("bench",),
 ) -> list[str]:
     gate = asyncio.Semaphore(20)
+    body = {"tags": list(tags)}
 
     async def one(i: int) -> str:
-        async with gate, http.post(f"{base}/v1/runner", json={"name": f"bench-{i}"}, headers=headers) as resp:
+        runner = {"name": f"{tags[0]}-{i}", **body}
+        async with gate, http.post(f"{base}/v1/runner", json=runner, headers=headers) as resp:
             return str((await resp.json())["token"])
 
     return list(await asyncio.gather(*(one(i) for i in range(start, start + n))))
+
+
+async def park(http: aiohttp.ClientSession, base: str, headers: dict[str, str], n: int) -> None:
+    """``n`` workflows that wait for ever: tagged for a runner that exists and never connects
+    (the simulated agents are tagged ``bench`` and cannot take them)."""
+    await create_runners(http, base, headers, 1, 0, tags=("parked",))
+    gate = asyncio.Semaphore(32)
+    started = time.perf_counter()
+
+    async def one() -> None:
+        form = aiohttp.FormData()
+        form.add_field("workflow_json", json.dumps(TRIVIAL), filename="wf.json")
+        form.add_field("tags", "parked")
+        async with gate, http.post(f"{base}/v1/workflow", data=form, headers=headers) as resp:
+            assert resp.status == 201, await resp.text()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    took_s = time.perf_counter() - started
+    print(f"{n} workflows waiting (submitted in {took_s:.1f} s, {n / took_s:.0f}/s)", flush=True)
 
 
 async def start_server(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, asyncio.Task[bytes]]:
@@ -200,29 +348,35 @@ async def start_server(env: dict[str, str]) -> tuple[asyncio.subprocess.Process,
 
 
 async def storm(
-    agents: list[FakeAgent], env: dict[str, str], stats: StormStats, heartbeat_s: float
+    holders: Holders, env: dict[str, str], heartbeat_s: float
 ) -> tuple[asyncio.subprocess.Process, asyncio.Task[bytes]]:
-    """Kill the control plane and start it again on the same data: every agent reconnects at
-    once. Prints how long until all were welcomed again and what they met on the way."""
-    for agent in agents:
-        agent.welcomed = asyncio.Event()
-    before = StormStats(stats.busy, stats.http_5xx, stats.dropped_silent)
+    """Start the control plane again on the same data (it was killed): every agent reconnects
+    at once. Prints how long until all were welcomed again and what they met on the way."""
+    before = await holders.stats()
     started = time.perf_counter()
     server, drain = await start_server(env)
-    await asyncio.gather(*(a.welcomed.wait() for a in agents))
-    all_in_s = time.perf_counter() - started
+    all_in_s = await holders.all_welcomed() - started
     await asyncio.sleep(heartbeat_s * 6)  # past the runner timeout: would the watchdog drop any?
+    after = await holders.stats()
     print(
-        f"reconnect storm of {len(agents)}: all welcomed {all_in_s:.1f} s after the restart; "
-        f"told to come back later {stats.busy - before.busy} times, "
-        f"{stats.http_5xx - before.http_5xx} HTTP 5xx, "
-        f"{stats.dropped_silent - before.dropped_silent} dropped by the watchdog",
+        f"reconnect storm of {holders.size}: all welcomed {all_in_s:.1f} s after the restart; "
+        f"told to come back later {after.busy - before.busy} times, "
+        f"{after.http_5xx - before.http_5xx} HTTP 5xx, "
+        f"{after.dropped_silent - before.dropped_silent} dropped by the watchdog",
         flush=True,
     )
     return server, drain
 
 
-async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float, with_storm: bool) -> None:
+async def main(
+    sizes: list[int],
+    heartbeat_s: float,
+    jobs: int,
+    window_s: float,
+    with_storm: bool,
+    waiting: int,
+    processes: int,
+) -> None:
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -257,8 +411,8 @@ async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float,
         ws_url = f"ws://127.0.0.1:{port}/v1/agent/connect"
         headers = {"Authorization": f"Bearer {token}"}
         arrivals = Arrivals()
-        stats = StormStats()
-        agents: list[FakeAgent] = []
+        holders = Holders(processes, ws_url, heartbeat_s, arrivals)
+        await holders.start()
         print(f"heartbeat every {heartbeat_s:g} s; CPU over a {window_s:g} s window; {jobs} jobs per size")
         columns = (
             "N",
@@ -274,24 +428,21 @@ async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float,
         try:
             async with aiohttp.ClientSession() as http:
                 baseline_rss = proc.memory_info().rss
+                if waiting:
+                    await park(http, base, headers, waiting)
                 for size in sizes:
-                    tokens = await create_runners(http, base, headers, size - len(agents), len(agents))
-                    fresh = [
-                        FakeAgent(ws_url, t, len(agents) + i, arrivals, stats) for i, t in enumerate(tokens)
-                    ]
+                    tokens = await create_runners(http, base, headers, size - holders.size, holders.size)
                     started = time.perf_counter()
-                    for agent in fresh:
-                        agent.task = asyncio.create_task(agent.run(heartbeat_s))
-                    await asyncio.gather(*(a.ready() for a in fresh))
+                    await holders.add(tokens)
                     connect_s = time.perf_counter() - started
-                    agents.extend(fresh)
 
                     cpu_before = proc.cpu_times()
                     await asyncio.sleep(window_s)  # the measurement window: heartbeats only
                     cpu_after = proc.cpu_times()
                     cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
                     cpu_pct = 100 * cpu_s / window_s
-                    rss_per_runner = (proc.memory_info().rss - baseline_rss) / len(agents)
+                    rss = proc.memory_info().rss
+                    rss_per_runner = (rss - baseline_rss) / holders.size
 
                     latencies: list[float] = []
                     for _ in range(jobs):
@@ -310,15 +461,13 @@ async def main(sizes: list[int], heartbeat_s: float, jobs: int, window_s: float,
                         flush=True,
                     )
                 if with_storm:
+                    await holders.forget_welcomes()
                     server.kill()  # a crash: nothing said to the agents
                     await server.wait()
                     drain.cancel()
-                    server, drain = await storm(agents, env, stats, heartbeat_s)
+                    server, drain = await storm(holders, env, heartbeat_s)
         finally:
-            for agent in agents:
-                if agent.task is not None:
-                    agent.task.cancel()
-            await asyncio.gather(*(a.task for a in agents if a.task is not None), return_exceptions=True)
+            await holders.stop()
             server.terminate()
             await server.wait()
             drain.cancel()
@@ -331,6 +480,14 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--window-s", type=float, default=10.0)
     parser.add_argument("--storm", action="store_true", help="then restart the control plane under the fleet")
+    parser.add_argument("--waiting", type=int, default=0, help="workflows left waiting throughout")
+    parser.add_argument("--processes", type=int, default=2, help="processes holding the simulated agents")
+    parser.add_argument("--hold", metavar="WS_URL", help=argparse.SUPPRESS)  # a holder process
     args = parser.parse_args()
-    sizes = [int(n) for n in args.sizes.split(",")]
-    asyncio.run(main(sizes, args.heartbeat_s, args.jobs, args.window_s, args.storm))
+    if args.hold:
+        asyncio.run(hold(args.hold, args.heartbeat_s))
+    else:
+        sizes = [int(n) for n in args.sizes.split(",")]
+        asyncio.run(
+            main(sizes, args.heartbeat_s, args.jobs, args.window_s, args.storm, args.waiting, args.processes)
+        )
