@@ -200,7 +200,7 @@ class Fleet:
         asked only to claim what was chosen."""
         now = utcnow()
         backoff_ends: list[float] = []
-        free = [c for c in self.registry.all() if c.free_slots > 0]
+        free = self.registry.with_free_slots()
         # Only the queues some free runner could serve (its account, tags it accepts) are
         # walked: ten thousand workflows waiting for other runners cost nothing here.
         live = [

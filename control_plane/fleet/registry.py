@@ -66,6 +66,9 @@ class AgentConnection:
     heard_at: float = 0.0  # monotonic, for the watchdog
     persisted_at: float = 0.0  # monotonic: capacity last written to the store
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The registry's set of connections with a free slot, kept as slots come and go, so
+    # that dispatch never scans a large fleet for the few runners it can use.
+    _with_free_slots: set[AgentConnection] | None = None
     _pending: dict[str, asyncio.Future[Reply]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,10 +101,12 @@ class AgentConnection:
     def ready(self, free_slots: int) -> None:
         """The agent's count of free slots, less the jobs sent that it has not seen yet."""
         self.free_slots = max(0, min(free_slots, (self.capacity.slots or 1) - len(self.jobs)))
+        self._note_free()
 
     def took(self, workflow_id: str, models: frozenset[str]) -> None:
         """A job was sent: one slot fewer, and its models are what is warm now."""
         self.free_slots -= 1
+        self._note_free()
         self.jobs.add(workflow_id)
         if models:
             self.warm_models = models
@@ -116,6 +121,15 @@ class AgentConnection:
         """A job that could not be sent after all: its slot is free again."""
         self.jobs.discard(workflow_id)
         self.free_slots += 1
+        self._note_free()
+
+    def _note_free(self) -> None:
+        if self._with_free_slots is None:
+            return
+        if self.free_slots > 0:
+            self._with_free_slots.add(self)
+        else:
+            self._with_free_slots.discard(self)
 
     @property
     def gpu_busy_pct(self) -> float:
@@ -179,18 +193,32 @@ def tags_match(runner_tags: list[str], workflow_tags: list[str]) -> bool:
 class Registry:
     def __init__(self) -> None:
         self._conns: dict[str, AgentConnection] = {}
+        self._with_free_slots: set[AgentConnection] = set()
 
     def add(self, conn: AgentConnection) -> AgentConnection | None:
         """Register ``conn``; returns the connection it replaces, if any."""
         old = self._conns.get(conn.runner_id)
+        if old is not None:
+            self._forget(old)
         self._conns[conn.runner_id] = conn
+        conn._with_free_slots = self._with_free_slots
+        conn._note_free()
         return old
 
     def remove(self, conn: AgentConnection) -> bool:
         if self._conns.get(conn.runner_id) is conn:
             del self._conns[conn.runner_id]
+            self._forget(conn)
             return True
         return False
+
+    def _forget(self, conn: AgentConnection) -> None:
+        self._with_free_slots.discard(conn)
+        conn._with_free_slots = None
+
+    def with_free_slots(self) -> list[AgentConnection]:
+        """The connected runners with a free slot (in no particular order)."""
+        return list(self._with_free_slots)
 
     def get(self, runner_id: str) -> AgentConnection | None:
         return self._conns.get(runner_id)
