@@ -11,6 +11,7 @@ from aiohttp import web
 
 from control_plane.auth import Authenticator
 from control_plane.db.blobs import BlobStore
+from control_plane.db.rows import WorkflowState
 from control_plane.db.store import Store
 from control_plane.db.tables import Workflow
 from control_plane.fleet.admission import Admission
@@ -53,7 +54,7 @@ class Services:
             "last_seen_at": datetime.fromtimestamp(conn.last_seen_at, UTC),
         }
 
-    async def queue_position(self, wf: Workflow) -> int | None:
+    async def queue_position(self, wf: Workflow | WorkflowState) -> int | None:
         """A waiting workflow's place (from 1) among its account's waiting workflows with the
         same tags (those that compete for the same runners); in a runner's ComfyUI queue,
         what the runner reported."""

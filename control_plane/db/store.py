@@ -327,20 +327,22 @@ class Store:
             counted[1] += 1
         return added
 
-    async def get_workflow(
-        self, account_id: str | None, workflow_id: str, *, without_graph: bool = False
-    ) -> Workflow:
-        """``without_graph``: its status only (an event stream's first event), the workflow
-        JSON left unread."""
-
+    async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
         def work(s: Session) -> Workflow:
-            if not without_graph:
-                return _owned(s, Workflow, workflow_id, account_id)
-            query = select(Workflow).where(Workflow.id == workflow_id)
-            found = s.exec(query.options(defer(Workflow.workflow_json))).first()  # type: ignore[arg-type]
-            if found is None or (account_id is not None and found.account_id != account_id):
+            return _owned(s, Workflow, workflow_id, account_id)
+
+        return await self.run(work)
+
+    async def workflow_state(self, account_id: str, workflow_id: str) -> WorkflowState:
+        """Its status and little else (an event stream's first event), in one Core SELECT."""
+
+        def work(s: Session) -> WorkflowState:
+            w = WORKFLOWS.c
+            query = select_columns(*(w[name] for name in STATE_COLUMNS)).where(w.id == workflow_id)
+            row = s.connection().execute(query).first()
+            if row is None or row.account_id != account_id:
                 raise NotFound(f"workflow {workflow_id} not found")
-            return found
+            return WorkflowState(*row)
 
         return await self.run(work)
 

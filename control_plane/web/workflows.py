@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from control_plane.db.tables import Workflow
+from control_plane.db.rows import WorkflowState
 from control_plane.fleet.events import Event, output_event, status_event
 from control_plane.fleet.submissions import Receipt
 from control_plane.model.errors import BadRequest
@@ -153,7 +153,7 @@ def _sse(event: str, data: dict[str, object]) -> bytes:
 
 
 async def _stream(
-    resp: web.StreamResponse, queue: asyncio.Queue[Event], wf: Workflow, queue_number: int | None
+    resp: web.StreamResponse, queue: asyncio.Queue[Event], wf: WorkflowState, queue_number: int | None
 ) -> None:
     """The current status first, then every change, until a terminal state (or shutdown)."""
     await resp.write(_sse("status", status_event(wf) | {"queue_number": queue_number}))
@@ -182,7 +182,7 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     principal = await svc.auth.client(request)
     # Subscribe before reading the snapshot so that no change falls between the two.
     with svc.hub.subscribe(request.match_info["id"]) as queue:
-        wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"], without_graph=True)
+        wf = await svc.store.workflow_state(principal.account.id, request.match_info["id"])
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
