@@ -21,6 +21,7 @@ from control_plane.db.database import Database
 from control_plane.db.read_cache import ReadCache
 from control_plane.db.rows import STATE_COLUMNS, WorkflowState
 from control_plane.db.tables import (
+    OUTPUTS,
     RUNNERS,
     TASKS,
     TOKENS,
@@ -34,6 +35,7 @@ from control_plane.db.tables import (
     Template,
     Workflow,
     as_utc,
+    new_id,
     utcnow,
 )
 from control_plane.failpoints import FailPoints
@@ -761,14 +763,15 @@ class Store:
         file uploaded again (a retry, an agent that restarted) gives the output already
         recorded. ``(output, created)``, or ``None`` when the attempt is no longer current."""
 
+        row = {column.key: getattr(output, column.key) for column in OUTPUTS.columns}
+
         def work(s: Session) -> tuple[Output, bool] | None:
-            wf = _fenced(s, output.workflow_id, output.attempt, runner_id)
-            if wf is None:
+            if _fenced_state(s, output.workflow_id, output.attempt, runner_id) is None:
                 return None
             same = _has_output(s, output)
             if same is not None:
                 return same, False
-            s.add(output)
+            s.connection().execute(insert(OUTPUTS).values(**row))
             s.commit()
             return output, True
 
@@ -970,18 +973,23 @@ def _apply_report(
 
 
 def _has_output(s: Session, output: Output) -> Output | None:
-    """The same output already recorded for the attempt (an upload or report sent again)."""
-    return (
-        s.exec(
-            select(Output).where(
-                Output.workflow_id == output.workflow_id,
-                Output.attempt == output.attempt,
-                Output.node_id == output.node_id,
-                Output.filename == output.filename,
-                Output.sha256 == output.sha256,
+    """The same output already recorded for the attempt (an upload or report sent again):
+    looked for with a Core SELECT, loaded as an object only when found (seldom)."""
+    o = OUTPUTS.c
+    same = (
+        s.connection()
+        .execute(
+            select_columns(o.id).where(
+                o.workflow_id == output.workflow_id,
+                o.attempt == output.attempt,
+                o.node_id == output.node_id,
+                o.filename == output.filename,
+                o.sha256 == output.sha256,
             )
         )
-    ).first()
+        .first()
+    )
+    return None if same is None else s.get(Output, same[0])
 
 
 def _commit_receipt(
@@ -1047,29 +1055,38 @@ def _note_task(
 def _record_node_event(
     s: Session, workflow_id: str, attempt: int, node_id: str, class_type: str | None, event: str
 ) -> None:
-    """Fold one ComfyUI node event into the task record of that node and attempt."""
+    """Fold one ComfyUI node event into the task record of that node and attempt (Core: a
+    report's statements stay off the ORM's unit of work)."""
     now = utcnow()
-    task = (
-        s.exec(
-            select(Task).where(
-                Task.workflow_id == workflow_id, Task.attempt == attempt, Task.node_id == node_id
+    t = TASKS.c
+    where = (t.workflow_id == workflow_id, t.attempt == attempt, t.node_id == node_id)
+    found = s.connection().execute(select_columns(t.status, t.started_at).where(*where)).first()
+    status, started_at = (found[0], found[1]) if found is not None else (TaskStatus.SCHEDULED, None)
+    values: dict[str, Any] = {}
+    if event in ("executing", "progress") and status == TaskStatus.SCHEDULED:
+        values = {"status": TaskStatus.IN_PROGRESS, "started_at": now}
+    elif event == "cached":
+        values = {"status": TaskStatus.COMPLETED, "cached": True, "ended_at": now}
+    elif event == "executed":
+        values = {"status": TaskStatus.COMPLETED, "ended_at": now, "started_at": started_at or now}
+    elif event == "error":
+        values = {"status": TaskStatus.FAILED, "ended_at": now}
+    elif event == "interrupted":
+        values = {"status": TaskStatus.CANCELED, "ended_at": now}
+    if found is None:
+        new = {"status": TaskStatus.SCHEDULED, "cached": False} | values
+        s.connection().execute(
+            insert(TASKS).values(
+                task_id=new_id(),
+                workflow_id=workflow_id,
+                attempt=attempt,
+                node_id=node_id,
+                class_type=class_type,
+                **new,
             )
         )
-    ).first()
-    if task is None:
-        task = Task(workflow_id=workflow_id, attempt=attempt, node_id=node_id, class_type=class_type)
-    if event in ("executing", "progress") and task.status == TaskStatus.SCHEDULED:
-        task.status, task.started_at = TaskStatus.IN_PROGRESS, now
-    elif event == "cached":
-        task.status, task.cached, task.ended_at = TaskStatus.COMPLETED, True, now
-    elif event == "executed":
-        task.status, task.ended_at = TaskStatus.COMPLETED, now
-        task.started_at = task.started_at or now
-    elif event == "error":
-        task.status, task.ended_at = TaskStatus.FAILED, now
-    elif event == "interrupted":
-        task.status, task.ended_at = TaskStatus.CANCELED, now
-    s.add(task)
+    elif values:
+        s.connection().execute(update(TASKS).where(*where).values(**values))
 
 
 def day_ago() -> datetime:

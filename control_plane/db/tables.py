@@ -203,4 +203,4 @@ def table_of(model: type[SQLModel]) -> Table:
     return table
 
 
-WORKFLOWS, TASKS, RUNNERS, TOKENS = (table_of(m) for m in (Workflow, Task, Runner, ApiToken))
+WORKFLOWS, TASKS, RUNNERS, TOKENS, OUTPUTS = (table_of(m) for m in (Workflow, Task, Runner, ApiToken, Output))
