@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from comfyui_sim import SimSettings, start_simulator
+from control_plane.fleet.capabilities import Needs, Offers, can_run, missing
 from runner_agent.capacity import NvmlProbe
 from tests.conftest import AgentFactory, ControlPlane, png_bytes
 from tests.fake_nvml import FakeNvml, h100
@@ -220,3 +221,21 @@ async def test_runner_killed_mid_job_goes_offline_and_its_job_completes_elsewher
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_dispatch_and_submit_agree_on_what_a_runner_can_run() -> None:
+    # Dispatch asks can_run of every free runner; submit explains with missing: one answer.
+    offers = Offers(
+        node_classes=frozenset({"CheckpointLoaderSimple", "SaveImage"}),
+        models={"ckpt_name": frozenset({"sdxl.safetensors"})},
+    )
+    cases = [
+        Needs(frozenset({"SaveImage"})),
+        Needs(frozenset({"SaveImage", "ImageBlur"})),
+        Needs(frozenset({"CheckpointLoaderSimple"}), frozenset({("ckpt_name", "sdxl.safetensors")})),
+        Needs(frozenset({"CheckpointLoaderSimple"}), frozenset({("ckpt_name", "flux.safetensors")})),
+        Needs(frozenset({"CheckpointLoaderSimple"}), frozenset({("vae_name", "sdxl.safetensors")})),
+    ]
+    assert [can_run(n, offers) for n in cases] == [not missing(n, offers) for n in cases]
+    assert [can_run(n, offers) for n in cases] == [True, False, True, False, False]
+    assert can_run(cases[1], None)  # a runner that never said what it has may have it all

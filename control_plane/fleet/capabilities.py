@@ -85,6 +85,16 @@ def missing(need: Needs, offers: Offers | None) -> list[str] | None:
     return lacks
 
 
+def can_run(need: Needs, offers: Offers | None) -> bool:
+    """``not missing(need, offers)`` without the phrases: dispatch asks it of every free
+    runner, and a large fleet has thousands."""
+    if offers is None:
+        return True
+    if not need.node_classes <= offers.node_classes:
+        return False
+    return all(file in offers.models.get(name, ()) for name, file in need.models)
+
+
 def check_values(workflow: dict[str, Any], values: dict[str, str], offers: list[Offers]) -> None:
     """Convert the text and choice values to the types the runners' ComfyUI declares for
     their inputs (INT, FLOAT, BOOLEAN) and check values aimed at a COMBO input against its

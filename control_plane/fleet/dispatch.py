@@ -25,7 +25,7 @@ from control_plane.db.blobs import BlobStore
 from control_plane.db.rows import WorkflowState
 from control_plane.db.store import Fault, Store
 from control_plane.db.tables import IdempotencyRecord, Output, Workflow, as_utc, utcnow
-from control_plane.fleet.capabilities import Needs, missing, needs
+from control_plane.fleet.capabilities import Needs, can_run, needs
 from control_plane.fleet.events import EventHub, cause_event, output_event, status_event
 from control_plane.fleet.metrics import Metrics
 from control_plane.fleet.registry import AgentConnection, Registry
@@ -276,7 +276,7 @@ class Fleet:
         return [
             c
             for c in (self.registry.all() if among is None else among)
-            if c.account_id == account_id and c.accepts(tags) and not missing(need, c.offers)
+            if c.account_id == account_id and c.accepts(tags) and can_run(need, c.offers)
         ]
 
     def _worth_waiting(self, entry: Waiting, now: datetime) -> bool:

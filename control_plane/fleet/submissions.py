@@ -146,7 +146,10 @@ class Submissions:
             elif lacks:
                 shortfalls.append((runner.name, lacks))
             elif offers is not None:
+                # One is enough: the first runner that can run it speaks for the input types
+                # (check_values), and a fleet of thousands is not walked on every submit.
                 capable.append(offers)
+                break
         if not capable and not unknown:
             name, lacks = min(shortfalls, key=lambda item: sum(len(p) for p in item[1]))
             raise BadRequest(f"no runner can run this workflow: {name} lacks {'; '.join(lacks)}")
