@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from control_plane.settings import Tier
-from tests.conftest import AgentFactory, ControlPlane, png_bytes, read_png, start_control_plane
+from tests.conftest import AgentFactory, ControlPlane, png_bytes, poll_until, read_png, start_control_plane
 from tests.test_e2e import seed_form, sim_config, submit
 
 # The seed's parameters: $prompt, $input_image, #sampler; plus $width to show what is kept.
@@ -323,13 +323,22 @@ async def test_conductor_rerun_of_a_running_workflow_interrupts_it(
     fleet: tuple[ControlPlane, str, dict[str, Any]], http: aiohttp.ClientSession
 ) -> None:
     cp, sim, _ = fleet
-    await sim_config(http, sim, node_delays_s={"ImageBlur": 1.0})
+    # Long enough that the first prompt cannot end before the agent interrupts it.
+    await sim_config(http, sim, node_delays_s={"ImageBlur": 60.0})
     wf = await submit(cp, WORKFLOW, tags="gpu", **{"$prompt": "a", "$input_image": png_bytes((1, 2, 3))})
     running = await cp.wait_for_status(wf["id"], {"running"})
     status, body = await api_rerun(cp, wf["id"], {})
     assert status == 409 and "reRunFromTaskId" in json.loads(body)["message"]
     status, _ = await api_rerun(cp, wf["id"], {"reRunFromTaskId": "4"})
     assert status == 200
+
+    async def old_prompt_interrupted() -> bool:
+        async with http.get(f"{sim}/sim/log") as resp:
+            return running["prompt_id"] in (await resp.json())["interrupted"]
+
+    # ComfyUI notices an interrupt when the next node starts: the delay is lifted only once
+    # the agent has asked, or the first prompt would simply finish.
+    await poll_until(old_prompt_interrupted)
     await sim_config(http, sim, node_delays_s={})
     done = await completed(cp, wf["id"])
     assert done["attempt"] == 2
