@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,8 +215,15 @@ async def hold(ws_url: str, heartbeat_s: float) -> None:
                 agent.welcomed = asyncio.Event()
             say({"ok": True})
         elif "welcomed" in command:
-            await asyncio.gather(*(a.welcomed.wait() for a in agents))
-            say({"welcomed": time.perf_counter()})
+            waits = [asyncio.ensure_future(a.welcomed.wait()) for a in agents]
+            _, missing = await asyncio.wait(waits, timeout=float(command["welcomed"]))
+            for pending in missing:
+                pending.cancel()
+            stuck = [a for a in agents if not a.welcomed.is_set()]
+            if stuck:  # what the ones left out are doing, for whoever reads the log
+                states = Counter("socket open" if a.ws is not None else "no socket" for a in stuck)
+                print(f"holder {os.getpid()}: not welcomed: {dict(states)}", file=sys.stderr, flush=True)
+            say({"welcomed": time.perf_counter(), "missing": len(missing)})
         elif "stats" in command:
             say({"busy": stats.busy, "http_5xx": stats.http_5xx, "dropped_silent": stats.dropped_silent})
 
@@ -272,9 +280,10 @@ class Holders:
     async def forget_welcomes(self) -> None:
         await self._all([{"forget_welcomes": True}] * self.count)
 
-    async def all_welcomed(self) -> float:
-        """When the last agent was welcomed (again)."""
-        return max(float(str(a["welcomed"])) for a in await self._all([{"welcomed": True}] * self.count))
+    async def all_welcomed(self, timeout_s: float) -> tuple[float, int]:
+        """When the last agent was welcomed (again), and how many were not within the time."""
+        answers = await self._all([{"welcomed": timeout_s}] * self.count)
+        return max(float(str(a["welcomed"])) for a in answers), sum(int(str(a["missing"])) for a in answers)
 
     async def stats(self) -> StormStats:
         found = await self._all([{"stats": True}] * self.count)
@@ -347,6 +356,9 @@ async def start_server(env: dict[str, str]) -> tuple[asyncio.subprocess.Process,
     return server, drain
 
 
+STORM_LIMIT_S = 300.0
+
+
 async def storm(
     holders: Holders, env: dict[str, str], heartbeat_s: float
 ) -> tuple[asyncio.subprocess.Process, asyncio.Task[bytes]]:
@@ -355,11 +367,16 @@ async def storm(
     before = await holders.stats()
     started = time.perf_counter()
     server, drain = await start_server(env)
-    all_in_s = await holders.all_welcomed() - started
+    last_at, missing = await holders.all_welcomed(STORM_LIMIT_S)
+    all_in_s = last_at - started
     await asyncio.sleep(heartbeat_s * 6)  # past the runner timeout: would the watchdog drop any?
     after = await holders.stats()
+    if missing:
+        welcomed = f"{missing} not welcomed within {STORM_LIMIT_S:g} s"
+    else:
+        welcomed = f"all welcomed {all_in_s:.1f} s after the restart"
     print(
-        f"reconnect storm of {holders.size}: all welcomed {all_in_s:.1f} s after the restart; "
+        f"reconnect storm of {holders.size}: {welcomed}; "
         f"told to come back later {after.busy - before.busy} times, "
         f"{after.http_5xx - before.http_5xx} HTTP 5xx, "
         f"{after.dropped_silent - before.dropped_silent} dropped by the watchdog",
