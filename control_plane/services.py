@@ -54,7 +54,7 @@ class Services:
             "last_seen_at": datetime.fromtimestamp(conn.last_seen_at, UTC),
         }
 
-    async def queue_position(self, wf: Workflow | WorkflowState) -> int | None:
+    def queue_position(self, wf: Workflow | WorkflowState) -> int | None:
         """A waiting workflow's place (from 1) among its account's waiting workflows with the
         same tags (those that compete for the same runners); in a runner's ComfyUI queue,
         what the runner reported."""

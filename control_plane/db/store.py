@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import String, cast, delete, func, insert, text, update
+from sqlalchemy import Select, String, cast, delete, func, insert, text, update
 from sqlalchemy import select as select_columns  # sqlmodel's select types at most four columns
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -185,8 +185,9 @@ class Store:
             s.commit()
             return bool(result.rowcount)
 
-        self._tokens.clear()
-        return await self.run(work)
+        revoked = await self.run(work)
+        self._tokens.clear()  # after the commit: a look-up meanwhile cannot cache it again
+        return revoked
 
     async def touch_token(self, token_id: str) -> None:
         def work(s: Session) -> None:
@@ -339,9 +340,7 @@ class Store:
         """Its status and little else (an event stream's first event), in one Core SELECT."""
 
         def work(s: Session) -> WorkflowState:
-            w = WORKFLOWS.c
-            query = select_columns(*(w[name] for name in STATE_COLUMNS)).where(w.id == workflow_id)
-            row = s.connection().execute(query).first()
+            row = s.connection().execute(_state_query(workflow_id)).first()
             if row is None or row.account_id != account_id:
                 raise NotFound(f"workflow {workflow_id} not found")
             return WorkflowState(*row)
@@ -559,7 +558,7 @@ class Store:
         now = utcnow()
 
         def work(s: Session) -> Workflow | None:
-            wf = _fenced(s, workflow_id, attempt, runner_id, without_graph=False)
+            wf = _fenced(s, workflow_id, attempt, runner_id)
             if wf is None:
                 return None
             wf.attempt_log = [
@@ -899,13 +898,11 @@ def _locked(s: Session, workflow_id: str, *, without_graph: bool = False) -> Wor
     return s.exec(query).first()
 
 
-def _fenced(
-    s: Session, workflow_id: str, attempt: int, runner_id: str | None, *, without_graph: bool = True
-) -> Workflow | None:
-    """The fence every write on behalf of a runner goes through: the workflow's row, locked,
-    if that runner holds that attempt of it and it has not finished; else ``None`` (the
-    report is stale: the attempt was cancelled, replaced or moved)."""
-    wf = _locked(s, workflow_id, without_graph=without_graph)
+def _fenced(s: Session, workflow_id: str, attempt: int, runner_id: str | None) -> Workflow | None:
+    """The fence on behalf of a runner (a report's is :func:`_fenced_state`), for a write
+    that needs the whole workflow: its row, locked, if that runner holds that attempt of it
+    and it has not finished; else ``None`` (the attempt was cancelled, replaced or moved)."""
+    wf = _locked(s, workflow_id)
     return wf if wf is not None and holds_current(wf, attempt, runner_id) else None
 
 
@@ -940,11 +937,14 @@ class Fault:
     min_gpu_free_bytes: int | None = None
 
 
-def _fenced_state(s: Session, workflow_id: str, attempt: int, runner_id: str | None) -> WorkflowState | None:
-    """:func:`_fenced` for a report: the few columns it needs, locked, in one Core SELECT."""
+def _state_query(workflow_id: str) -> Select[Any]:
     w = WORKFLOWS.c
-    query = select_columns(*(w[name] for name in STATE_COLUMNS)).where(w.id == workflow_id).with_for_update()
-    row = s.connection().execute(query).first()
+    return select_columns(*(w[name] for name in STATE_COLUMNS)).where(w.id == workflow_id)
+
+
+def _fenced_state(s: Session, workflow_id: str, attempt: int, runner_id: str | None) -> WorkflowState | None:
+    """The fence for a report: the few columns it needs, locked, in one Core SELECT."""
+    row = s.connection().execute(_state_query(workflow_id).with_for_update()).first()
     if row is None:
         return None
     state = WorkflowState(*row)

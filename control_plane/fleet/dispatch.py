@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -206,7 +206,7 @@ class Fleet:
         live = [
             keys
             for head, keys in (self.waiting.queues() if free else ())
-            if any(c.account_id == head.account_id and c.accepts(list(head.tags)) for c in free)
+            if any(c.account_id == head.account_id and c.accepts(head.tags) for c in free)
         ]
         # (account, tags, needs) of plain workflows no free runner can take this round.
         nowhere: set[tuple[str, str, Needs]] = set()
@@ -271,7 +271,7 @@ class Fleet:
             self.publish_status(failed)
 
     def _eligible(
-        self, account_id: str, tags: list[str], need: Needs, among: list[AgentConnection] | None = None
+        self, account_id: str, tags: Collection[str], need: Needs, among: list[AgentConnection] | None = None
     ) -> list[AgentConnection]:
         return [
             c
@@ -295,7 +295,7 @@ class Fleet:
         the least loaded. Ties go to the longest connected: never random."""
         need = wf.need
         # A plain workflow can only go to a free runner: only those need looking at.
-        eligible = self._eligible(wf.account_id, list(wf.tags), need, free if wf.plain else None)
+        eligible = self._eligible(wf.account_id, wf.tags, need, free if wf.plain else None)
         preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
         if preferred is not None:
             if preferred.free_slots > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -179,14 +180,14 @@ class AgentConnection:
         """The most free memory on any one of the runner's GPUs, as last reported."""
         return max((g.memory_free_bytes or 0 for g in self.capacity.gpus), default=0)
 
-    def accepts(self, workflow_tags: list[str]) -> bool:
+    def accepts(self, workflow_tags: Collection[str]) -> bool:
         """Untagged runners take anything; tagged ones need every workflow tag."""
         # Health is not checked here: an agent offers only its healthy ComfyUI instances'
         # slots, so a runner with one instance down still takes work on the others.
         return self.status == RUNNER_ACTIVE and tags_match(self.tags, workflow_tags)
 
 
-def tags_match(runner_tags: list[str], workflow_tags: list[str]) -> bool:
+def tags_match(runner_tags: Collection[str], workflow_tags: Collection[str]) -> bool:
     return not runner_tags or set(workflow_tags) <= set(runner_tags)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from control_plane.db.store import Store
 from control_plane.db.tables import Account, IdempotencyRecord, Workflow, new_workflow, tag_index, utcnow
-from control_plane.fleet.capabilities import Offers, check_values, missing, needs
+from control_plane.fleet.capabilities import Needs, Offers, check_values, missing, needs
 from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.rate_limits import RateLimiter
 from control_plane.fleet.registry import Registry, tags_match
@@ -108,14 +108,17 @@ class Submissions:
 
     async def check_runner_available(
         self, account: Account, tags: list[str], workflow_json: dict[str, Any], values: dict[str, str]
-    ) -> None:
+    ) -> Needs:
         """400 unless some active runner with matching tags can run the workflow, as far as
         anyone knows (a runner that never connected has not said what it lacks). The runners
-        come from the store's short-lived cache; a refusal is only ever made on a fresh read."""
+        come from the store's short-lived cache; a refusal is only ever made on a fresh read.
+        Returns what the workflow needs (dispatch keeps it)."""
+        need = needs(workflow_json, values)
         try:
-            await self._check_runners(account, tags, workflow_json, values, fresh=False)
+            await self._check_runners(account, tags, workflow_json, values, need, fresh=False)
         except BadRequest:
-            await self._check_runners(account, tags, workflow_json, values, fresh=True)
+            await self._check_runners(account, tags, workflow_json, values, need, fresh=True)
+        return need
 
     async def _check_runners(
         self,
@@ -123,6 +126,7 @@ class Submissions:
         tags: list[str],
         workflow_json: dict[str, Any],
         values: dict[str, str],
+        need: Needs,
         *,
         fresh: bool,
     ) -> None:
@@ -133,7 +137,6 @@ class Submissions:
         ]
         if not runners:
             raise BadRequest(f"no runner available with matching tags {tags}")
-        need = needs(workflow_json, values)
         shortfalls: list[tuple[str, list[str]]] = []
         capable: list[Offers] = []
         unknown = False
@@ -177,7 +180,7 @@ class Submissions:
             raise BadRequest(str(exc)) from exc
         timeout_s = self.resolve_timeout(account, sent.timeout_s, default_timeout_s)
         await self.check_tier(account, sent.parameter_count)
-        await self.check_runner_available(account, tags, workflow_json, values)
+        need = await self.check_runner_available(account, tags, workflow_json, values)
         params = WorkflowParams(values=values, files={n: f for n, f in sent.files.items() if n in parameters})
         wf = new_workflow(
             account_id=account.id,
@@ -188,7 +191,7 @@ class Submissions:
             workflow_params=params.stored(),
             correlation_id=sent.correlation_id,
         )
-        wf = await self._add(account, wf, timeout_s, receipt)
+        wf = await self._add(account, wf, timeout_s, receipt, need)
         log.info("workflow %s accepted for account %s", wf.id, account.name)
         return wf
 
@@ -206,7 +209,7 @@ class Submissions:
             raise BadRequest(str(exc)) from exc
         timeout_s = self.resolve_timeout(account, sent.timeout_s, original.timeout_s)
         await self.check_tier(account, sent.parameter_count)
-        await self.check_runner_available(account, original.tags, original.workflow_json, values)
+        need = await self.check_runner_available(account, original.tags, original.workflow_json, values)
         params = WorkflowParams(values=values, files={**before.files, **sent.files})
         wf = new_workflow(
             account_id=account.id,
@@ -218,11 +221,13 @@ class Submissions:
             correlation_id=sent.correlation_id or original.correlation_id,
             parent_id=original.id,
         )
-        wf = await self._add(account, wf, timeout_s, receipt)
+        wf = await self._add(account, wf, timeout_s, receipt, need)
         log.info("workflow %s is a rerun of %s", wf.id, original.id)
         return wf
 
-    async def _add(self, account: Account, wf: Workflow, timeout_s: int, receipt: Receipt | None) -> Workflow:
+    async def _add(
+        self, account: Account, wf: Workflow, timeout_s: int, receipt: Receipt | None, need: Needs
+    ) -> Workflow:
         """Store a new workflow with its limits and its first wait for a runner, then wake
         dispatch."""
         now = utcnow()
@@ -231,5 +236,5 @@ class Submissions:
         wf.queue_timeout_s = self.tier(account).max_queue_s
         wf.deadline_at = now + timedelta(seconds=wf.queue_timeout_s)
         wf = await self.store.add_workflow(wf, receipt(wf) if receipt is not None else None)
-        self.fleet.enqueue(wf)
+        self.fleet.enqueue(wf, need)
         return wf

@@ -82,7 +82,7 @@ async def get_workflow(request: web.Request) -> web.Response:
     svc = services(request)
     principal = await svc.auth.client(request)
     wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
-    queue_number = await svc.queue_position(wf)
+    queue_number = svc.queue_position(wf)
     children = await svc.store.child_ids(wf.id)
     tasks = await svc.store.tasks(wf.id, wf.attempt)
     return web.json_response(workflow_view(wf, queue_number=queue_number, children=children, tasks=tasks))
@@ -192,7 +192,7 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
         )
         await resp.prepare(request)
         try:
-            await _stream(resp, queue, wf, await svc.queue_position(wf))
+            await _stream(resp, queue, wf, svc.queue_position(wf))
             await resp.write_eof()
         except ConnectionResetError:
             # The client left: an ordinary end of a stream, not an error.
