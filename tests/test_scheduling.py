@@ -64,6 +64,11 @@ async def three(cp: ControlPlane, tmp_path: Path, start_agent: AgentFactory) -> 
         await start_agent(cp.base, runner["token"], url, nvml=NvmlProbe(FakeNvml(fake)) if fake else None)
         runners[name] = runner
         runners["sims"][name] = url
+        # One connected after the other: ties go to the longest connected, and the tests say
+        # which that is (on a busy machine a later agent could otherwise get in first).
+        await cp.services.fleet.wait_for(
+            lambda rid=runner["id"]: cp.services.registry.get(rid) is not None, timeout_s=10
+        )
     registry = cp.services.registry
     await cp.services.fleet.wait_for(
         lambda: len(registry.all()) == 3 and all(c.free_slots > 0 for c in registry.all()), timeout_s=10
