@@ -9,21 +9,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, String, cast, delete, func, insert, text, update
-from sqlalchemy import select as select_columns  # sqlmodel's select types at most four columns
+from sqlalchemy import String, cast, delete, func, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import defer
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
+from control_plane.db import reports
 from control_plane.db.database import Database
 from control_plane.db.read_cache import ReadCache
-from control_plane.db.rows import STATE_COLUMNS, WorkflowState
+from control_plane.db.rows import WorkflowState
 from control_plane.db.tables import (
-    OUTPUTS,
     RUNNERS,
-    TASKS,
     TOKENS,
     WORKFLOWS,
     Account,
@@ -35,24 +33,19 @@ from control_plane.db.tables import (
     Template,
     Workflow,
     as_utc,
-    new_id,
     utcnow,
 )
 from control_plane.failpoints import FailPoints
 from control_plane.model.errors import NotFound
 from control_plane.model.figures import FleetFigures
 from control_plane.model.lifecycle import (
-    OPEN_TASK,
     TERMINAL,
     TaskStatus,
     WorkflowStatus,
     holds_current,
-    is_terminal,
-    moves_back,
     start_next_attempt,
     task_end,
 )
-from control_plane.model.params import Resolved, WorkflowParams
 
 # How long a retried attempt waits before it is dispatched: doubling per attempt up to this.
 _MAX_BACKOFF_S = 30.0
@@ -317,7 +310,7 @@ class Store:
         row = {column.key: getattr(workflow, column.key) for column in WORKFLOWS.columns}
 
         def work(s: Session) -> Workflow:
-            s.connection().execute(insert(WORKFLOWS).values(**row))
+            s.connection().execute(reports.INSERT_WORKFLOW, row)
             if receipt is not None:
                 s.add(receipt)
             _commit_receipt(s, receipt, lambda: self._fail.hit("before_workflow_commit"))
@@ -340,10 +333,10 @@ class Store:
         """Its status and little else (an event stream's first event), in one Core SELECT."""
 
         def work(s: Session) -> WorkflowState:
-            row = s.connection().execute(_state_query(workflow_id)).first()
-            if row is None or row.account_id != account_id:
+            state = reports.workflow_state(s.connection(), workflow_id)
+            if state is None or state.account_id != account_id:
                 raise NotFound(f"workflow {workflow_id} not found")
-            return WorkflowState(*row)
+            return state
 
         return await self.run(work)
 
@@ -423,26 +416,20 @@ class Store:
         now = utcnow()
 
         def work(s: Session) -> tuple[dict[str, Any], dict[str, Any]] | None:
-            w = WORKFLOWS.c
             result = s.connection().execute(
-                update(WORKFLOWS)
-                .where(
-                    w.id == workflow_id,
-                    w.attempt == attempt,
-                    w.status == WorkflowStatus.ACCEPTED,
-                    w.runner_id.is_(None),
-                )
-                # The preference has done its job once the workflow is placed; a requeue of
-                # this attempt goes wherever it can.
-                .values(
-                    runner_id=runner_id,
-                    dispatched_at=now,
-                    updated_at=now,
-                    queue_number=None,
-                    preferred_runner_id=None,
-                    deadline_at=now + timedelta(seconds=timeout_s),
-                )
-                .returning(w.workflow_json, w.workflow_params)
+                reports.CLAIM,
+                {
+                    "b_id": workflow_id,
+                    "b_attempt": attempt,
+                    "runner_id": runner_id,
+                    "dispatched_at": now,
+                    "updated_at": now,
+                    "queue_number": None,
+                    # The preference has done its job once the workflow is placed; a
+                    # requeue of this attempt goes wherever it can.
+                    "preferred_runner_id": None,
+                    "deadline_at": now + timedelta(seconds=timeout_s),
+                },
             )
             claimed = result.first()
             s.commit()
@@ -483,7 +470,7 @@ class Store:
         *,
         resolved_params: dict[str, Any] | None = None,
         outputs: list[Output] | None = None,
-        node_event: tuple[str, str | None, str] | None = None,
+        node_events: Sequence[reports.NodeEvent] = (),
         failed_node: tuple[str, str, str] | None = None,
     ) -> WorkflowState | None:
         """Apply an agent's report in one transaction, fenced: only the runner holding the
@@ -492,19 +479,18 @@ class Store:
         ended the attempt. ``None`` when the report is stale."""
 
         def work(s: Session) -> WorkflowState | None:
-            wf = _fenced_state(s, workflow_id, attempt, runner_id)
+            wf = reports.fenced_state(s, workflow_id, attempt, runner_id)
             if wf is None:
                 return None
-            _apply_report(s, wf, changes, resolved_params)
+            reports.apply_report(s, wf, changes, resolved_params)
             for output in outputs or ():
-                if not _has_output(s, output):
-                    s.add(output)
-            if node_event is not None:
-                _record_node_event(s, workflow_id, attempt, *node_event)
+                if not reports.same_output(s, output):
+                    reports.add_output(s, output)
+            reports.record_node_events(s, workflow_id, attempt, node_events)
             if failed_node is not None:
-                _note_task(s, workflow_id, attempt, *failed_node)
+                reports.note_task(s, workflow_id, attempt, *failed_node)
             if wf.status in TERMINAL:
-                _close_tasks(s, workflow_id, attempt, task_end(wf.status))
+                reports.close_tasks(s, workflow_id, attempt, task_end(wf.status))
             s.commit()
             return wf
 
@@ -524,7 +510,7 @@ class Store:
                 now,
                 None,
             )
-            _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED)
+            reports.close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED)
             s.add(wf)
             s.commit()
             return wf
@@ -572,11 +558,11 @@ class Store:
                 },
             ]
             if fault.node_id is not None:
-                _note_task(
+                reports.note_task(
                     s, workflow_id, attempt, fault.node_id, fault.reason, fault.kind, TaskStatus.FAILED
                 )
             if wf.attempt >= fault.max_attempts:
-                _close_tasks(s, workflow_id, wf.attempt, TaskStatus.FAILED, fault.reason, fault.kind)
+                reports.close_tasks(s, workflow_id, wf.attempt, TaskStatus.FAILED, fault.reason, fault.kind)
                 tries = "attempt" if wf.attempt == 1 else "attempts"
                 every = "; ".join(f"attempt {e['attempt']}: {e['reason']}" for e in wf.attempt_log)
                 wf.status, wf.completed_at, wf.deadline_at = WorkflowStatus.FAILED, now, None
@@ -584,7 +570,7 @@ class Store:
                 wf.exception_type = fault.exception_type or wf.exception_type
                 wf.exception_message = f"gave up after {wf.attempt} {tries}: {every}"
             else:
-                _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, fault.reason, fault.kind)
+                reports.close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, fault.reason, fault.kind)
                 start_next_attempt(wf, now)
                 wf.not_before = now + timedelta(
                     seconds=min(_MAX_BACKOFF_S, fault.backoff_s * 2 ** (attempt - 1))
@@ -678,7 +664,7 @@ class Store:
                 wf.exception_message = f"attempt {wf.attempt} ran longer than its timeout of {wf.timeout_s} s"
                 reason = wf.exception_message
             wf.status, wf.completed_at, wf.updated_at, wf.deadline_at = WorkflowStatus.FAILED, now, now, None
-            _close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, reason, "workflow")
+            reports.close_tasks(s, workflow_id, wf.attempt, TaskStatus.CANCELED, reason, "workflow")
             s.add(wf)
             s.commit()
             return wf, held_by
@@ -762,15 +748,13 @@ class Store:
         file uploaded again (a retry, an agent that restarted) gives the output already
         recorded. ``(output, created)``, or ``None`` when the attempt is no longer current."""
 
-        row = {column.key: getattr(output, column.key) for column in OUTPUTS.columns}
-
         def work(s: Session) -> tuple[Output, bool] | None:
-            if _fenced_state(s, output.workflow_id, output.attempt, runner_id) is None:
+            if reports.fenced_state(s, output.workflow_id, output.attempt, runner_id) is None:
                 return None
-            same = _has_output(s, output)
+            same = reports.same_output(s, output)
             if same is not None:
                 return same, False
-            s.connection().execute(insert(OUTPUTS).values(**row))
+            reports.add_output(s, output)
             s.commit()
             return output, True
 
@@ -780,12 +764,7 @@ class Store:
         """What an attempt has uploaded so far, in all."""
 
         def work(s: Session) -> int:
-            total = s.exec(
-                select(func.coalesce(func.sum(Output.size_bytes), 0)).where(
-                    Output.workflow_id == workflow_id, Output.attempt == attempt
-                )
-            )
-            return int(total.one())
+            return reports.output_bytes(s, workflow_id, attempt)
 
         return await self.run(work)
 
@@ -937,61 +916,6 @@ class Fault:
     min_gpu_free_bytes: int | None = None
 
 
-def _state_query(workflow_id: str) -> Select[Any]:
-    w = WORKFLOWS.c
-    return select_columns(*(w[name] for name in STATE_COLUMNS)).where(w.id == workflow_id)
-
-
-def _fenced_state(s: Session, workflow_id: str, attempt: int, runner_id: str | None) -> WorkflowState | None:
-    """The fence for a report: the few columns it needs, locked, in one Core SELECT."""
-    row = s.connection().execute(_state_query(workflow_id).with_for_update()).first()
-    if row is None:
-        return None
-    state = WorkflowState(*row)
-    return state if holds_current(state, attempt, runner_id) else None
-
-
-def _apply_report(
-    s: Session, wf: WorkflowState, changes: dict[str, Any], resolved_params: dict[str, Any] | None
-) -> None:
-    """A fenced report's changes on the workflow, never moving its status back: set on the
-    state (the caller's answer) and written with one UPDATE of the columns that change."""
-    status = changes.get("status")
-    if status is not None and moves_back(wf.status, status):
-        changes = {k: v for k, v in changes.items() if k not in ("status", "started_at")}
-    values = dict(changes, updated_at=utcnow())
-    if resolved_params is not None:
-        params = WorkflowParams.of(wf.workflow_params)
-        params.resolved = Resolved.model_validate(resolved_params)
-        values["workflow_params"] = params.stored()
-    if is_terminal(values.get("status", wf.status)):
-        values["deadline_at"] = None
-    for key, value in values.items():
-        if hasattr(wf, key):
-            setattr(wf, key, value)
-    s.connection().execute(update(WORKFLOWS).where(WORKFLOWS.c.id == wf.id).values(**values))
-
-
-def _has_output(s: Session, output: Output) -> Output | None:
-    """The same output already recorded for the attempt (an upload or report sent again):
-    looked for with a Core SELECT, loaded as an object only when found (seldom)."""
-    o = OUTPUTS.c
-    same = (
-        s.connection()
-        .execute(
-            select_columns(o.id).where(
-                o.workflow_id == output.workflow_id,
-                o.attempt == output.attempt,
-                o.node_id == output.node_id,
-                o.filename == output.filename,
-                o.sha256 == output.sha256,
-            )
-        )
-        .first()
-    )
-    return None if same is None else s.get(Output, same[0])
-
-
 def _commit_receipt(
     s: Session, receipt: IdempotencyRecord | None, before_commit: Callable[[], None] | None = None
 ) -> None:
@@ -1006,87 +930,6 @@ def _commit_receipt(
             raise
         s.rollback()
         raise KeyTaken(receipt.key) from None
-
-
-def _close_tasks(
-    s: Session,
-    workflow_id: str,
-    attempt: int,
-    status: str,
-    reason: str | None = None,
-    kind: str | None = None,
-) -> None:
-    """Close an attempt's open tasks (ComfyUI sends ``executed`` for output nodes only, so a
-    node that started and heard nothing more ended with the prompt)."""
-    values: dict[str, Any] = {"status": status, "ended_at": utcnow()}
-    if reason is not None:
-        values.update(reason=reason, failure_kind=kind)
-    s.flush()  # a Core statement: what the session holds goes first
-    t = TASKS.c
-    s.connection().execute(
-        update(TASKS)
-        .where(t.workflow_id == workflow_id, t.attempt == attempt, t.status.in_(OPEN_TASK))
-        .values(**values)
-    )
-
-
-def _note_task(
-    s: Session,
-    workflow_id: str,
-    attempt: int,
-    node_id: str,
-    reason: str,
-    kind: str,
-    status: str | None = None,
-) -> None:
-    """Say on a node's task why it did not complete (its error, and whose fault it was)."""
-    values: dict[str, Any] = {"reason": reason, "failure_kind": kind}
-    if status is not None:
-        values.update(status=status, ended_at=utcnow())
-    s.flush()  # a Core statement: what the session holds goes first
-    t = TASKS.c
-    s.connection().execute(
-        update(TASKS)
-        .where(t.workflow_id == workflow_id, t.attempt == attempt, t.node_id == node_id)
-        .values(**values)
-    )
-
-
-def _record_node_event(
-    s: Session, workflow_id: str, attempt: int, node_id: str, class_type: str | None, event: str
-) -> None:
-    """Fold one ComfyUI node event into the task record of that node and attempt (Core: a
-    report's statements stay off the ORM's unit of work)."""
-    now = utcnow()
-    t = TASKS.c
-    where = (t.workflow_id == workflow_id, t.attempt == attempt, t.node_id == node_id)
-    found = s.connection().execute(select_columns(t.status, t.started_at).where(*where)).first()
-    status, started_at = (found[0], found[1]) if found is not None else (TaskStatus.SCHEDULED, None)
-    values: dict[str, Any] = {}
-    if event in ("executing", "progress") and status == TaskStatus.SCHEDULED:
-        values = {"status": TaskStatus.IN_PROGRESS, "started_at": now}
-    elif event == "cached":
-        values = {"status": TaskStatus.COMPLETED, "cached": True, "ended_at": now}
-    elif event == "executed":
-        values = {"status": TaskStatus.COMPLETED, "ended_at": now, "started_at": started_at or now}
-    elif event == "error":
-        values = {"status": TaskStatus.FAILED, "ended_at": now}
-    elif event == "interrupted":
-        values = {"status": TaskStatus.CANCELED, "ended_at": now}
-    if found is None:
-        new = {"status": TaskStatus.SCHEDULED, "cached": False} | values
-        s.connection().execute(
-            insert(TASKS).values(
-                task_id=new_id(),
-                workflow_id=workflow_id,
-                attempt=attempt,
-                node_id=node_id,
-                class_type=class_type,
-                **new,
-            )
-        )
-    elif values:
-        s.connection().execute(update(TASKS).where(*where).values(**values))
 
 
 def day_ago() -> datetime:

@@ -427,7 +427,7 @@ class Fleet:
             conn.runner_id,
             changes,
             resolved_params=msg.resolved_params,
-            node_event=(msg.node.node_id, msg.node.class_type, msg.node.event) if msg.node else None,
+            node_events=[(msg.node.node_id, msg.node.class_type, msg.node.event)] if msg.node else (),
             failed_node=(error.node_id, error.message, error.kind) if error and error.node_id else None,
         )
         if wf is None:
