@@ -91,6 +91,9 @@ class Settings:
     max_job_output_bytes: int = 16 * 1024**3
     # How often deadlines (timeouts, queue limits) are looked at.
     deadline_sweep_s: float = 1.0
+    # Node and progress reports reach subscribers at once and the store with the job's next
+    # report, or this long after they came when none follows (a long node).
+    node_report_write_s: float = 0.5
     # A rerun from a node waits this long for the runner whose cache holds its upstream
     # nodes to have a free slot, then goes to any runner that can run it.
     rerun_affinity_wait_s: float = 60.0
@@ -120,6 +123,8 @@ class Settings:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         failpoints.parse(self.failpoints)
+        if self.node_report_write_s <= 0:
+            raise ValueError("node_report_write_s must be positive")
         if self.retry_backoff_s < 0 or self.deadline_sweep_s <= 0:
             raise ValueError("retry_backoff_s must not be negative and deadline_sweep_s must be positive")
         return self

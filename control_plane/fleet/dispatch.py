@@ -22,12 +22,14 @@ from datetime import datetime
 from typing import Any
 
 from control_plane.db.blobs import BlobStore
+from control_plane.db.reports import NodeEvent
 from control_plane.db.rows import WorkflowState
 from control_plane.db.store import Fault, Store
 from control_plane.db.tables import IdempotencyRecord, Output, Workflow, as_utc, utcnow
 from control_plane.fleet.capabilities import Needs, can_run, needs
 from control_plane.fleet.events import EventHub, cause_event, output_event, status_event
 from control_plane.fleet.metrics import Metrics
+from control_plane.fleet.node_reports import Held, NodeReports
 from control_plane.fleet.registry import AgentConnection, Registry
 from control_plane.fleet.waiting import Waiting, WaitingIndex, waits
 from control_plane.model.errors import NotFound
@@ -98,6 +100,7 @@ class Fleet:
         self.hub = hub
         self._wake = asyncio.Event()
         self.waiting = WaitingIndex()
+        self.node_reports = NodeReports(self._write_held, settings.node_report_write_s)
         self._wake_later: asyncio.TimerHandle | None = None
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -120,6 +123,7 @@ class Fleet:
         self.kick()
 
     async def stop(self) -> None:
+        await self.node_reports.close()
         for handle in self._grace.values():
             handle.cancel()
         self._grace.clear()
@@ -350,6 +354,7 @@ class Fleet:
 
     async def runner_disconnected(self, conn: AgentConnection, *, left: bool = False) -> None:
         self.changed()
+        await self.node_reports.flush_runner(conn.runner_id)
         if not conn.jobs:
             return
         if left:
@@ -398,6 +403,7 @@ class Fleet:
         await self._retry(wf.id, wf.attempt, wf.runner_id, self._fault("infrastructure", reason))
 
     async def _retry(self, workflow_id: str, attempt: int, runner_id: str | None, fault: Fault) -> bool:
+        await self.node_reports.flush(workflow_id)
         updated = await self.store.retry(workflow_id, attempt, runner_id, fault)
         if updated is None:
             return False
@@ -412,6 +418,8 @@ class Fleet:
         return True
 
     async def job_update(self, conn: AgentConnection, msg: JobUpdate) -> None:
+        if self._held_back(conn, msg):
+            return
         status = WorkflowStatus(msg.status) if msg.status is not None else None
         error = msg.error
         if status == WorkflowStatus.FAILED and error is not None and error.kind != "workflow":
@@ -421,19 +429,28 @@ class Fleet:
                 return
             # Out of memory with nowhere roomier to go: the workflow's own failure after all.
         changes = self._changes_of(msg, status)
+        node_events: list[NodeEvent] = (
+            [(msg.node.node_id, msg.node.class_type, msg.node.event)] if msg.node else []
+        )
+        held = await self.node_reports.take(msg.workflow_id, msg.attempt, conn.runner_id)
+        if held is not None:
+            node_events = [*held.events, *node_events]
+            if held.progress is not None:
+                changes.setdefault("progress", held.progress)
         wf = await self.store.update_current(
             msg.workflow_id,
             msg.attempt,
             conn.runner_id,
             changes,
             resolved_params=msg.resolved_params,
-            node_events=[(msg.node.node_id, msg.node.class_type, msg.node.event)] if msg.node else (),
+            node_events=node_events,
             failed_node=(error.node_id, error.message, error.kind) if error and error.node_id else None,
         )
         if wf is None:
             log.info("workflow %s: dropped stale update for attempt %d", msg.workflow_id, msg.attempt)
             await self._stale(conn, msg.workflow_id, msg.attempt, final=status in TERMINAL)
             return
+        self.node_reports.written(wf.id, wf.attempt, conn.runner_id, finished=wf.status in TERMINAL)
         self._announce(msg, wf, changes)
         if status == WorkflowStatus.UPLOADED:
             # The go-ahead, once ``uploaded`` is on record: a workflow cancelled before that
@@ -442,6 +459,30 @@ class Fleet:
         if wf.status in TERMINAL:
             conn.let_go(wf.id)
             await conn.send(JobAck(workflow_id=wf.id, attempt=wf.attempt))
+
+    def _held_back(self, conn: AgentConnection, msg: JobUpdate) -> bool:
+        """A node or progress report of a job whose last write went through: subscribers
+        hear it now, the store with the job's next write (node_reports.py)."""
+        node = msg.node
+        if node is None or msg.status is not None or msg.error is not None or msg.resolved_params is not None:
+            return False
+        if msg.prompt_id is not None or msg.queue_number is not None:
+            return False
+        event = (node.node_id, node.class_type, node.event)
+        if not self.node_reports.hold(msg.workflow_id, msg.attempt, conn.runner_id, event, msg.progress):
+            return False
+        self.hub.publish(msg.workflow_id, "node", {**node.model_dump(), "progress": msg.progress})
+        self.changed()
+        return True
+
+    async def _write_held(self, workflow_id: str, held: Held) -> None:
+        changes = {} if held.progress is None else {"progress": held.progress}
+        try:
+            await self.store.update_current(
+                workflow_id, held.attempt, held.runner_id, changes, node_events=held.events
+            )
+        except Exception:  # a loop boundary (a timer's write): the next report tries again
+            log.exception("workflow %s: writing its node reports failed", workflow_id)
 
     def _changes_of(self, msg: JobUpdate, status: WorkflowStatus | None) -> dict[str, Any]:
         """The workflow's columns a report changes (``completed`` comes with ``job_done``)."""
@@ -517,13 +558,16 @@ class Fleet:
     async def job_done(self, conn: AgentConnection, msg: JobDone) -> None:
         now = utcnow()
         texts, new_blobs = await self._text_outputs(conn, msg)
+        held = await self.node_reports.take(msg.workflow_id, msg.attempt, conn.runner_id)
         wf = await self.store.update_current(
             msg.workflow_id,
             msg.attempt,
             conn.runner_id,
             {"status": WorkflowStatus.COMPLETED, "completed_at": now, "progress": 1.0, "queue_number": None},
             outputs=texts,
+            node_events=held.events if held is not None else (),
         )
+        self.node_reports.written(msg.workflow_id, msg.attempt, conn.runner_id, finished=True)
         if wf is None:
             log.info("workflow %s: dropped stale completion of attempt %d", msg.workflow_id, msg.attempt)
             for sha256 in new_blobs:
@@ -598,6 +642,7 @@ class Fleet:
     async def expire_deadlines(self) -> None:
         now = utcnow()
         for workflow_id in await self.store.expired(now):
+            await self.node_reports.flush(workflow_id)
             expired = await self.store.expire(workflow_id, now)
             if expired is None:
                 continue
@@ -618,6 +663,7 @@ class Fleet:
 
     async def cancel(self, wf: Workflow) -> Workflow | None:
         """Cancel a workflow that has not finished; ``None`` if it already had."""
+        await self.node_reports.flush(wf.id)
         cancelled = await self.store.cancel_workflow(wf.id)
         if cancelled is None:
             return None
@@ -639,6 +685,7 @@ class Fleet:
         """The Conductor-compatible rerun: the next attempt of ``wf``. An ongoing attempt is
         interrupted on its runner; the new one waits for a runner like any other (the
         preferred one, if set)."""
+        await self.node_reports.flush(wf.id)
         updated = await self.store.new_attempt(wf.id, wf.attempt, changes, rerun_nodes, receipt)
         if updated is None:
             return None
