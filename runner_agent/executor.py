@@ -25,6 +25,7 @@ report, so that a restarted agent picks the job up where it was (:attr:`saved`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -210,24 +211,36 @@ class JobExecution:
             status="uploaded",
             resolved_params=resolved,
         )
+        translator = EventTranslator(
+            prompt, nodes_to_run(prompt, await self.deps.comfy_info.output_classes())
+        )
+        prompt_id = str(uuid.uuid4())
+        saved = SavedPrompt(prompt_id, self.deps.comfy.base_url, prompt)
+        async with contextlib.AsyncExitStack() as stack:
+            # While the go-ahead is on its way, the socket to ComfyUI opens and the prompt
+            # goes to disk (before ComfyUI has it: a restarted agent then follows it rather
+            # than leave it running for nobody). Neither waits for the control plane.
+            ready = asyncio.gather(
+                stack.enter_async_context(self._watch(events=True)), self.folder.save_prompt(self.job, saved)
+            )
+            try:
+                await self._go_ahead(uploaded)
+            finally:
+                watch, _ = await ready
+            if self.stopping:
+                raise _Stopped
+            await self._post(prompt, watch.client_id, prompt_id)
+            outcome = await self._follow(watch, prompt_id, translator)
+        await self._conclude(await self._replay(outcome, translator))
+
+    async def _go_ahead(self, uploaded: JobUpdate) -> None:
+        """Say ``uploaded`` and wait for the control plane's go-ahead."""
         self.awaiting_go = uploaded
         try:
             await self._send(uploaded)
             await self._wait_for_go()
         finally:
             self.awaiting_go = None
-        to_run = nodes_to_run(prompt, await self.deps.comfy_info.output_classes())
-        translator = EventTranslator(prompt, to_run)
-        async with self._watch(events=True) as watch:
-            if self.stopping:
-                raise _Stopped
-            prompt_id = str(uuid.uuid4())
-            # On disk before ComfyUI has it: a restarted agent then follows this prompt
-            # rather than leave it running for nobody.
-            await self.folder.save_prompt(self.job, SavedPrompt(prompt_id, self.deps.comfy.base_url, prompt))
-            await self._post(prompt, watch.client_id, prompt_id)
-            outcome = await self._follow(watch, prompt_id, translator)
-        await self._conclude(await self._replay(outcome, translator))
 
     async def _fill_in(self, file_names: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
         input_types = await self.deps.comfy_info.input_types()
