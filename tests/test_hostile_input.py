@@ -287,6 +287,32 @@ async def test_an_output_over_the_limits_is_a_413_before_its_body(
         await runner1.cleanup()
 
 
+async def test_an_output_that_is_not_what_its_sha256_says_is_a_400_and_kept_nowhere(cp: ControlPlane) -> None:
+    from tests.test_faults import bare_agent, next_of
+
+    ws, runner = await bare_agent(cp, "hand")
+    try:
+        await ws.send(dump_message(Ready(free_slots=1)))
+        wf = await submit_slow(cp)
+        await next_of(ws, "job")
+        auth = {"Authorization": f"Bearer {runner['token']}"}
+        # A small output is read whole, a large one streamed: both are checked.
+        for size in (1000, 6 * 1024**2):
+            sent = b"\x89PNG" * (size // 4)
+            claimed = hashlib.sha256(sent[:-1] + b"!").hexdigest()  # one byte damaged on the way
+            url = f"/v1/agent/jobs/{wf}/outputs?attempt=1&node_id=3&filename=a{size}.png"
+            status, answer = await cp.request(
+                "PUT", url, headers={**auth, "X-Content-SHA256": claimed}, data=sent
+            )
+            assert status == 400 and "sha256 mismatch" in answer["message"], (size, answer)
+            assert not cp.services.blobs.exists(hashlib.sha256(sent).hexdigest())
+        _, listing = await cp.request("GET", f"/v1/workflow/{wf}/outputs")
+        assert listing["outputs"] == []
+        assert list((cp.settings.blob_dir / "tmp").iterdir()) == []  # no half-written file left
+    finally:
+        await ws.close()
+
+
 async def test_outputs_download_with_nosniff_and_only_harmless_types_as_declared(cp: ControlPlane) -> None:
     from control_plane.web.workflows import safe_content_type
 

@@ -8,7 +8,7 @@ import mimetypes
 import aiohttp
 from aiohttp import web
 
-from control_plane.db.blobs import SHA256
+from control_plane.db.blobs import SHA256, StoredBlob
 from control_plane.db.tables import Output
 from control_plane.fleet.events import output_event
 from control_plane.model.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
@@ -22,6 +22,8 @@ routes = web.RouteTableDef()
 
 # Outputs can be videos: larger than client uploads, but still bounded, one by one and in all.
 MAX_OUTPUT_BYTES = 4 * 1024**3
+# An output up to this size is read whole and stored in one go; a larger one is streamed.
+SMALL_OUTPUT_BYTES = 4 * 1024**2
 
 
 @routes.get(FILE_PATH)
@@ -37,6 +39,28 @@ async def download_input(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(svc.blobs.path(sha), headers={"Content-Type": "application/octet-stream"})
 
 
+def _int_or_none(raw: str | None) -> int | None:
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
+
+
+async def _store_body(request: web.Request, svc: Services, limit: int, expected_sha256: str) -> StoredBlob:
+    declared = request.content_length
+    try:
+        if declared is not None and declared <= SMALL_OUTPUT_BYTES:
+            # Most outputs (an image, a short clip) fit in memory: one thread call stores them.
+            return await svc.blobs.put(await request.read(), max_bytes=limit, expected_sha256=expected_sha256)
+        return await svc.blobs.write(
+            request.content.iter_chunked(64 * 1024), max_bytes=limit, expected_sha256=expected_sha256
+        )
+    except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+        # The agent went away mid-upload (it retries, or its job runs again): nothing is kept.
+        log.info("output upload to %s broke off: %s", request.path, exc)
+        raise BadRequest("the upload broke off before its end") from None
+
+
 @routes.put(OUTPUTS_PATH)
 async def upload_output(request: web.Request) -> web.Response:
     """One output of the runner's current attempt, streamed into the blob store and checked
@@ -44,13 +68,15 @@ async def upload_output(request: web.Request) -> web.Response:
     answered with the output already recorded (200 rather than 201)."""
     svc: Services = request.app[Services.KEY]
     runner = await svc.auth.runner(request)
-    wf = await svc.store.get_workflow(runner.account_id, request.match_info["workflow_id"])
     q = request.query
-    try:
-        attempt = int(q["attempt"])
-        node_id, filename = q["node_id"], q["filename"]
-    except (KeyError, ValueError) as exc:
-        raise BadRequest("attempt, node_id and filename are required query parameters") from exc
+    attempt = _int_or_none(q.get("attempt"))
+    # Another account's workflow is a 404 whatever else is wrong with the request.
+    wf, uploaded_bytes = await svc.store.upload_state(
+        runner.account_id, request.match_info["workflow_id"], attempt, runner.id
+    )
+    node_id, filename = q.get("node_id"), q.get("filename")
+    if attempt is None or node_id is None or filename is None:
+        raise BadRequest("attempt, node_id and filename are required query parameters")
     expected_sha256 = request.headers.get(SHA256_HEADER, "")
     if not SHA256.fullmatch(expected_sha256.lower()):
         raise BadRequest("X-Content-SHA256 must be the sha256 of the body, in hex")
@@ -60,7 +86,7 @@ async def upload_output(request: web.Request) -> web.Response:
     declared = request.content_length
     if declared is not None and declared > MAX_OUTPUT_BYTES:
         raise PayloadTooLarge(f"an output is at most {MAX_OUTPUT_BYTES} bytes; this one declares {declared}")
-    room = svc.settings.max_job_output_bytes - await svc.store.output_bytes(wf.id, attempt)
+    room = svc.settings.max_job_output_bytes - uploaded_bytes
     if declared is not None and declared > room:
         raise PayloadTooLarge(
             f"attempt {attempt} of workflow {wf.id} may upload {svc.settings.max_job_output_bytes} bytes "
@@ -69,16 +95,7 @@ async def upload_output(request: web.Request) -> web.Response:
     content_type = (
         request.headers.get("Content-Type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
     )
-    try:
-        stored = await svc.blobs.write(
-            request.content.iter_chunked(64 * 1024),
-            max_bytes=min(MAX_OUTPUT_BYTES, max(room, 0)),
-            expected_sha256=expected_sha256,
-        )
-    except (ConnectionError, aiohttp.ClientPayloadError) as exc:
-        # The agent went away mid-upload (it retries, or its job runs again): nothing is kept.
-        log.info("workflow %s: output upload from runner %s broke off: %s", wf.id, runner.id, exc)
-        raise BadRequest("the upload broke off before its end") from None
+    stored = await _store_body(request, svc, min(MAX_OUTPUT_BYTES, max(room, 0)), expected_sha256)
     recorded = await svc.store.add_output(
         Output(
             workflow_id=wf.id,

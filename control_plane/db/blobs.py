@@ -77,14 +77,26 @@ class BlobStore:
         finally:
             await writer.abort()
 
-    async def put(self, data: bytes, *, max_bytes: int) -> StoredBlob:
-        """Store bytes already in memory (a text output)."""
-        writer = await self.open_writer(max_bytes)
+    async def put(self, data: bytes, *, max_bytes: int, expected_sha256: str | None = None) -> StoredBlob:
+        """Store bytes already in memory (a text output, a small upload): one thread call."""
+        if len(data) > max_bytes:
+            raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
+        sha = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and sha != expected_sha256.lower():
+            raise BadRequest(f"sha256 mismatch: got {sha}, expected {expected_sha256}")
+        created = await asyncio.to_thread(self._put_sync, data, self.path(sha))
+        return StoredBlob(sha256=sha, size_bytes=len(data), created=created)
+
+    def _put_sync(self, data: bytes, final: Path) -> bool:
+        if final.exists():
+            return False
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
-            await writer.write(data)
-            return await writer.finish(None)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return _move_into_place(Path(tmp_name), final)
         finally:
-            await writer.abort()
+            Path(tmp_name).unlink(missing_ok=True)
 
     async def open_writer(self, max_bytes: int) -> BlobWriter:
         """A blob written a piece at a time (for a part of a form as it is parsed)."""

@@ -760,11 +760,20 @@ class Store:
 
         return await self.run(work)
 
-    async def output_bytes(self, workflow_id: str, attempt: int) -> int:
-        """What an attempt has uploaded so far, in all."""
+    async def upload_state(
+        self, account_id: str, workflow_id: str, attempt: int | None, runner_id: str
+    ) -> tuple[WorkflowState, int]:
+        """For an output upload, in one read: the workflow (the caller fences on it; 404 for
+        another account's) and how many bytes the attempt has uploaded so far (counted only
+        when that runner holds that attempt; 0 otherwise)."""
 
-        def work(s: Session) -> int:
-            return reports.output_bytes(s, workflow_id, attempt)
+        def work(s: Session) -> tuple[WorkflowState, int]:
+            state = reports.workflow_state(s.connection(), workflow_id)
+            if state is None or state.account_id != account_id:
+                raise NotFound(f"workflow {workflow_id} not found")
+            if attempt is None or not holds_current(state, attempt, runner_id):
+                return state, 0
+            return state, reports.output_bytes(s, workflow_id, attempt)
 
         return await self.run(work)
 
