@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from protocol.agent_http import SHA256_HEADER, UploadReceipt, outputs_path
 from protocol.messages import JobFile, OutputRef
-from runner_agent.files import StoredFile, TooLarge, read_chunks, store_stream
+from runner_agent.files import SMALL_FILE_BYTES, StoredFile, TooLarge, read_chunks, store_stream
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,10 @@ class ControlPlaneFiles:
 
         async def put_once() -> OutputRef:
             try:
+                # A small file goes in one read (one thread call), a large one a chunk at a time.
+                body = await asyncio.to_thread(path.read_bytes) if size_bytes <= SMALL_FILE_BYTES else None
                 async with self.session.put(
-                    url, params=params, headers=headers, data=read_chunks(path)
+                    url, params=params, headers=headers, data=body if body is not None else read_chunks(path)
                 ) as resp:
                     text = await resp.text()
                     if resp.status == 409:

@@ -47,7 +47,14 @@ from runner_agent.comfyui import (
 )
 from runner_agent.config import AgentSettings
 from runner_agent.control_files import AttemptSuperseded, ControlPlaneFiles, OutputRefused, TransferError
-from runner_agent.files import CHUNK_BYTES, guess_content_type, safe_filename, store_stream
+from runner_agent.files import (
+    CHUNK_BYTES,
+    SMALL_FILE_BYTES,
+    guess_content_type,
+    safe_filename,
+    store_bytes,
+    store_stream,
+)
 from runner_agent.job_folder import FinalReport, JobFolder, SavedJob, SavedOutput, SavedPrompt, SavedResult
 from runner_agent.node_events import EventTranslator, Update, nodes_to_run
 from runner_agent.outputs import collect_outputs
@@ -460,9 +467,13 @@ class JobExecution:
             relative = f"outputs/{number}.bin"
             async with self.deps.comfy.view(found.filename, found.subfolder, found.folder_type) as resp:
                 offered = resp.headers.get("Content-Type")
-                stored = await store_stream(
-                    resp.content.iter_chunked(CHUNK_BYTES), self.folder.path / relative
-                )
+                length = resp.content_length
+                if length is not None and length <= SMALL_FILE_BYTES:
+                    stored = await store_bytes(await resp.read(), self.folder.path / relative)
+                else:
+                    stored = await store_stream(
+                        resp.content.iter_chunked(CHUNK_BYTES), self.folder.path / relative
+                    )
             saved.append(
                 SavedOutput(
                     node_id=found.node_id,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHUNK_BYTES = 256 * 1024
+# A file up to this size is read or written whole, in one thread call; a larger one streams.
+SMALL_FILE_BYTES = 4 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,22 @@ async def store_stream(
     await asyncio.to_thread(fh.close)
     await asyncio.to_thread(partial.replace, path)
     return StoredFile(path, digest.hexdigest(), size)
+
+
+async def store_bytes(data: bytes, path: Path) -> StoredFile:
+    """Write ``data`` to ``path`` as :func:`store_stream` does, in one thread call."""
+    partial = path.with_name(path.name + ".part")
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            partial.write_bytes(data)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    await asyncio.to_thread(write)
+    return StoredFile(path, hashlib.sha256(data).hexdigest(), len(data))
 
 
 async def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
