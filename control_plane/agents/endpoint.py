@@ -141,8 +141,14 @@ async def _serve(
     )
     try:
         # What the runner's ComfyUI offers is large and seldom changes: written when it did.
-        comfyui = conn.comfyui if conn.comfyui != runner.comfyui else None
-        await svc.store.save_runner_state(runner.id, capacity=conn.capacity.model_dump(), comfyui=comfyui)
+        # Its capacity goes with the next batch (runner_states.py): a fleet reconnecting at
+        # once writes nothing for it.
+        if conn.comfyui != runner.comfyui:
+            await svc.store.save_runner_state(
+                runner.id, capacity=conn.capacity.model_dump(), comfyui=conn.comfyui
+            )
+        else:
+            svc.fleet.runner_states.changed(conn)
         drop = await svc.fleet.runner_connected(conn, hello.jobs)
         await conn.send(
             Welcome(
@@ -159,6 +165,7 @@ async def _serve(
         await AgentSession(svc, conn).run()
     finally:
         conn.fail_pending()
+        svc.fleet.runner_states.forget(conn)
         if svc.registry.remove(conn):
             # An agent that says goodbye (1001 after a drain) will not finish what it still
             # holds here: those jobs move now rather than after the grace period.

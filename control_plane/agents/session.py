@@ -80,8 +80,7 @@ class AgentSession:
             state = "healthy" if conn.healthy else f"unhealthy: {conn.unhealthy_reason}"
             log.info("runner %s is %s", conn.runner_id, state)
             self.svc.fleet.kick()
-        if conn.due_for_persisting() or health_changed:
-            await self.svc.store.save_runner_state(conn.runner_id, capacity=conn.capacity.model_dump())
+        self.svc.fleet.runner_states.changed(conn)
         self.svc.fleet.changed()
 
     async def _watchdog(self) -> None:

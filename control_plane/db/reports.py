@@ -21,9 +21,10 @@ from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlmodel import Session
 
 from control_plane.db.rows import STATE_COLUMNS, WorkflowState
-from control_plane.db.tables import OUTPUTS, TASKS, WORKFLOWS, Output, new_id, utcnow
+from control_plane.db.tables import OUTPUTS, RUNNERS, TASKS, WORKFLOWS, Output, new_id, utcnow
 from control_plane.model.lifecycle import (
     OPEN_TASK,
+    TERMINAL,
     TaskStatus,
     WorkflowStatus,
     holds_current,
@@ -75,6 +76,11 @@ SAME_OUTPUT = select(_o.id).where(
 INSERT_OUTPUT = insert(OUTPUTS)
 OUTPUT_BYTES = select(func.coalesce(func.sum(_o.size_bytes), 0)).where(
     _o.workflow_id == bindparam("b_workflow_id"), _o.attempt == bindparam("b_attempt")
+)
+
+UPDATE_RUNNER = update(RUNNERS).where(RUNNERS.c.id == bindparam("b_id"))
+HELD_BY_RUNNER = select(_w.id, _w.attempt).where(
+    _w.runner_id == bindparam("b_runner_id"), _w.status.not_in(sorted(TERMINAL))
 )
 
 NodeEvent = tuple[str, str | None, str]  # node id, class type, event

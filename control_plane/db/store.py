@@ -298,6 +298,18 @@ class Store:
         if comfyui is not None:  # what the runner offers changed (rare): read it afresh
             self._account_runners.clear()
 
+    async def save_capacities(self, rows: Sequence[tuple[str, dict[str, Any], datetime]]) -> None:
+        """Connected runners' live capacity and when each was last heard, (id, capacity,
+        last seen) each: one statement for them all."""
+        params = [{"b_id": runner_id, "capacity": cap, "last_seen_at": seen} for runner_id, cap, seen in rows]
+
+        def work(s: Session) -> None:
+            s.connection().execute(reports.UPDATE_RUNNER, params)
+            s.commit()
+
+        if params:
+            await self.run(work)
+
     # -- workflows -----------------------------------------------------------------------
 
     async def add_workflow(self, workflow: Workflow, receipt: IdempotencyRecord | None = None) -> Workflow:
@@ -530,6 +542,16 @@ class Store:
 
         def work(s: Session) -> list[Workflow]:
             return list(s.exec(query))
+
+        return await self.run(work)
+
+    async def held_by(self, runner_id: str) -> dict[str, int]:
+        """The unfinished workflows a runner holds, with the attempt it holds: what a
+        (re)connecting runner is reconciled with, in one light SELECT."""
+
+        def work(s: Session) -> dict[str, int]:
+            rows = s.connection().execute(reports.HELD_BY_RUNNER, {"b_runner_id": runner_id})
+            return {row[0]: row[1] for row in rows}
 
         return await self.run(work)
 

@@ -31,6 +31,7 @@ from control_plane.fleet.events import EventHub, cause_event, output_event, stat
 from control_plane.fleet.metrics import Metrics
 from control_plane.fleet.node_reports import Held, NodeReports
 from control_plane.fleet.registry import AgentConnection, Registry
+from control_plane.fleet.runner_states import RunnerStates
 from control_plane.fleet.waiting import Waiting, WaitingIndex, waits
 from control_plane.model.errors import NotFound
 from control_plane.model.lifecycle import TERMINAL, WorkflowStatus, holds_current, runs_on
@@ -53,6 +54,7 @@ from protocol.messages import (
 log = logging.getLogger(__name__)
 # A text output is small (a caption, a number); one past this is refused like a file past its cap.
 MAX_TEXT_OUTPUT_BYTES = 1024 * 1024
+RUNNER_STATE_WRITE_S = 30.0
 
 
 def build_job(
@@ -101,6 +103,9 @@ class Fleet:
         self._wake = asyncio.Event()
         self.waiting = WaitingIndex()
         self.node_reports = NodeReports(self._write_held, settings.node_report_write_s)
+        # Live capacity stays in memory; the store gets it this often, for while a runner is
+        # away, so that a large fleet's heartbeats do not turn into a write storm.
+        self.runner_states = RunnerStates(store, RUNNER_STATE_WRITE_S)
         self._wake_later: asyncio.TimerHandle | None = None
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -120,6 +125,7 @@ class Fleet:
         await self._load_waiting()
         self._spawn(self._dispatch_loop())
         self._spawn(self._deadline_loop())
+        self._spawn(self.runner_states.run())
         self.kick()
 
     async def stop(self) -> None:
@@ -334,17 +340,16 @@ class Fleet:
         handle = self._grace.pop(conn.runner_id, None)
         if handle is not None:
             handle.cancel()
-        ours = {wf.id: wf for wf in await self.store.inflight_workflows(conn.runner_id)}
-        held_current = {
-            h.workflow_id for h in held if h.workflow_id in ours and ours[h.workflow_id].attempt == h.attempt
-        }
+        ours = await self.store.held_by(conn.runner_id)
+        held_current = {h.workflow_id for h in held if ours.get(h.workflow_id) == h.attempt}
         drop = [h for h in held if h.workflow_id not in held_current]
-        for wf in ours.values():
-            if wf.id in held_current:
-                conn.holds(wf.id)
+        for workflow_id, attempt in ours.items():
+            if workflow_id in held_current:
+                conn.holds(workflow_id)
             else:
                 # We gave it this job but the runner no longer has it: run it again.
-                await self._requeue(wf, f"runner {conn.name} lost the job")
+                fault = self._fault("infrastructure", f"runner {conn.name} lost the job")
+                await self._retry(workflow_id, attempt, conn.runner_id, fault)
         return drop
 
     async def runner_ready(self, conn: AgentConnection, free_slots: int) -> None:

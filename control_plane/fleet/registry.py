@@ -36,9 +36,6 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
-# Live capacity stays in memory; the store gets it this often, for while the runner is away,
-# so that a large fleet's heartbeats do not turn into a write storm.
-PERSIST_EVERY_S = 30.0
 
 
 @dataclass(eq=False)
@@ -65,7 +62,6 @@ class AgentConnection:
     connected_at: float = 0.0  # wall clock
     last_seen_at: float = 0.0  # wall clock, for people
     heard_at: float = 0.0  # monotonic, for the watchdog
-    persisted_at: float = 0.0  # monotonic: capacity last written to the store
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The registry's set of connections with a free slot, kept as slots come and go, so
     # that dispatch never scans a large fleet for the few runners it can use.
@@ -74,7 +70,7 @@ class AgentConnection:
 
     def __post_init__(self) -> None:
         self.connected_at = self.last_seen_at = self.clock.time()
-        self.heard_at = self.persisted_at = self.clock.monotonic()
+        self.heard_at = self.clock.monotonic()
 
     def heard(self) -> None:
         """A frame came from the runner: it is alive."""
@@ -86,14 +82,6 @@ class AgentConnection:
         changed = healthy != self.healthy
         self.capacity, self.healthy, self.unhealthy_reason = capacity, healthy, unhealthy_reason
         return changed
-
-    def due_for_persisting(self) -> bool:
-        """Time to write the live capacity to the store (and note that it is done)."""
-        now = self.clock.monotonic()
-        if now - self.persisted_at < PERSIST_EVERY_S:
-            return False
-        self.persisted_at = now
-        return True
 
     def rename(self, name: str, tags: list[str], status: str) -> None:
         """The runner was updated through the API: schedule by what it says now."""
