@@ -166,6 +166,20 @@ async def test_disabled_runner_finishes_its_job_and_gets_nothing_new(
     assert done["runner_id"] == three["A"]["id"]
 
 
+async def test_a_runner_given_new_tags_gets_the_work_they_ask_for(
+    cp: ControlPlane, sim: str, start_agent: AgentFactory
+) -> None:
+    runner = await cp.create_runner(tags=["sdxl"])
+    await start_agent(cp.base, runner["token"], sim)
+    assert (await run(cp, workflow(ckpt=None), tags="sdxl"))["runner_id"] == runner["id"]
+    status, _ = await cp.request("PUT", f"/v1/runner/{runner['id']}", json={"tags": "flux"})
+    assert status == 200
+    # Connected all along, it now takes flux work and no longer sdxl work.
+    assert (await run(cp, workflow(ckpt=None), tags="flux"))["runner_id"] == runner["id"]
+    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(workflow(ckpt=None), tags="sdxl"))
+    assert status == 400 and "no runner" in body["message"], body
+
+
 async def test_runner_killed_mid_job_goes_offline_and_its_job_completes_elsewhere(
     cp: ControlPlane, sim: str, tmp_path: Path, start_agent: AgentFactory, http: aiohttp.ClientSession
 ) -> None:

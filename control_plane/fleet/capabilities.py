@@ -67,6 +67,11 @@ class Offers:
             comfyui.get("combo_options") or {},
         )
 
+    @property
+    def dispatch_key(self) -> tuple[frozenset[str], frozenset[tuple[str, frozenset[str]]]]:
+        """What :func:`can_run` reads: runners equal in it run the same workflows."""
+        return self.node_classes, frozenset(self.models.items())
+
 
 def missing(need: Needs, offers: Offers | None) -> list[str] | None:
     """What the runner's ComfyUI lacks, as readable phrases; ``None`` when the runner has

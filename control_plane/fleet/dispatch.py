@@ -57,6 +57,16 @@ MAX_TEXT_OUTPUT_BYTES = 1024 * 1024
 RUNNER_STATE_WRITE_S = 30.0
 
 
+def _ranking(wanted: frozenset[str]) -> Callable[[AgentConnection], tuple[bool, int, float, float]]:
+    """Among runners that may take a workflow: warm with the models it wants, the least
+    loaded (jobs, then GPU use), the longest connected."""
+
+    def rank(c: AgentConnection) -> tuple[bool, int, float, float]:
+        return (bool(wanted) and not wanted <= c.warm_models, len(c.jobs), c.gpu_busy_pct, c.connected_at)
+
+    return rank
+
+
 def build_job(
     workflow_id: str, attempt: int, workflow_json: dict[str, Any], workflow_params: dict[str, Any]
 ) -> Job:
@@ -210,13 +220,13 @@ class Fleet:
         asked only to claim what was chosen."""
         now = utcnow()
         backoff_ends: list[float] = []
-        free = self.registry.with_free_slots()
+        free = self.registry.free_by_class()  # live: empties as runners fill up
         # Only the queues some free runner could serve (its account, tags it accepts) are
         # walked: ten thousand workflows waiting for other runners cost nothing here.
         live = [
             keys
             for head, keys in (self.waiting.queues() if free else ())
-            if any(c.account_id == head.account_id and c.accepts(head.tags) for c in free)
+            if any(k.account_id == head.account_id and k.accepts(head.tags) for k in free)
         ]
         # (account, tags, needs) of plain workflows no free runner can take this round.
         nowhere: set[tuple[str, str, Needs]] = set()
@@ -227,13 +237,12 @@ class Fleet:
             kind = (entry.account_id, entry.tag_index, entry.need)
             if entry.plain and kind in nowhere:
                 continue
-            conn = self._pick_runner(entry, now, free)
+            conn = self._pick_runner(entry, now)
             if conn is None:
                 if entry.plain:
                     nowhere.add(kind)
                 continue
             await self._send_job(entry, conn)
-            free = [c for c in free if c.free_slots > 0]
             if not free:
                 break
         if backoff_ends:
@@ -280,12 +289,10 @@ class Fleet:
         if failed is not None:
             self.publish_status(failed)
 
-    def _eligible(
-        self, account_id: str, tags: Collection[str], need: Needs, among: list[AgentConnection] | None = None
-    ) -> list[AgentConnection]:
+    def _eligible(self, account_id: str, tags: Collection[str], need: Needs) -> list[AgentConnection]:
         return [
             c
-            for c in (self.registry.all() if among is None else among)
+            for c in self.registry.all()
             if c.account_id == account_id and c.accepts(tags) and can_run(need, c.offers)
         ]
 
@@ -298,14 +305,15 @@ class Fleet:
         asyncio.get_running_loop().call_later(left_s, self.kick)
         return True
 
-    def _pick_runner(self, wf: Waiting, now: datetime, free: list[AgentConnection]) -> AgentConnection | None:
+    def _pick_runner(self, wf: Waiting, now: datetime) -> AgentConnection | None:
         """In order: the runner a rerun from a task names; runners whose ComfyUI has every
         node class and model; after an out-of-memory failure, those with more free GPU memory;
         with a free slot; not where an earlier attempt met a fault; warm with the same models;
         the least loaded. Ties go to the longest connected: never random."""
+        if wf.plain:
+            return self._pick_free(wf)
         need = wf.need
-        # A plain workflow can only go to a free runner: only those need looking at.
-        eligible = self._eligible(wf.account_id, wf.tags, need, free if wf.plain else None)
+        eligible = self._eligible(wf.account_id, wf.tags, need)
         preferred = next((c for c in eligible if c.runner_id == wf.preferred_runner_id), None)
         if preferred is not None:
             if preferred.free_slots > 0:
@@ -320,16 +328,20 @@ class Fleet:
                 return None
             eligible = roomy or eligible
         free = [c for c in eligible if c.free_slots > 0]
-        if not free:
-            return None
-        wanted = need.model_files
         avoid = wf.avoid_runner_ids
+        rank = _ranking(wf.need.model_files)
+        return min(free, key=lambda c: (c.runner_id in avoid, rank(c)), default=None)
 
-        def rank(c: AgentConnection) -> tuple[bool, bool, int, float, float]:
-            warm = bool(wanted) and wanted <= c.warm_models
-            return (c.runner_id in avoid, not warm, len(c.jobs), c.gpu_busy_pct, c.connected_at)
-
-        return min(free, key=rank)
+    def _pick_free(self, wf: Waiting) -> AgentConnection | None:
+        """:meth:`_pick_runner` for a workflow that asks for no runner in particular: only
+        free runners count, and which may take it is decided once per class of runners."""
+        rank = _ranking(wf.need.model_files)
+        picks = [
+            min(members, key=rank)
+            for klass, members in self.registry.free_by_class().items()
+            if klass.account_id == wf.account_id and klass.accepts(wf.tags) and can_run(wf.need, klass.offers)
+        ]
+        return min(picks, key=rank, default=None)
 
     # -- what runners report -------------------------------------------------------------
 

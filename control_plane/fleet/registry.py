@@ -62,15 +62,26 @@ class AgentConnection:
     connected_at: float = 0.0  # wall clock
     last_seen_at: float = 0.0  # wall clock, for people
     heard_at: float = 0.0  # monotonic, for the watchdog
+    gpu_busy_pct: float = 0.0  # mean utilisation of its GPUs, as last reported (0: none said)
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # The registry's set of connections with a free slot, kept as slots come and go, so
-    # that dispatch never scans a large fleet for the few runners it can use.
-    _with_free_slots: set[AgentConnection] | None = None
+    # The registry this connection files itself with while it has a free slot, under its
+    # class (see RunnerClass), so that dispatch never scans a large fleet runner by runner.
+    _registry: Registry | None = None
+    _filed: RunnerClass | None = None
+    _class: RunnerClass | None = None
     _pending: dict[str, asyncio.Future[Reply]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.connected_at = self.last_seen_at = self.clock.time()
         self.heard_at = self.clock.monotonic()
+        self.gpu_busy_pct = _busy_pct(self.capacity)
+
+    @property
+    def runner_class(self) -> RunnerClass:
+        if self._class is None:
+            key = None if self.offers is None else self.offers.dispatch_key
+            self._class = RunnerClass(self.account_id, frozenset(self.tags), self.status, key, self.offers)
+        return self._class
 
     def heard(self) -> None:
         """A frame came from the runner: it is alive."""
@@ -81,11 +92,14 @@ class AgentConnection:
         """A capacity update; true when the runner's health changed."""
         changed = healthy != self.healthy
         self.capacity, self.healthy, self.unhealthy_reason = capacity, healthy, unhealthy_reason
+        self.gpu_busy_pct = _busy_pct(capacity)
         return changed
 
     def rename(self, name: str, tags: list[str], status: str) -> None:
         """The runner was updated through the API: schedule by what it says now."""
         self.name, self.tags, self.status = name, list(tags), status
+        self._class = None
+        self._note_free()
 
     def ready(self, free_slots: int) -> None:
         """The agent's count of free slots, less the jobs sent that it has not seen yet."""
@@ -113,18 +127,8 @@ class AgentConnection:
         self._note_free()
 
     def _note_free(self) -> None:
-        if self._with_free_slots is None:
-            return
-        if self.free_slots > 0:
-            self._with_free_slots.add(self)
-        else:
-            self._with_free_slots.discard(self)
-
-    @property
-    def gpu_busy_pct(self) -> float:
-        """Mean GPU utilisation the runner last reported (0 when it reported none)."""
-        used = [g.utilization_pct for g in self.capacity.gpus if g.utilization_pct is not None]
-        return sum(used) / len(used) if used else 0.0
+        if self._registry is not None:
+            self._registry.file(self)
 
     async def request(self, message: Interrupt | StatsRequest, timeout_s: float) -> Reply:
         """Send a request and wait for the agent's Reply with the same request_id."""
@@ -179,10 +183,32 @@ def tags_match(runner_tags: Collection[str], workflow_tags: Collection[str]) -> 
     return not runner_tags or set(workflow_tags) <= set(runner_tags)
 
 
+def _busy_pct(capacity: Capacity) -> float:
+    used = [g.utilization_pct for g in capacity.gpus if g.utilization_pct is not None]
+    return sum(used) / len(used) if used else 0.0
+
+
+@dataclass(frozen=True)
+class RunnerClass:
+    """Runners that scheduling tells apart only by load: one account, the same tags and
+    status, ComfyUIs that run the same workflows. Whether a workflow may go to a runner of
+    a class is decided once for the class, however many runners it has."""
+
+    account_id: str
+    tags: frozenset[str]
+    status: str
+    offers_key: object  # Offers.dispatch_key; None when the runner never said what it has
+    # The first member's offers: equal in what dispatch reads to every other member's.
+    offers: Offers | None = field(compare=False, hash=False)
+
+    def accepts(self, workflow_tags: Collection[str]) -> bool:
+        return self.status == RUNNER_ACTIVE and (not self.tags or self.tags.issuperset(workflow_tags))
+
+
 class Registry:
     def __init__(self) -> None:
         self._conns: dict[str, AgentConnection] = {}
-        self._with_free_slots: set[AgentConnection] = set()
+        self._free: dict[RunnerClass, set[AgentConnection]] = {}
 
     def add(self, conn: AgentConnection) -> AgentConnection | None:
         """Register ``conn``; returns the connection it replaces, if any."""
@@ -190,7 +216,7 @@ class Registry:
         if old is not None:
             self._forget(old)
         self._conns[conn.runner_id] = conn
-        conn._with_free_slots = self._with_free_slots
+        conn._registry = self
         conn._note_free()
         return old
 
@@ -202,12 +228,36 @@ class Registry:
         return False
 
     def _forget(self, conn: AgentConnection) -> None:
-        self._with_free_slots.discard(conn)
-        conn._with_free_slots = None
+        self._unfile(conn)
+        conn._registry = None
+
+    def file(self, conn: AgentConnection) -> None:
+        """Keep ``conn`` under its class while it has a free slot (and only then)."""
+        where = conn.runner_class if conn.free_slots > 0 else None
+        if where == conn._filed:
+            return
+        self._unfile(conn)
+        if where is not None:
+            self._free.setdefault(where, set()).add(conn)
+            conn._filed = where
+
+    def _unfile(self, conn: AgentConnection) -> None:
+        if conn._filed is None:
+            return
+        members = self._free.get(conn._filed)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self._free[conn._filed]
+        conn._filed = None
+
+    def free_by_class(self) -> dict[RunnerClass, set[AgentConnection]]:
+        """The connected runners with a free slot, by class (live: dispatch's picks change it)."""
+        return self._free
 
     def with_free_slots(self) -> list[AgentConnection]:
         """The connected runners with a free slot (in no particular order)."""
-        return list(self._with_free_slots)
+        return [c for members in self._free.values() for c in members]
 
     def get(self, runner_id: str) -> AgentConnection | None:
         return self._conns.get(runner_id)
