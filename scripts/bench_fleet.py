@@ -77,8 +77,12 @@ class Arrivals:
         return self._at.setdefault(wf_id, asyncio.get_running_loop().create_future())
 
     def arrived(self, wf_id: str, at: float | None = None) -> None:
-        # perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine.
-        self._future(wf_id).set_result(time.perf_counter() if at is None else at)
+        # A job can arrive twice: one finished as the control plane was killed runs again
+        # after the restart. The first arrival is the one measured.
+        future = self._future(wf_id)
+        if not future.done():
+            # perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine.
+            future.set_result(time.perf_counter() if at is None else at)
 
     async def wait(self, wf_id: str) -> float:
         return await self._future(wf_id)
