@@ -18,10 +18,22 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
+from sqlmodel import select as select_model
 
 from control_plane.db.rows import STATE_COLUMNS, WorkflowState
-from control_plane.db.tables import OUTPUTS, RUNNERS, TASKS, WORKFLOWS, Output, new_id, utcnow
+from control_plane.db.tables import (
+    OUTPUTS,
+    RUNNERS,
+    TASKS,
+    WORKFLOWS,
+    Account,
+    ApiToken,
+    Output,
+    Runner,
+    new_id,
+    utcnow,
+)
 from control_plane.model.lifecycle import (
     OPEN_TASK,
     TERMINAL,
@@ -81,6 +93,14 @@ OUTPUT_BYTES = select(func.coalesce(func.sum(_o.size_bytes), 0)).where(
 UPDATE_RUNNER = update(RUNNERS).where(RUNNERS.c.id == bindparam("b_id"))
 HELD_BY_RUNNER = select(_w.id, _w.attempt).where(
     _w.runner_id == bindparam("b_runner_id"), _w.status.not_in(sorted(TERMINAL))
+)
+
+# Who a token is (a cold cache: a reconnecting fleet asks once per runner).
+RUNNER_BY_TOKEN = select_model(Runner).where(col(Runner.token_hash) == bindparam("b_hash"))
+CLIENT_TOKEN = (
+    select_model(ApiToken, Account)
+    .join(Account, col(Account.id) == col(ApiToken.account_id))
+    .where(col(ApiToken.token_hash) == bindparam("b_hash"))
 )
 
 NodeEvent = tuple[str, str | None, str]  # node id, class type, event

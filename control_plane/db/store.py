@@ -135,13 +135,7 @@ class Store:
             return cached
 
         def work(s: Session) -> tuple[ApiToken, Account] | None:
-            row = (
-                s.exec(
-                    select(ApiToken, Account)
-                    .join(Account, col(Account.id) == col(ApiToken.account_id))
-                    .where(ApiToken.token_hash == token_hash)
-                )
-            ).first()
+            row = s.exec(reports.CLIENT_TOKEN, params={"b_hash": token_hash}).first()
             return None if row is None else (row[0], row[1])
 
         found = await self.run(work)
@@ -269,7 +263,7 @@ class Store:
             return cached
 
         def work(s: Session) -> Runner | None:
-            return (s.exec(select(Runner).where(Runner.token_hash == token_hash))).first()
+            return s.exec(reports.RUNNER_BY_TOKEN, params={"b_hash": token_hash}).first()
 
         runner = await self.run(work)
         if runner is not None:
