@@ -13,6 +13,7 @@ from control_plane import failpoints
 from control_plane.agents import endpoint as agent_ws
 from control_plane.agents import files as agent_http
 from control_plane.auth import Authenticator
+from control_plane.collector import Collector
 from control_plane.db.blobs import BlobStore
 from control_plane.db.engine import create_schema, make_engine
 from control_plane.db.store import Store
@@ -73,9 +74,12 @@ def create_app(settings: Settings) -> web.Application:
         app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
         await fleet.start()
         log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))
+        collector = Collector()
+        collector.install()
         yield
         await fleet.stop()
         await store.close()
+        collector.remove()
 
     async def close_agents(app: web.Application) -> None:
         # Agents see GOING_AWAY and reconnect to whoever serves next.
