@@ -523,15 +523,13 @@ class Store:
 
         return await self.run(work)
 
-    async def inflight_workflows(self, runner_id: str | None = None) -> list[Workflow]:
-        """Workflows held by a runner (one, or any) that have not finished; without their
-        graphs (a reconnecting fleet asks this once per runner)."""
+    async def inflight_workflows(self) -> list[Workflow]:
+        """Workflows held by a runner that have not finished; without their graphs (read once,
+        when the control plane starts)."""
         conds: list[ColumnElement[bool]] = [
             col(Workflow.runner_id).is_not(None),
             col(Workflow.status).not_in(TERMINAL),
         ]
-        if runner_id is not None:
-            conds.append(col(Workflow.runner_id) == runner_id)
         query = select(Workflow).where(*conds).options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
 
         def work(s: Session) -> list[Workflow]:

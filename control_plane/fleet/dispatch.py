@@ -50,6 +50,7 @@ from protocol.messages import (
     Proceed,
     dump_message,
 )
+from protocol.messages import NodeEvent as NodeReport
 
 log = logging.getLogger(__name__)
 # A text output is small (a caption, a number); one past this is refused like a file past its cap.
@@ -360,8 +361,7 @@ class Fleet:
                 conn.holds(workflow_id)
             else:
                 # We gave it this job but the runner no longer has it: run it again.
-                fault = self._fault("infrastructure", f"runner {conn.name} lost the job")
-                await self._retry(workflow_id, attempt, conn.runner_id, fault)
+                await self._requeue(workflow_id, attempt, conn.runner_id, f"runner {conn.name} lost the job")
         return drop
 
     async def runner_ready(self, conn: AgentConnection, free_slots: int) -> None:
@@ -375,8 +375,10 @@ class Fleet:
         if not conn.jobs:
             return
         if left:
-            for wf in await self.store.inflight_workflows(conn.runner_id):
-                await self._requeue(wf, f"runner {conn.name} left before running it")
+            for workflow_id, attempt in (await self.store.held_by(conn.runner_id)).items():
+                await self._requeue(
+                    workflow_id, attempt, conn.runner_id, f"runner {conn.name} left before running it"
+                )
         else:
             self._start_grace(conn.runner_id)
 
@@ -385,8 +387,8 @@ class Fleet:
         handle = self._grace.pop(runner_id, None)
         if handle is not None:
             handle.cancel()
-        for wf in await self.store.inflight_workflows(runner_id):
-            await self._requeue(wf, "its runner was deleted")
+        for workflow_id, attempt in (await self.store.held_by(runner_id)).items():
+            await self._requeue(workflow_id, attempt, runner_id, "its runner was deleted")
 
     def _start_grace(self, runner_id: str) -> None:
         if runner_id in self._grace:
@@ -400,12 +402,11 @@ class Fleet:
         self._grace.pop(runner_id, None)
         if self.registry.get(runner_id) is not None:
             return
-        for wf in await self.store.inflight_workflows(runner_id):
+        reason = f"runner {runner_id} did not come back within {self.settings.runner_grace_s:g} s"
+        for workflow_id, attempt in (await self.store.held_by(runner_id)).items():
             if self.registry.get(runner_id) is not None:
                 return  # it came back while we were at it: its hello reconciles the rest
-            await self._requeue(
-                wf, f"runner {runner_id} did not come back within {self.settings.runner_grace_s:g} s"
-            )
+            await self._requeue(workflow_id, attempt, runner_id, reason)
 
     def _fault(self, kind: str, reason: str, **extra: Any) -> Fault:
         return Fault(
@@ -416,8 +417,8 @@ class Fleet:
             **extra,
         )
 
-    async def _requeue(self, wf: Workflow, reason: str) -> None:
-        await self._retry(wf.id, wf.attempt, wf.runner_id, self._fault("infrastructure", reason))
+    async def _requeue(self, workflow_id: str, attempt: int, runner_id: str, reason: str) -> None:
+        await self._retry(workflow_id, attempt, runner_id, self._fault("infrastructure", reason))
 
     async def _retry(self, workflow_id: str, attempt: int, runner_id: str | None, fault: Fault) -> bool:
         await self.node_reports.flush(workflow_id)
@@ -488,9 +489,12 @@ class Fleet:
         event = (node.node_id, node.class_type, node.event)
         if not self.node_reports.hold(msg.workflow_id, msg.attempt, conn.runner_id, event, msg.progress):
             return False
-        self.hub.publish(msg.workflow_id, "node", {**node.model_dump(), "progress": msg.progress})
-        self.changed()
+        self._publish_node(msg.workflow_id, node, msg.progress)
         return True
+
+    def _publish_node(self, workflow_id: str, node: NodeReport, progress: float | None) -> None:
+        self.hub.publish(workflow_id, "node", {**node.model_dump(), "progress": progress})
+        self.changed()
 
     async def _write_held(self, workflow_id: str, held: Held) -> None:
         changes = {} if held.progress is None else {"progress": held.progress}
@@ -532,8 +536,7 @@ class Fleet:
     def _announce(self, msg: JobUpdate, wf: WorkflowState, changes: dict[str, Any]) -> None:
         """Tell the workflow's subscribers what the applied report changed."""
         if msg.node is not None:
-            self.hub.publish(msg.workflow_id, "node", {**msg.node.model_dump(), "progress": msg.progress})
-            self.changed()
+            self._publish_node(msg.workflow_id, msg.node, msg.progress)
         if msg.error is not None and wf.status != WorkflowStatus.FAILED:
             self.hub.publish(wf.id, "cause", cause_event(wf))
         if "status" in changes or "queue_number" in changes:

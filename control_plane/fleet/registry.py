@@ -202,7 +202,7 @@ class RunnerClass:
     offers: Offers | None = field(compare=False, hash=False)
 
     def accepts(self, workflow_tags: Collection[str]) -> bool:
-        return self.status == RUNNER_ACTIVE and (not self.tags or self.tags.issuperset(workflow_tags))
+        return self.status == RUNNER_ACTIVE and tags_match(self.tags, workflow_tags)
 
 
 class Registry:
@@ -254,10 +254,6 @@ class Registry:
     def free_by_class(self) -> dict[RunnerClass, set[AgentConnection]]:
         """The connected runners with a free slot, by class (live: dispatch's picks change it)."""
         return self._free
-
-    def with_free_slots(self) -> list[AgentConnection]:
-        """The connected runners with a free slot (in no particular order)."""
-        return [c for members in self._free.values() for c in members]
 
     def get(self, runner_id: str) -> AgentConnection | None:
         return self._conns.get(runner_id)
