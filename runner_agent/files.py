@@ -54,19 +54,20 @@ async def store_stream(
 
 
 async def store_bytes(data: bytes, path: Path) -> StoredFile:
-    """Write ``data`` to ``path`` as :func:`store_stream` does, in one thread call."""
+    """Write ``data`` to ``path`` as :func:`store_stream` does, hashed on the way, in one
+    thread call."""
     partial = path.with_name(path.name + ".part")
 
-    def write() -> None:
+    def write() -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             partial.write_bytes(data)
             partial.replace(path)
         finally:
             partial.unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest()
 
-    await asyncio.to_thread(write)
-    return StoredFile(path, hashlib.sha256(data).hexdigest(), len(data))
+    return StoredFile(path, await asyncio.to_thread(write), len(data))
 
 
 async def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:

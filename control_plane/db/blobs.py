@@ -78,23 +78,25 @@ class BlobStore:
             await writer.abort()
 
     async def put(self, data: bytes, *, max_bytes: int, expected_sha256: str | None = None) -> StoredBlob:
-        """Store bytes already in memory (a text output, a small upload): one thread call."""
+        """Store bytes already in memory (a text output, a small upload): hashed, checked and
+        written in one thread call."""
         if len(data) > max_bytes:
             raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes")
+        sha, created = await asyncio.to_thread(self._put_sync, data, expected_sha256)
+        return StoredBlob(sha256=sha, size_bytes=len(data), created=created)
+
+    def _put_sync(self, data: bytes, expected_sha256: str | None) -> tuple[str, bool]:
         sha = hashlib.sha256(data).hexdigest()
         if expected_sha256 is not None and sha != expected_sha256.lower():
             raise BadRequest(f"sha256 mismatch: got {sha}, expected {expected_sha256}")
-        created = await asyncio.to_thread(self._put_sync, data, self.path(sha))
-        return StoredBlob(sha256=sha, size_bytes=len(data), created=created)
-
-    def _put_sync(self, data: bytes, final: Path) -> bool:
+        final = self.path(sha)
         if final.exists():
-            return False
+            return sha, False
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            return _move_into_place(Path(tmp_name), final)
+            return sha, _move_into_place(Path(tmp_name), final)
         finally:
             Path(tmp_name).unlink(missing_ok=True)
 
