@@ -35,6 +35,14 @@ async def until_node_starts(cp: ControlPlane, wf_id: str, node_id: str) -> list[
     raise AssertionError(f"the stream ended before node {node_id} started: {heard}")
 
 
+async def long_job(cp: ControlPlane, sim: str, start_agent: AgentFactory, http: aiohttp.ClientSession) -> str:
+    """A workflow running on a fresh runner whose invert node takes a minute; its id."""
+    await sim_config(http, sim, node_delays_s={"ImageInvert": 60.0})
+    runner = await cp.create_runner()
+    await start_agent(cp.base, runner["token"], sim)
+    return str((await submit(cp, WORKFLOW, **FIELDS))["id"])
+
+
 async def test_every_node_event_is_streamed_and_every_task_recorded(
     cp: ControlPlane, sim: str, start_agent: AgentFactory
 ) -> None:
@@ -58,19 +66,16 @@ async def test_a_long_node_is_in_progress_in_the_store_while_it_runs(
     cp: ControlPlane, sim: str, start_agent: AgentFactory, http: aiohttp.ClientSession
 ) -> None:
     # Nothing follows the node's start for a minute: the held reports are written anyway.
-    await sim_config(http, sim, node_delays_s={"ImageInvert": 60.0})
-    runner = await cp.create_runner()
-    await start_agent(cp.base, runner["token"], sim)
-    wf = await submit(cp, WORKFLOW, **FIELDS)
+    wf_id = await long_job(cp, sim, start_agent, http)
 
     async def invert_in_progress() -> bool:
-        return (await tasks_of(cp, wf["id"])).get("2") == "IN_PROGRESS"
+        return (await tasks_of(cp, wf_id)).get("2") == "IN_PROGRESS"
 
     await poll_until(invert_in_progress)
-    assert "1" in await tasks_of(cp, wf["id"])  # LoadImage, before it
-    _, body = await cp.request("GET", f"/v1/workflow/{wf['id']}")
+    assert "1" in await tasks_of(cp, wf_id)  # LoadImage, before it
+    _, body = await cp.request("GET", f"/v1/workflow/{wf_id}")
     assert body["status"] == "running" and 0 < body["progress"] < 1
-    await cp.request("POST", f"/v1/workflow/{wf['id']}/cancel")
+    await cp.request("POST", f"/v1/workflow/{wf_id}/cancel")
     await sim_config(http, sim, node_delays_s={})  # the interrupt lands at the next node
 
 
@@ -90,16 +95,13 @@ async def test_held_node_reports_are_written_before_a_cancel(
     holding_cp: ControlPlane, sim: str, start_agent: AgentFactory, http: aiohttp.ClientSession
 ) -> None:
     cp = holding_cp
-    await sim_config(http, sim, node_delays_s={"ImageInvert": 60.0})
-    runner = await cp.create_runner()
-    await start_agent(cp.base, runner["token"], sim)
-    wf = await submit(cp, WORKFLOW, **FIELDS)
-    heard = await until_node_starts(cp, wf["id"], "2")
+    wf_id = await long_job(cp, sim, start_agent, http)
+    heard = await until_node_starts(cp, wf_id, "2")
     assert ("1", "executing") in heard
-    status, body = await cp.request("POST", f"/v1/workflow/{wf['id']}/cancel")
+    status, body = await cp.request("POST", f"/v1/workflow/{wf_id}/cancel")
     assert (status, body["status"]) == (200, "cancelled")
     await sim_config(http, sim, node_delays_s={})  # the interrupt lands at the next node
-    tasks = await tasks_of(cp, wf["id"])
+    tasks = await tasks_of(cp, wf_id)
     # The two nodes that had started are on record (and closed by the cancel); the rest
     # never began.
     assert tasks == {"1": "CANCELED", "2": "CANCELED"}, tasks
@@ -109,21 +111,18 @@ async def test_held_node_reports_are_written_before_a_rerun_from_a_task(
     holding_cp: ControlPlane, sim: str, start_agent: AgentFactory, http: aiohttp.ClientSession
 ) -> None:
     cp = holding_cp
-    await sim_config(http, sim, node_delays_s={"ImageInvert": 60.0})
-    runner = await cp.create_runner()
-    await start_agent(cp.base, runner["token"], sim)
-    wf = await submit(cp, WORKFLOW, **FIELDS)
-    await until_node_starts(cp, wf["id"], "2")
+    wf_id = await long_job(cp, sim, start_agent, http)
+    await until_node_starts(cp, wf_id, "2")
     await sim_config(http, sim, node_delays_s={})
     async with cp.http.post(
-        f"{cp.base}/api/workflow/{wf['id']}/rerun",
+        f"{cp.base}/api/workflow/{wf_id}/rerun",
         json={"reRunFromTaskId": "3"},
         headers=await cp.headers(),
     ) as resp:
         assert resp.status == 200, await resp.text()
-    done = await cp.wait_for_status(wf["id"], {"completed", "failed"}, timeout_s=30)
+    done = await cp.wait_for_status(wf_id, {"completed", "failed"}, timeout_s=30)
     assert done["status"] == "completed", done
-    _, every = await cp.request("GET", f"/api/workflow/{wf['id']}")  # every attempt's tasks
+    _, every = await cp.request("GET", f"/api/workflow/{wf_id}")  # every attempt's tasks
     first: dict[str, Any] = {t["node_id"]: t["status"] for t in every["tasks"] if t["attempt"] == 1}
     # The first attempt's nodes that had started are on record although no status change
     # followed them (the interrupt ends the prompt at the next node boundary: one more may
