@@ -63,7 +63,7 @@ def _ranking(wanted: frozenset[str]) -> Callable[[AgentConnection], tuple[bool, 
     loaded (jobs, then GPU use), the longest connected."""
 
     def rank(c: AgentConnection) -> tuple[bool, int, float, float]:
-        return (bool(wanted) and not wanted <= c.warm_models, len(c.jobs), c.gpu_busy_pct, c.connected_at)
+        return (bool(wanted) and not wanted <= c.warm_models, *c.load())
 
     return rank
 
@@ -336,13 +336,13 @@ class Fleet:
     def _pick_free(self, wf: Waiting) -> AgentConnection | None:
         """:meth:`_pick_runner` for a workflow that asks for no runner in particular: only
         free runners count, and which may take it is decided once per class of runners."""
-        rank = _ranking(wf.need.model_files)
+        wanted = wf.need.model_files
         picks = [
-            min(members, key=rank)
+            members.best(wanted)
             for klass, members in self.registry.free_by_class().items()
             if klass.account_id == wf.account_id and klass.accepts(wf.tags) and can_run(wf.need, klass.offers)
         ]
-        return min(picks, key=rank, default=None)
+        return min((c for c in picks if c is not None), key=_ranking(wanted), default=None)
 
     # -- what runners report -------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Collection
@@ -12,6 +13,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from control_plane.fleet.capabilities import Offers
+from control_plane.fleet.free_runners import FreeRunners, LoadKey
 from protocol.capacity import Capacity
 from protocol.messages import Interrupt, Reply, StatsRequest, dump_message
 
@@ -65,9 +67,13 @@ class AgentConnection:
     gpu_busy_pct: float = 0.0  # mean utilisation of its GPUs, as last reported (0: none said)
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The registry this connection files itself with while it has a free slot, under its
-    # class (see RunnerClass), so that dispatch never scans a large fleet runner by runner.
+    # class (see RunnerClass), so that dispatch never scans a large fleet runner by runner;
+    # with the warm models and load it was filed with, to see when to file it again.
     _registry: Registry | None = None
     _filed: RunnerClass | None = None
+    _filed_warm: frozenset[str] = frozenset()
+    _filed_load: LoadKey | None = None
+    _counted: RunnerClass | None = None  # the class the registry counts it under
     _class: RunnerClass | None = None
     _pending: dict[str, asyncio.Future[Reply]] = field(default_factory=dict)
 
@@ -93,7 +99,13 @@ class AgentConnection:
         changed = healthy != self.healthy
         self.capacity, self.healthy, self.unhealthy_reason = capacity, healthy, unhealthy_reason
         self.gpu_busy_pct = _busy_pct(capacity)
+        self._note_free()
         return changed
+
+    def load(self) -> LoadKey:
+        """Among runners of one class, the least loaded first: jobs, GPU use, then the
+        longest connected."""
+        return (len(self.jobs), self.gpu_busy_pct, self.connected_at)
 
     def rename(self, name: str, tags: list[str], status: str) -> None:
         """The runner was updated through the API: schedule by what it says now."""
@@ -109,16 +121,18 @@ class AgentConnection:
     def took(self, workflow_id: str, models: frozenset[str]) -> None:
         """A job was sent: one slot fewer, and its models are what is warm now."""
         self.free_slots -= 1
-        self._note_free()
         self.jobs.add(workflow_id)
         if models:
             self.warm_models = models
+        self._note_free()
 
     def holds(self, workflow_id: str) -> None:
         self.jobs.add(workflow_id)
+        self._note_free()
 
     def let_go(self, workflow_id: str) -> None:
         self.jobs.discard(workflow_id)
+        self._note_free()
 
     def unsent(self, workflow_id: str) -> None:
         """A job that could not be sent after all: its slot is free again."""
@@ -208,7 +222,9 @@ class RunnerClass:
 class Registry:
     def __init__(self) -> None:
         self._conns: dict[str, AgentConnection] = {}
-        self._free: dict[RunnerClass, set[AgentConnection]] = {}
+        self._free: dict[RunnerClass, FreeRunners[AgentConnection]] = {}
+        self._classes: dict[RunnerClass, int] = {}  # connected runners by class
+        self._seq = itertools.count()
 
     def add(self, conn: AgentConnection) -> AgentConnection | None:
         """Register ``conn``; returns the connection it replaces, if any."""
@@ -229,31 +245,61 @@ class Registry:
 
     def _forget(self, conn: AgentConnection) -> None:
         self._unfile(conn)
+        self._uncount(conn)
         conn._registry = None
 
     def file(self, conn: AgentConnection) -> None:
-        """Keep ``conn`` under its class while it has a free slot (and only then)."""
-        where = conn.runner_class if conn.free_slots > 0 else None
-        if where == conn._filed:
+        """Count ``conn`` under its class, and keep it among the class's free runners while it
+        has a free slot (and only then), in the order of its warm models and load."""
+        klass = conn.runner_class
+        if conn._counted is not klass:
+            self._uncount(conn)
+            self._classes[klass] = self._classes.get(klass, 0) + 1
+            conn._counted = klass
+        where = klass if conn.free_slots > 0 else None
+        load = conn.load()
+        if where == conn._filed and (
+            where is None or (load == conn._filed_load and conn.warm_models is conn._filed_warm)
+        ):
             return
-        self._unfile(conn)
-        if where is not None:
-            self._free.setdefault(where, set()).add(conn)
-            conn._filed = where
+        members = self._free.get(where) if where is not None and where == conn._filed else None
+        if members is not None:
+            members.discard(conn, conn._filed_warm)  # its load or warm models changed
+        else:
+            self._unfile(conn)
+            if where is None:
+                return
+            members = self._free.setdefault(where, FreeRunners())
+        members.add(conn, conn.warm_models, load, next(self._seq))
+        conn._filed, conn._filed_warm, conn._filed_load = where, conn.warm_models, load
 
     def _unfile(self, conn: AgentConnection) -> None:
         if conn._filed is None:
             return
         members = self._free.get(conn._filed)
         if members is not None:
-            members.discard(conn)
+            members.discard(conn, conn._filed_warm)
             if not members:
                 del self._free[conn._filed]
         conn._filed = None
 
-    def free_by_class(self) -> dict[RunnerClass, set[AgentConnection]]:
+    def _uncount(self, conn: AgentConnection) -> None:
+        klass, conn._counted = conn._counted, None
+        if klass is None:
+            return
+        left = self._classes[klass] - 1
+        if left:
+            self._classes[klass] = left
+        else:
+            del self._classes[klass]
+
+    def free_by_class(self) -> dict[RunnerClass, FreeRunners[AgentConnection]]:
         """The connected runners with a free slot, by class (live: dispatch's picks change it)."""
         return self._free
+
+    def connected_classes(self) -> Collection[RunnerClass]:
+        """The classes of the connected runners, each once however many runners it has."""
+        return self._classes.keys()
 
     def get(self, runner_id: str) -> AgentConnection | None:
         return self._conns.get(runner_id)
