@@ -110,10 +110,23 @@ class Submissions:
         self, account: Account, tags: list[str], workflow_json: dict[str, Any], values: dict[str, str]
     ) -> Needs:
         """400 unless some active runner with matching tags can run the workflow, as far as
-        anyone knows (a runner that never connected has not said what it lacks). The runners
-        come from the store's short-lived cache; a refusal is only ever made on a fresh read.
-        Returns what the workflow needs (dispatch keeps it)."""
+        anyone knows (a runner that never connected has not said what it lacks). A connected
+        runner that can run it settles it (looked at once per class of runners, however many
+        are connected); otherwise the runners come from the store's short-lived cache, and a
+        refusal is only ever made on a fresh read. Returns what the workflow needs (dispatch
+        keeps it)."""
         need = needs(workflow_json, values)
+        connected = next(
+            (
+                k.offers
+                for k in self.registry.connected_classes()
+                if k.account_id == account.id and k.accepts(tags) and missing(need, k.offers) == []
+            ),
+            None,
+        )
+        if connected is not None:
+            _check_values(workflow_json, values, [connected])
+            return need
         try:
             await self._check_runners(account, tags, workflow_json, values, need, fresh=False)
         except BadRequest:
@@ -156,10 +169,7 @@ class Submissions:
         if not capable and not unknown:
             name, lacks = min(shortfalls, key=lambda item: sum(len(p) for p in item[1]))
             raise BadRequest(f"no runner can run this workflow: {name} lacks {'; '.join(lacks)}")
-        try:
-            check_values(workflow_json, values, capable)
-        except ValueError as exc:  # ConversionError and friends: the message says what is wrong
-            raise BadRequest(str(exc)) from exc
+        _check_values(workflow_json, values, capable)
 
     async def create(
         self,
@@ -238,3 +248,10 @@ class Submissions:
         wf = await self.store.add_workflow(wf, receipt(wf) if receipt is not None else None)
         self.fleet.enqueue(wf, need)
         return wf
+
+
+def _check_values(workflow_json: dict[str, Any], values: dict[str, str], capable: list[Offers]) -> None:
+    try:
+        check_values(workflow_json, values, capable)
+    except ValueError as exc:  # ConversionError and friends: the message says what is wrong
+        raise BadRequest(str(exc)) from exc
