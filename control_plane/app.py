@@ -16,6 +16,7 @@ from control_plane.auth import Authenticator
 from control_plane.collector import Collector
 from control_plane.db.blobs import BlobStore
 from control_plane.db.engine import create_schema, make_engine
+from control_plane.db.sole_server import sole_server
 from control_plane.db.store import Store
 from control_plane.db.tables import utcnow
 from control_plane.failpoints import FailPoints
@@ -62,24 +63,25 @@ def create_app(settings: Settings) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)
-        engine = make_engine(settings.resolved_database_url)
-        await create_schema(engine)
-        store = Store(engine, FailPoints(failpoints.parse(settings.failpoints)))
-        await store.forget_idempotent_before(utcnow() - timedelta(seconds=idempotency.KEEP_S))
-        blobs = BlobStore(settings.blob_dir)
-        await asyncio.to_thread(blobs.setup)
-        hub, registry = EventHub(), Registry()
-        fleet = Fleet(settings, store, registry, hub, blobs, figures)
-        app[FORM_GATES] = FormGates()
-        app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
-        await fleet.start()
-        log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))
-        collector = Collector()
-        collector.install()
-        yield
-        await fleet.stop()
-        await store.close()
-        collector.remove()
+        async with sole_server(settings.resolved_database_url):
+            engine = make_engine(settings.resolved_database_url)
+            await create_schema(engine)
+            store = Store(engine, FailPoints(failpoints.parse(settings.failpoints)))
+            await store.forget_idempotent_before(utcnow() - timedelta(seconds=idempotency.KEEP_S))
+            blobs = BlobStore(settings.blob_dir)
+            await asyncio.to_thread(blobs.setup)
+            hub, registry = EventHub(), Registry()
+            fleet = Fleet(settings, store, registry, hub, blobs, figures)
+            app[FORM_GATES] = FormGates()
+            app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
+            await fleet.start()
+            log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))
+            collector = Collector()
+            collector.install()
+            yield
+            await fleet.stop()
+            await store.close()
+            collector.remove()
 
     async def close_agents(app: web.Application) -> None:
         # Agents see GOING_AWAY and reconnect to whoever serves next.

@@ -67,3 +67,50 @@ async def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
     code, _, err = await run("serve", "--data-dir", str(tmp_path), env=env)
     assert code == 2
     assert "port" in err and "'eighty'" in err
+
+
+async def serving(data_dir: Path, port: int, *args: str) -> asyncio.subprocess.Process:
+    """``comfyfleet serve`` on ``data_dir`` (and ``args``), once it listens."""
+    proc = await asyncio.create_subprocess_exec(
+        *COMFYFLEET,
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        while b"control plane listening on" not in await proc.stderr.readline():
+            pass
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_second_control_plane_on_the_same_sqlite_file_says_so_and_stops(tmp_path: Path) -> None:
+    first = await serving(tmp_path, port := free_port())
+    try:
+        code, _, err = await run("serve", "--data-dir", str(tmp_path), "--port", str(free_port()))
+        assert code == 2
+        assert f"another control plane (pid {first.pid}) already serves" in err
+        assert "PostgreSQL" in err
+        # Short commands still open the database beside it; the first one serves on.
+        code, _, err = await run("admin", "token", "create", "--account", "acme", "--data-dir", str(tmp_path))
+        assert code == 0, err
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200
+    finally:
+        first.terminate()
+        assert await asyncio.wait_for(first.wait(), 20) == 0
+    # Once it has gone, another may serve the file.
+    second = await serving(tmp_path, free_port())
+    second.terminate()
+    assert await asyncio.wait_for(second.wait(), 20) == 0
