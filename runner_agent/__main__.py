@@ -42,7 +42,10 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     """The agent's flags, for this program and for ``comfyfleet agent``. Every flag defaults
     to ``None`` ("not given") so that the environment and the config file can fill it."""
     parser.add_argument(
-        "--server", dest="server_url", metavar="URL", help="control-plane base URL (env COMFYFLEET_SERVER)"
+        "--server",
+        dest="server_url",
+        metavar="URL[,URL…]",
+        help="control-plane base URL, or several to fail over between (env COMFYFLEET_SERVER)",
     )
     parser.add_argument(
         "--token", metavar="TOKEN", help="runner token (env COMFYFLEET_TOKEN); prefer --token-file"

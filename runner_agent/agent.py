@@ -133,7 +133,7 @@ class Agent:
         log.info(
             "agent %s starting: control plane %s, ComfyUI %s, %d slot(s)",
             self.settings.agent_version,
-            self.settings.server_url,
+            ", ".join(self.settings.server_urls),
             ", ".join(f"{i.url} (GPU {i.gpu_index})" for i in self.instances),
             self.settings.total_slots,
         )
@@ -245,6 +245,8 @@ class Agent:
         ]
 
     async def on_welcome(self, welcome: Welcome) -> None:
+        # Files go to and come from the control plane that welcomed us (one of several).
+        self.files.base_url = self.connection.http_base_url
         if welcome.status != "active":
             log.warning(
                 "runner %s is %s on the control plane: it will get no work", welcome.runner_id, welcome.status

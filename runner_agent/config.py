@@ -47,6 +47,19 @@ class SettingsError(ValueError):
     """A setting is missing or invalid; the message says which and where to set it."""
 
 
+def connect_url_of(server_url: str) -> str:
+    """A control plane's agent websocket, derived from its HTTP base URL."""
+    parts = urlsplit(server_url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}" + CONNECT_PATH
+
+
+def http_base_url_of(server_url: str) -> str:
+    parts = urlsplit(server_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
 def _default_data_dir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "comfyfleet-agent"
@@ -116,17 +129,19 @@ class AgentSettings:
         return self.slots * len(self.comfyui_urls)
 
     @property
+    def server_urls(self) -> tuple[str, ...]:
+        """The control planes to dial, in order: ``server_url`` may list several, comma
+        separated (replicas, each reachable on its own); the agent fails over between them."""
+        return tuple(url.strip() for url in self.server_url.split(",") if url.strip())
+
+    @property
     def connect_url(self) -> str:
-        """The control plane's agent websocket, derived from its HTTP base URL."""
-        parts = urlsplit(self.server_url)
-        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-        return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}" + CONNECT_PATH
+        """The first control plane's agent websocket (see :func:`connect_url_of`)."""
+        return connect_url_of(self.server_urls[0])
 
     @property
     def http_base_url(self) -> str:
-        parts = urlsplit(self.server_url)
-        scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-        return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        return http_base_url_of(self.server_urls[0])
 
     def validate(self) -> AgentSettings:
         # The order decides which complaint a user with several mistakes sees first.
@@ -136,15 +151,16 @@ class AgentSettings:
         return self
 
     def _check_control_plane(self) -> None:
-        if not self.server_url:
+        if not self.server_urls:
             raise SettingsError("no control-plane URL: pass --server URL or set COMFYFLEET_SERVER")
         if not self.token:
             raise SettingsError(
                 "no runner token: pass --token TOKEN, --token-file FILE or set COMFYFLEET_TOKEN"
             )
-        _check_url(
-            "server_url (--server, COMFYFLEET_SERVER)", self.server_url, ("http", "https", "ws", "wss")
-        )
+        for url in self.server_urls:
+            _check_url("server_url (--server, COMFYFLEET_SERVER)", url, ("http", "https", "ws", "wss"))
+        if len(set(self.server_urls)) != len(self.server_urls):
+            raise SettingsError(f"server_url (--server) lists a URL twice: {self.server_url}")
 
     def _check_instances(self) -> None:
         for url in self.comfyui_urls:

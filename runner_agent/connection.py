@@ -38,7 +38,7 @@ from protocol.messages import (
     dump_message,
     parse_message,
 )
-from runner_agent.config import AgentSettings
+from runner_agent.config import AgentSettings, connect_url_of, http_base_url_of
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,22 @@ class ControlPlaneConnection:
         self._retry_after_s: float | None = None
         self.welcome: Welcome | None = None
         self.connected = asyncio.Event()
+        # The control plane dialled now: the one that last welcomed us, or the next to try.
+        self._urls = settings.server_urls
+        self._at = 0
+
+    @property
+    def server_url(self) -> str:
+        return self._urls[self._at]
+
+    @property
+    def connect_url(self) -> str:
+        return connect_url_of(self.server_url)
+
+    @property
+    def http_base_url(self) -> str:
+        """Where the job's files go and come from: the control plane we are connected to."""
+        return http_base_url_of(self.server_url)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -166,8 +182,16 @@ class ControlPlaneConnection:
             if self._rehello:
                 self._rehello = False
                 continue
+            if not welcomed and len(self._urls) > 1:
+                # The next control plane; one not tried since the last welcome at once,
+                # unless this one asked us to come back later.
+                self._at = (self._at + 1) % len(self._urls)
+                if (failures + 1) % len(self._urls) and self._retry_after_s is None:
+                    failures += 1
+                    log.info("trying the control plane at %s", self.server_url)
+                    continue
             delay = backoff_delay(
-                failures,
+                failures // len(self._urls),
                 initial_s=self.settings.reconnect_initial_s,
                 max_s=self.settings.reconnect_max_s,
                 jitter=self.settings.reconnect_jitter,
@@ -179,7 +203,7 @@ class ControlPlaneConnection:
                 # time does not come back as one.
                 hint = self._retry_after_s * (1.0 + self.settings.reconnect_jitter * self._rand())
                 delay, self._retry_after_s = max(delay, hint), None
-            log.info("reconnecting to %s in %.2f s", self.settings.connect_url, delay)
+            log.info("reconnecting to %s in %.2f s", self.connect_url, delay)
             await self._pause(delay)
 
     async def send(self, message: Outgoing) -> None:
@@ -220,7 +244,7 @@ class ControlPlaneConnection:
         self._last_close_code = None
         try:
             async with self._connect(
-                self.settings.connect_url,
+                self.connect_url,
                 additional_headers={"Authorization": f"Bearer {self.settings.token}"},
                 max_size=MAX_MESSAGE_BYTES,
                 open_timeout=self.settings.welcome_timeout_s,
@@ -244,7 +268,7 @@ class ControlPlaneConnection:
         except (OSError, TimeoutError, WebSocketException) as exc:
             log.warning(
                 "cannot reach the control plane at %s: %s: %s",
-                self.settings.connect_url,
+                self.connect_url,
                 exc.__class__.__name__,
                 exc,
             )

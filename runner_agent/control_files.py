@@ -92,9 +92,9 @@ class ControlPlaneFiles:
 
     async def download_input(self, file: JobFile, dest: Path, *, tag: str = "") -> StoredFile:
         """Fetch one job input to ``dest``; its sha256 and size must match the job's."""
-        url = self._url(file.url)
 
         async def attempt() -> StoredFile:
+            url = self._url(file.url)  # each try: the control plane connected now
             try:
                 async with self.session.get(url, headers=self._auth) as resp:
                     if resp.status == 409:
@@ -139,7 +139,6 @@ class ControlPlaneFiles:
         size_bytes: int,
     ) -> OutputRef:
         """Stream one output file from disk to the control plane, which checks its sha256."""
-        url = self.base_url + outputs_path(workflow_id)
         params = {
             "attempt": str(attempt),
             "node_id": node_id,
@@ -155,6 +154,7 @@ class ControlPlaneFiles:
         }
 
         async def put_once() -> OutputRef:
+            url = self.base_url + outputs_path(workflow_id)  # each try: the one connected now
             try:
                 # A small file goes in one read (one thread call), a large one a chunk at a time.
                 body = await asyncio.to_thread(path.read_bytes) if size_bytes <= SMALL_FILE_BYTES else None

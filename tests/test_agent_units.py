@@ -73,6 +73,9 @@ def test_settings_agent_table_in_a_shared_file(tmp_path: Path) -> None:
         ({"server_url": "cp:8080", "token": "t"}, {}, "is not a http/https/ws/wss URL"),
         ({"server_url": "http://cp", "token": "t", "slots": 0}, {}, "slots must be at least 1"),
         ({"server_url": "http://cp", "token": "t"}, {"COMFYFLEET_AGENT_SLOTS": "many"}, "many"),
+        ({"server_url": "http://a:1,cp:2", "token": "t"}, {}, "'cp:2' is not a http/https/ws/wss URL"),
+        ({"server_url": "http://a:1, http://a:1", "token": "t"}, {}, "lists a URL twice"),
+        ({"server_url": " , ", "token": "t"}, {}, "--server URL or set COMFYFLEET_SERVER"),
     ],
 )
 def test_settings_errors_name_the_flag_and_variable(
@@ -80,6 +83,14 @@ def test_settings_errors_name_the_flag_and_variable(
 ) -> None:
     with pytest.raises(SettingsError, match=re.escape(needle)):
         load_settings(flags, environ=env)
+
+
+def test_settings_several_control_planes_in_the_order_given() -> None:
+    settings = load_settings(
+        {"token": "t"}, environ={"COMFYFLEET_SERVER": "https://cp1.example/, https://cp2.example/base"}
+    )
+    assert settings.server_urls == ("https://cp1.example/", "https://cp2.example/base")
+    assert settings.connect_url == "wss://cp1.example/v1/agent/connect"  # the first is dialled first
 
 
 def test_settings_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
