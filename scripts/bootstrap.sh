@@ -3,15 +3,18 @@
 # (editable, with the test tools). Re-installs only when pyproject.toml changed.
 #   --with-browser    also Debian's chromium, for the dashboard's browser test
 #   --with-postgres   also Debian's postgresql, for the tests that run the store on PostgreSQL
+#   --with-nginx      also Debian's nginx, for the tests of the control plane behind it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_browser=0
 with_postgres=0
+with_nginx=0
 for arg in "$@"; do
     case "$arg" in
         --with-browser) with_browser=1 ;;
         --with-postgres) with_postgres=1 ;;
+        --with-nginx) with_nginx=1 ;;
         *) echo "bootstrap.sh: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -19,8 +22,9 @@ done
 apt_install() {
     local sudo_cmd=""
     [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "$@" >/dev/null
+    # Another apt (a second set-up running beside this one) holds the lock for a while: wait.
+    $sudo_cmd apt-get -o DPkg::Lock::Timeout=300 update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@" >/dev/null
 }
 
 # Never a downloaded browser: Playwright drives the system's Chromium.
@@ -32,6 +36,12 @@ fi
 if [ "$with_postgres" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     echo "installing Debian's postgresql for the database tests"
     apt_install postgresql
+fi
+
+# The tests start their own nginx on a free port; the package's own service is not used.
+if [ "$with_nginx" = 1 ] && [ ! -x /usr/sbin/nginx ]; then
+    echo "installing Debian's nginx for the load-balancer tests"
+    apt_install nginx-light
 fi
 
 PYTHON=${PYTHON:-python3}
