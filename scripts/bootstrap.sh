@@ -22,9 +22,13 @@ done
 apt_install() {
     local sudo_cmd=""
     [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    # Another apt (a second set-up running beside this one) holds the lock for a while: wait.
-    $sudo_cmd apt-get -o DPkg::Lock::Timeout=300 update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@" >/dev/null
+    # Set-ups running side by side take turns (apt-get update does not wait for its lock);
+    # any other apt is waited for by the install's own lock timeout.
+    (
+        flock -w 600 9
+        $sudo_cmd apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@" >/dev/null
+    ) 9>"${TMPDIR:-/tmp}/comfyfleet-apt.lock"
 }
 
 # Never a downloaded browser: Playwright drives the system's Chromium.
