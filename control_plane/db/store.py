@@ -57,6 +57,10 @@ T = TypeVar("T")
 READ_CACHE_S = 5.0
 
 
+# The PostgreSQL channel on which a control plane announces a workflow that waits.
+WAITING_CHANNEL = "comfyfleet_waiting"
+
+
 class KeyTaken(Exception):
     """An Idempotency-Key was taken by a request that committed first; nothing was written."""
 
@@ -399,6 +403,51 @@ class Store:
         counted = await self.run(work)
         self._last_day.put(account_id, [counted, 0])
         return counted
+
+    # -- control planes sharing the database -----------------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """Whether other control planes may serve this database too (PostgreSQL)."""
+        return self.db.dialect == "postgresql"
+
+    def listen_dsn(self) -> str:
+        """The database's address for a plain asyncpg connection (LISTEN)."""
+        return self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def announce_waiting(self, workflow_id: str) -> None:
+        """Tell the control planes listening on this database that a workflow waits."""
+
+        def work(s: Session) -> None:
+            s.connection().execute(
+                text("SELECT pg_notify(:channel, :id)"), {"channel": WAITING_CHANNEL, "id": workflow_id}
+            )
+            s.commit()
+
+        await self.run(work)
+
+    async def waiting_ids(self) -> set[str]:
+        """The ids of the accepted workflows no runner holds."""
+
+        def work(s: Session) -> set[str]:
+            w = WORKFLOWS.c
+            rows = s.connection().execute(
+                select(w.id).where(w.status == WorkflowStatus.ACCEPTED, w.runner_id.is_(None))
+            )
+            return {row[0] for row in rows}
+
+        return await self.run(work)
+
+    async def waiting_workflow(self, workflow_id: str) -> Workflow | None:
+        """The workflow, with its graph, if it is accepted and no runner holds it."""
+
+        def work(s: Session) -> Workflow | None:
+            wf = s.get(Workflow, workflow_id)
+            if wf is None or wf.status != WorkflowStatus.ACCEPTED or wf.runner_id is not None:
+                return None
+            return wf
+
+        return await self.run(work)
 
     async def waiting_workflows(self) -> list[Workflow]:
         """Accepted workflows no runner holds, oldest first."""

@@ -33,6 +33,7 @@ from control_plane.fleet.node_reports import Held, NodeReports
 from control_plane.fleet.registry import AgentConnection, Registry
 from control_plane.fleet.runner_states import RunnerStates
 from control_plane.fleet.waiting import Waiting, WaitingIndex, waits
+from control_plane.fleet.waiting_feed import WaitingFeed
 from control_plane.model.errors import NotFound
 from control_plane.model.lifecycle import TERMINAL, WorkflowStatus, holds_current, runs_on
 from control_plane.model.params import WorkflowParams
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 # A text output is small (a caption, a number); one past this is refused like a file past its cap.
 MAX_TEXT_OUTPUT_BYTES = 1024 * 1024
 RUNNER_STATE_WRITE_S = 30.0
+# How often a control plane sharing its database compares the waiting workflows there with
+# its index, for an announcement it missed (waiting_feed.py).
+WAITING_SWEEP_S = 5.0
 
 
 def _ranking(wanted: frozenset[str]) -> Callable[[AgentConnection], tuple[bool, int, float, float]]:
@@ -134,6 +138,12 @@ class Fleet:
         for runner_id in {wf.runner_id for wf in held if wf.runner_id}:
             self._start_grace(runner_id)
         await self._load_waiting()
+        if self.store.shared:
+            feed = WaitingFeed(
+                self.store.listen_dsn(), self._heard_waiting, self._sweep_waiting, WAITING_SWEEP_S
+            )
+            self._spawn(feed.listen())
+            self._spawn(feed.sweep_loop())
         self._spawn(self._dispatch_loop())
         self._spawn(self._deadline_loop())
         self._spawn(self.runner_states.run())
@@ -203,13 +213,31 @@ class Fleet:
             except Exception:  # a loop boundary: log and keep dispatching
                 log.exception("dispatch round failed")
 
-    def enqueue(self, wf: Workflow, need: Needs | None = None) -> None:
-        """``wf`` (loaded with its graph, unless ``need`` is given) waits for a runner now."""
+    def enqueue(self, wf: Workflow, need: Needs | None = None, *, announce: bool = True) -> None:
+        """``wf`` (loaded with its graph, unless ``need`` is given) waits for a runner now;
+        other control planes on the database hear of it unless ``announce`` is false."""
         if waits(wf):
             self.waiting.add(Waiting.of(wf, need))
+            if announce and self.store.shared:
+                self._spawn(self.store.announce_waiting(wf.id))
         else:
             self.waiting.discard(wf.id)
         self.kick()
+
+    def _heard_waiting(self, workflow_id: str) -> None:
+        """Another control plane (or this one) announced a waiting workflow."""
+        if workflow_id not in self.waiting:
+            self._spawn(self._take_in(workflow_id))
+
+    async def _take_in(self, workflow_id: str) -> None:
+        wf = await self.store.waiting_workflow(workflow_id)
+        if wf is not None and workflow_id not in self.waiting:
+            self.enqueue(wf, announce=False)
+
+    async def _sweep_waiting(self) -> None:
+        for workflow_id in await self.store.waiting_ids():
+            if workflow_id not in self.waiting:
+                await self._take_in(workflow_id)
 
     async def _load_waiting(self) -> None:
         for wf in await self.store.waiting_workflows():
