@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from comfyfleet.processes import free_port
+
 SITE = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
 
 # The http context around the site: no daemon, no access log, every file under the root.
@@ -41,12 +43,6 @@ def _binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def site_config(upstreams: list[str], listen: str) -> str:
     """``deploy/nginx.conf`` with its two blanks filled in."""
     servers = "\n    ".join(f"server {address};" for address in upstreams)
@@ -62,7 +58,7 @@ class NginxServer:
         self.root = Path(tempfile.mkdtemp(prefix="comfyfleet-nginx-"))
         # Run as root, nginx's workers are another user: they must reach its temp folders.
         self.root.chmod(0o755)
-        self.port = _free_port()
+        self.port = free_port()
         self.upstreams = upstreams
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -114,6 +114,25 @@ async def start_control_plane(
     return runner, f"http://127.0.0.1:{sock_port}", app, settings
 
 
+@contextlib.asynccontextmanager
+async def control_planes(
+    tmp_path: Path, http: aiohttp.ClientSession, database_url: str, n: int, **overrides: Any
+) -> AsyncIterator[list[ControlPlane]]:
+    """``n`` control planes on one database (PostgreSQL), sharing a data folder as replicas
+    share their blob storage; each is stopped at the end (a test may stop one before)."""
+    planes = []
+    try:
+        for _ in range(n):
+            runner, base, app, settings = await start_control_plane(
+                tmp_path, database_url=database_url, **overrides
+            )
+            planes.append(ControlPlane(base, settings, app, runner, http))
+        yield planes
+    finally:
+        for plane in planes:
+            await plane.runner.cleanup()
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:

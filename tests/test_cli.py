@@ -10,6 +10,8 @@ from pathlib import Path
 
 import aiohttp
 
+from comfyfleet.processes import free_port
+
 COMFYFLEET = [sys.executable, "-m", "comfyfleet"]
 
 
@@ -87,12 +89,6 @@ async def serving(data_dir: Path, port: int, *args: str) -> asyncio.subprocess.P
         while b"control plane listening on" not in await proc.stderr.readline():
             pass
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_a_second_control_plane_on_the_same_sqlite_file_says_so_and_stops(tmp_path: Path) -> None:

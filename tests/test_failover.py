@@ -3,34 +3,25 @@ them: it dials the next when the one it has cannot be reached, and its jobs' fil
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import aiohttp
 
+from comfyfleet.processes import free_port
 from comfyfleet.throwaway_postgres import PgServer
-from tests.conftest import AgentFactory, ControlPlane, png_bytes, start_control_plane
+from tests.conftest import AgentFactory, control_planes, png_bytes
 from tests.test_e2e import WORKFLOW, submit
 
 
 def nothing_listens() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 async def test_an_agent_fails_over_to_the_next_control_plane_and_runs_its_work(
     tmp_path: Path, pg_server: PgServer, http: aiohttp.ClientSession, sim: str, start_agent: AgentFactory
 ) -> None:
     url = await pg_server.new_database()
-    planes = []
-    for _ in range(2):
-        app_runner, base, app, settings = await start_control_plane(
-            tmp_path, runner_grace_s=5.0, heartbeat_s=1.0, database_url=url
-        )
-        planes.append(ControlPlane(base, settings, app, app_runner, http))
-    a, b = planes
-    try:
+    async with control_planes(tmp_path, http, url, 2, runner_grace_s=5.0, heartbeat_s=1.0) as (a, b):
         runner = await a.create_runner(tags=["gpu"])
         # The first address answers nothing: the agent goes on to A at once.
         await start_agent(f"{nothing_listens()}, {a.base}, {b.base}", runner["token"], sim)
@@ -53,6 +44,3 @@ async def test_an_agent_fails_over_to_the_next_control_plane_and_runs_its_work(
         assert {o["node_id"] for o in listing["outputs"]} == {"5", "6"}
         status, png = await b.request("GET", listing["outputs"][0]["src"])
         assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:
-        for plane in planes:
-            await plane.runner.cleanup()

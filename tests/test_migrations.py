@@ -14,9 +14,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
+from comfyfleet.processes import free_port
 from comfyfleet.throwaway_postgres import PgServer
 from control_plane.db.engine import MIGRATIONS, alembic_config, create_schema, make_engine
-from tests.test_cli import free_port, serving
+from tests.test_cli import serving
 
 
 async def test_upgrade_matches_the_models_and_downgrade_removes_everything(

@@ -11,7 +11,7 @@ import pytest
 
 import control_plane.fleet.dispatch as dispatch
 from comfyfleet.throwaway_postgres import PgServer
-from tests.conftest import AgentFactory, ControlPlane, png_bytes, poll_until, start_control_plane
+from tests.conftest import AgentFactory, control_planes, png_bytes, poll_until
 from tests.test_e2e import WORKFLOW, submit
 
 
@@ -19,14 +19,7 @@ async def test_a_workflow_submitted_to_one_control_plane_runs_on_an_agent_of_ano
     tmp_path: Path, pg_server: PgServer, http: aiohttp.ClientSession, sim: str, start_agent: AgentFactory
 ) -> None:
     url = await pg_server.new_database()
-    planes = []
-    for _ in range(2):
-        app_runner, base, app, settings = await start_control_plane(
-            tmp_path, heartbeat_s=1.0, database_url=url
-        )
-        planes.append(ControlPlane(base, settings, app, app_runner, http))
-    a, b = planes
-    try:
+    async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
         runner = await a.create_runner(tags=["gpu"])
         await start_agent(b.base, runner["token"], sim)  # the only agent, on B
         await b.services.fleet.wait_for(lambda: b.services.registry.get(runner["id"]) is not None, 20)
@@ -45,9 +38,6 @@ async def test_a_workflow_submitted_to_one_control_plane_runs_on_an_agent_of_ano
         for wf in submitted:
             status, listing = await a.request("GET", f"/v1/workflow/{wf['id']}/outputs")
             assert status == 200 and {o["node_id"] for o in listing["outputs"]} == {"5", "6"}
-    finally:
-        for plane in planes:
-            await plane.runner.cleanup()
 
 
 async def test_a_waiting_workflow_whose_announcement_was_lost_is_found_by_the_sweep(
@@ -60,14 +50,7 @@ async def test_a_waiting_workflow_whose_announcement_was_lost_is_found_by_the_sw
 ) -> None:
     monkeypatch.setattr(dispatch, "WAITING_SWEEP_S", 0.2)
     url = await pg_server.new_database()
-    planes = []
-    for _ in range(2):
-        app_runner, base, app, settings = await start_control_plane(
-            tmp_path, heartbeat_s=1.0, database_url=url
-        )
-        planes.append(ControlPlane(base, settings, app, app_runner, http))
-    a, b = planes
-    try:
+    async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
         runner = await a.create_runner()
         await start_agent(b.base, runner["token"], sim)
         await b.services.fleet.wait_for(lambda: b.services.registry.get(runner["id"]) is not None, 20)
@@ -80,6 +63,3 @@ async def test_a_waiting_workflow_whose_announcement_was_lost_is_found_by_the_sw
         wf = await submit(a, WORKFLOW, **{"$prompt": "x", "$input_image": png_bytes((1, 2, 3))})
         done = await b.wait_for_status(wf["id"], {"completed", "failed", "invalid"})
         assert done["status"] == "completed" and done["runner_id"] == runner["id"]
-    finally:
-        for plane in planes:
-            await plane.runner.cleanup()

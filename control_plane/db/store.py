@@ -59,6 +59,8 @@ READ_CACHE_S = 5.0
 
 # The PostgreSQL channel on which a control plane announces a workflow that waits.
 WAITING_CHANNEL = "comfyfleet_waiting"
+# A workflow waits for a runner: accepted, and no runner holds it (fleet/waiting.py:waits).
+_WAITS = (WORKFLOWS.c.status == WorkflowStatus.ACCEPTED, WORKFLOWS.c.runner_id.is_(None))
 
 
 class KeyTaken(Exception):
@@ -430,11 +432,7 @@ class Store:
         """The ids of the accepted workflows no runner holds."""
 
         def work(s: Session) -> set[str]:
-            w = WORKFLOWS.c
-            rows = s.connection().execute(
-                select(w.id).where(w.status == WorkflowStatus.ACCEPTED, w.runner_id.is_(None))
-            )
-            return {row[0] for row in rows}
+            return {row[0] for row in s.connection().execute(select(WORKFLOWS.c.id).where(*_WAITS))}
 
         return await self.run(work)
 
@@ -442,10 +440,7 @@ class Store:
         """The workflow, with its graph, if it is accepted and no runner holds it."""
 
         def work(s: Session) -> Workflow | None:
-            wf = s.get(Workflow, workflow_id)
-            if wf is None or wf.status != WorkflowStatus.ACCEPTED or wf.runner_id is not None:
-                return None
-            return wf
+            return s.exec(select(Workflow).where(col(Workflow.id) == workflow_id, *_WAITS)).first()
 
         return await self.run(work)
 
@@ -453,11 +448,7 @@ class Store:
         """Accepted workflows no runner holds, oldest first."""
 
         def work(s: Session) -> list[Workflow]:
-            rows = s.exec(
-                select(Workflow)
-                .where(Workflow.status == WorkflowStatus.ACCEPTED, col(Workflow.runner_id).is_(None))
-                .order_by(col(Workflow.created_at))
-            )
+            rows = s.exec(select(Workflow).where(*_WAITS).order_by(col(Workflow.created_at)))
             return list(rows)
 
         return await self.run(work)

@@ -262,16 +262,10 @@ class Registry:
             where is None or (load == conn._filed_load and conn.warm_models is conn._filed_warm)
         ):
             return
-        members = self._free.get(where) if where is not None and where == conn._filed else None
-        if members is not None:
-            members.discard(conn, conn._filed_warm)  # its load or warm models changed
-        else:
-            self._unfile(conn)
-            if where is None:
-                return
-            members = self._free.setdefault(where, FreeRunners())
-        members.add(conn, conn.warm_models, load, next(self._seq))
-        conn._filed, conn._filed_warm, conn._filed_load = where, conn.warm_models, load
+        self._unfile(conn)  # its class, slots, load or warm models changed
+        if where is not None:
+            self._free.setdefault(where, FreeRunners()).add(conn, conn.warm_models, load, next(self._seq))
+            conn._filed, conn._filed_warm, conn._filed_load = where, conn.warm_models, load
 
     def _unfile(self, conn: AgentConnection) -> None:
         if conn._filed is None:
