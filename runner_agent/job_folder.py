@@ -106,15 +106,18 @@ class JobFolder:
             "instance_url": saved.instance_url,
             "prompt": saved.prompt,
         }
-        await asyncio.to_thread(_write_json, self.path / "job.json", record)
+        await asyncio.to_thread(_write_json, self.path / "job.json", record, durable=True)
 
     async def save_result(self, result: SavedResult) -> None:
         record = {"outputs": [o.to_json() for o in result.outputs], "texts": result.texts}
         await asyncio.to_thread(_write_json, self.path / "result.json", record)
 
     async def save_final(self, report: FinalReport) -> None:
-        await asyncio.to_thread(_write_json, self.path / "final.json", report.model_dump(mode="json"))
-        await asyncio.to_thread(shutil.rmtree, self.outputs, True)
+        def save() -> None:
+            _write_json(self.path / "final.json", report.model_dump(mode="json"))
+            shutil.rmtree(self.outputs, True)
+
+        await asyncio.to_thread(save)
 
     async def drop_inputs(self) -> None:
         await asyncio.to_thread(shutil.rmtree, self.inputs, True)
@@ -123,14 +126,19 @@ class JobFolder:
         await asyncio.to_thread(shutil.rmtree, self.path, True)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write through a temporary name and fsync, so a crash leaves the old file or the new one."""
+def _write_json(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
+    """Write through a temporary name, so a crash of the agent leaves the old file or the new
+    one. Only ``durable`` files are synced to disk as well: ``job.json`` says a prompt was
+    posted, and is written while the go-ahead is on its way. The later files are on the path
+    of every job's end, and a host that loses them in a power cut has lost its ComfyUI's
+    outputs and history with them: the job runs again either way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
     with partial.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+        fh.write(json.dumps(data))  # one write: json.dump writes each token on its own
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     partial.replace(path)
 
 

@@ -42,6 +42,8 @@ PROMPT_EVENTS = frozenset(
 _VANISHED_POLLS = 2
 
 OnEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
+# Sockets closing in the background, held so that their tasks are not collected mid-close.
+_closing: set[asyncio.Task[bool]] = set()
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,12 @@ class PromptWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         if self._ws is not None:
-            await self._ws.close()
+            # The closing handshake is ComfyUI's round trip, not the job's: the outputs need
+            # not wait for it.
+            closing = asyncio.create_task(self._ws.close(), name=f"comfy-ws close {self._tag}")
+            _closing.add(closing)
+            closing.add_done_callback(_closing.discard)
+            self._ws = None
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:

@@ -282,6 +282,14 @@ async def test_an_output_over_the_limits_is_a_413_before_its_body(
         url2 = url.replace("a.png", "b.png")
         status, answer = await cp.request("PUT", url2, headers=headers, data=payload)
         assert status == 413 and "may upload 1000 bytes of outputs in all; 200 are left" in answer["message"]
+        # Other bytes refused for the same reason are not kept; nor are those of an attempt
+        # the runner does not hold.
+        other = b"GIF8" * 200
+        other_headers = {**auth, "X-Content-SHA256": hashlib.sha256(other).hexdigest()}
+        for where, want in ((url2, 413), (url.replace("attempt=1", "attempt=2"), 409)):
+            status, answer = await cp.request("PUT", where, headers=other_headers, data=other)
+            assert status == want, answer
+            assert not cp.services.blobs.exists(hashlib.sha256(other).hexdigest())
         await ws.close()
     finally:
         await runner1.cleanup()
@@ -306,6 +314,14 @@ async def test_an_output_that_is_not_what_its_sha256_says_is_a_400_and_kept_nowh
             )
             assert status == 400 and "sha256 mismatch" in answer["message"], (size, answer)
             assert not cp.services.blobs.exists(hashlib.sha256(sent).hexdigest())
+            # Sent for an attempt the runner does not hold, that is what it is told.
+            status, answer = await cp.request(
+                "PUT",
+                url.replace("attempt=1", "attempt=2"),
+                headers={**auth, "X-Content-SHA256": claimed},
+                data=sent,
+            )
+            assert status == 409 and "not current" in answer["message"], (size, answer)
         _, listing = await cp.request("GET", f"/v1/workflow/{wf}/outputs")
         assert listing["outputs"] == []
         assert list((cp.settings.blob_dir / "tmp").iterdir()) == []  # no half-written file left

@@ -6,6 +6,7 @@ operator their own account, and an admin token every account."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -129,6 +130,13 @@ async def test_agent_routes_refuse_client_tokens_and_other_accounts_runners(
         assert status == want, headers
         status, _ = await cp.request("PUT", outputs, headers=headers, data=b"x")
         assert status == want, headers
+    # Well formed, so read and stored before the workflow is looked up: still a 404, and the
+    # bytes are not kept.
+    body = b"bob's bytes"
+    sha = hashlib.sha256(body).hexdigest()
+    status, _ = await cp.request("PUT", outputs, headers={**bob, "X-Content-SHA256": sha}, data=body)
+    assert status == 404
+    assert not cp.services.blobs.exists(sha)
     url = cp.base.replace("http", "ws") + "/v1/agent/connect"
     for headers in (client, {}):
         async with connect(url, additional_headers=headers) as ws:

@@ -36,7 +36,7 @@ from control_plane.db.tables import (
     utcnow,
 )
 from control_plane.failpoints import FailPoints
-from control_plane.model.errors import NotFound
+from control_plane.model.errors import Conflict, NotFound, PayloadTooLarge
 from control_plane.model.figures import FleetFigures
 from control_plane.model.lifecycle import (
     TERMINAL,
@@ -808,6 +808,38 @@ class Store:
             same = reports.same_output(s, output)
             if same is not None:
                 return same, False
+            reports.add_output(s, output)
+            s.commit()
+            return output, True
+
+        return await self.run(work)
+
+    async def add_small_output(
+        self, account_id: str, output: Output, runner_id: str, room: int
+    ) -> tuple[Output, bool]:
+        """An output already stored as a blob, recorded in one unit: the workflow read and
+        fenced (404 for another account's, :class:`Conflict` unless that runner holds that
+        attempt), the attempt's outputs so far held to ``room`` bytes in all
+        (:class:`PayloadTooLarge`), and inserted. ``(output, created)`` as :meth:`add_output`
+        gives: the same file recorded before is answered with that record."""
+
+        def work(s: Session) -> tuple[Output, bool]:
+            state = reports.workflow_state(s.connection(), output.workflow_id, lock=True)
+            if state is None or state.account_id != account_id:
+                raise NotFound(f"workflow {output.workflow_id} not found")
+            if not holds_current(state, output.attempt, runner_id):
+                raise Conflict(
+                    f"attempt {output.attempt} of workflow {state.id} is not current on this runner"
+                )
+            same = reports.same_output(s, output)
+            if same is not None:
+                return same, False
+            uploaded = reports.output_bytes(s, output.workflow_id, output.attempt)
+            if uploaded + output.size_bytes > room:
+                raise PayloadTooLarge(
+                    f"attempt {output.attempt} of workflow {state.id} may upload {room} bytes "
+                    f"of outputs in all; {max(room - uploaded, 0)} are left"
+                )
             reports.add_output(s, output)
             s.commit()
             return output, True
