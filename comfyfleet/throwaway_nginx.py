@@ -46,7 +46,14 @@ def _binary() -> str:
 def site_config(upstreams: list[str], listen: str) -> str:
     """``deploy/nginx.conf`` with its two blanks filled in."""
     servers = "\n    ".join(f"server {address};" for address in upstreams)
-    return SITE.read_text(encoding="utf-8").replace("{{servers}}", servers).replace("{{listen}}", listen)
+    # The comments name the blanks too: they stay as they are.
+    lines = [
+        line
+        if line.lstrip().startswith("#")
+        else line.replace("{{servers}}", servers).replace("{{listen}}", listen)
+        for line in SITE.read_text(encoding="utf-8").splitlines(keepends=True)
+    ]
+    return "".join(lines)
 
 
 class NginxServer:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -100,6 +102,9 @@ class Settings:
     tiers: dict[str, Tier] = field(default_factory=lambda: dict(DEFAULT_TIERS))
     # Names of fail points where the process dies as a crash would (failpoints.py); tests only.
     failpoints: str = ""
+    # Who this control plane is to the others on its database (in their messages and logs);
+    # host, process and a random part unless set.
+    replica_id: str = field(default_factory=lambda: _default_replica_id())
 
     @property
     def resolved_database_url(self) -> str:
@@ -128,6 +133,10 @@ class Settings:
         if self.retry_backoff_s < 0 or self.deadline_sweep_s <= 0:
             raise ValueError("retry_backoff_s must not be negative and deadline_sweep_s must be positive")
         return self
+
+
+def _default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 _SCALARS = {f.name: f for f in fields(Settings) if f.name != "tiers"}

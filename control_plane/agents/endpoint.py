@@ -132,6 +132,10 @@ async def _serve(
     old = svc.registry.add(conn)
     if old is not None:
         await old.ws.close(code=Close.REPLACED, message=b"replaced by a newer connection")
+    replicas = svc.fleet.replicas
+    if replicas is not None:
+        # Held here now; a connection another control plane holds is closed there.
+        await replicas.connected(conn)
     log.info(
         "runner %s (%s) connected, agent %s, holding %d jobs",
         runner.id,
@@ -166,6 +170,8 @@ async def _serve(
     finally:
         conn.fail_pending()
         svc.fleet.runner_states.forget(conn)
+        if replicas is not None:
+            await replicas.disconnected(conn)
         if svc.registry.remove(conn):
             # An agent that says goodbye (1001 after a drain) will not finish what it still
             # holds here: those jobs move now rather than after the grace period.

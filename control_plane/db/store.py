@@ -58,7 +58,6 @@ READ_CACHE_S = 5.0
 
 
 # The PostgreSQL channel on which a control plane announces a workflow that waits.
-WAITING_CHANNEL = "comfyfleet_waiting"
 # A workflow waits for a runner: accepted, and no runner holds it (fleet/waiting.py:waits).
 _WAITS = (WORKFLOWS.c.status == WorkflowStatus.ACCEPTED, WORKFLOWS.c.runner_id.is_(None))
 
@@ -341,6 +340,14 @@ class Store:
 
         return await self.run(work)
 
+    async def state_of(self, workflow_id: str) -> WorkflowState | None:
+        """A workflow's status and little else, whoever's it is (for streams that follow it)."""
+
+        def work(s: Session) -> WorkflowState | None:
+            return reports.workflow_state(s.connection(), workflow_id)
+
+        return await self.run(work)
+
     async def workflow_state(self, account_id: str, workflow_id: str) -> WorkflowState:
         """Its status and little else (an event stream's first event), in one Core SELECT."""
 
@@ -416,17 +423,6 @@ class Store:
     def listen_dsn(self) -> str:
         """The database's address for a plain asyncpg connection (LISTEN)."""
         return self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-    async def announce_waiting(self, workflow_id: str) -> None:
-        """Tell the control planes listening on this database that a workflow waits."""
-
-        def work(s: Session) -> None:
-            s.connection().execute(
-                text("SELECT pg_notify(:channel, :id)"), {"channel": WAITING_CHANNEL, "id": workflow_id}
-            )
-            s.commit()
-
-        await self.run(work)
 
     async def waiting_ids(self) -> set[str]:
         """The ids of the accepted workflows no runner holds."""
@@ -574,6 +570,91 @@ class Store:
 
         def work(s: Session) -> list[Workflow]:
             return list(s.exec(query))
+
+        return await self.run(work)
+
+    # -- leases: which control plane holds a runner's connection (shared databases) ---------
+
+    async def take_lease(
+        self, runner_id: str, replica_id: str, connection_id: str, expires_at: datetime
+    ) -> tuple[str, str] | None:
+        """This connection holds the runner now. The (replica, connection) that held a live
+        lease before, if another control plane's: that connection is to be closed."""
+
+        def work(s: Session) -> tuple[str, str] | None:
+            c = s.connection()
+            row = c.execute(
+                select(RUNNERS.c.replica_id, RUNNERS.c.connection_id, RUNNERS.c.lease_expires_at)
+                .where(RUNNERS.c.id == runner_id)
+                .with_for_update()
+            ).first()
+            c.execute(
+                update(RUNNERS)
+                .where(RUNNERS.c.id == runner_id)
+                .values(replica_id=replica_id, connection_id=connection_id, lease_expires_at=expires_at)
+            )
+            s.commit()
+            if row is None or row[0] in (None, replica_id) or row[2] is None or as_utc(row[2]) <= utcnow():
+                return None
+            return str(row[0]), str(row[1])
+
+        return await self.run(work)
+
+    async def renew_leases(self, replica_id: str, expires_at: datetime) -> None:
+        """Every lease this control plane holds, renewed in one statement."""
+
+        def work(s: Session) -> None:
+            s.connection().execute(
+                update(RUNNERS).where(RUNNERS.c.replica_id == replica_id).values(lease_expires_at=expires_at)
+            )
+            s.commit()
+
+        await self.run(work)
+
+    async def drop_lease(self, runner_id: str, connection_id: str) -> None:
+        """The connection closed: its lease goes, unless a newer connection holds it now."""
+
+        def work(s: Session) -> None:
+            s.connection().execute(
+                update(RUNNERS)
+                .where(RUNNERS.c.id == runner_id, RUNNERS.c.connection_id == connection_id)
+                .values(replica_id=None, connection_id=None, lease_expires_at=None)
+            )
+            s.commit()
+
+        await self.run(work)
+
+    async def lease_holder(self, runner_id: str) -> str | None:
+        """The control plane holding a live lease on the runner, if any."""
+
+        def work(s: Session) -> str | None:
+            row = (
+                s.connection()
+                .execute(
+                    select(RUNNERS.c.replica_id, RUNNERS.c.lease_expires_at).where(RUNNERS.c.id == runner_id)
+                )
+                .first()
+            )
+            if row is None or row[0] is None or row[1] is None or as_utc(row[1]) <= utcnow():
+                return None
+            return str(row[0])
+
+        return await self.run(work)
+
+    async def take_over_lapsed_leases(self) -> list[str]:
+        """Runners whose control plane let their lease lapse (it died): each is taken by
+        exactly one of the control planes that ask, which then keeps its grace period."""
+
+        def work(s: Session) -> list[str]:
+            rows = s.connection().execute(
+                update(RUNNERS)
+                .where(RUNNERS.c.replica_id.is_not(None), RUNNERS.c.lease_expires_at < utcnow())
+                .values(replica_id=None, connection_id=None, lease_expires_at=None)
+                .returning(RUNNERS.c.id)
+            )
+            taken = [str(r[0]) for r in rows]
+            s.commit()
+            return taken
 
         return await self.run(work)
 

@@ -64,6 +64,11 @@ class Runner(SQLModel, table=True):
     last_seen_at: datetime | None = _ts()
     capacity: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     comfyui: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # On a database several control planes serve: the one holding the runner's connection
+    # (which connection, and until when unless renewed). Unset on SQLite.
+    replica_id: str | None = None
+    connection_id: str | None = None
+    lease_expires_at: datetime | None = _ts()
 
 
 class Workflow(SQLModel, table=True):

@@ -31,14 +31,16 @@ from control_plane.fleet.events import EventHub, cause_event, output_event, stat
 from control_plane.fleet.metrics import Metrics
 from control_plane.fleet.node_reports import Held, NodeReports
 from control_plane.fleet.registry import AgentConnection, Registry
+from control_plane.fleet.replica_bus import ReplicaBus
+from control_plane.fleet.replicas import Replicas
 from control_plane.fleet.runner_states import RunnerStates
 from control_plane.fleet.waiting import Waiting, WaitingIndex, waits
-from control_plane.fleet.waiting_feed import WaitingFeed
 from control_plane.model.errors import NotFound
 from control_plane.model.lifecycle import TERMINAL, WorkflowStatus, holds_current, runs_on
 from control_plane.model.params import WorkflowParams
 from control_plane.settings import Settings
 from protocol.agent_http import file_path
+from protocol.closing import Close
 from protocol.messages import (
     Cancel,
     HeldJob,
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 MAX_TEXT_OUTPUT_BYTES = 1024 * 1024
 RUNNER_STATE_WRITE_S = 30.0
 # How often a control plane sharing its database compares the waiting workflows there with
-# its index, for an announcement it missed (waiting_feed.py).
+# its index, for an announcement it missed (replica_bus.py).
 WAITING_SWEEP_S = 5.0
 
 
@@ -128,6 +130,8 @@ class Fleet:
         # anything else following the fleet live (the dashboard).
         self._changed = asyncio.Event()
         self.stopping = False  # set when the control plane shuts down
+        # The other control planes on a shared database, once started (replicas.py).
+        self.replicas: Replicas | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -139,11 +143,11 @@ class Fleet:
             self._start_grace(runner_id)
         await self._load_waiting()
         if self.store.shared:
-            feed = WaitingFeed(
-                self.store.listen_dsn(), self._heard_waiting, self._sweep_waiting, WAITING_SWEEP_S
-            )
-            self._spawn(feed.listen())
-            self._spawn(feed.sweep_loop())
+            bus = ReplicaBus(self.store.listen_dsn(), self.settings.replica_id)
+            self.replicas = Replicas(self, bus, self._spawn)
+            self._spawn(bus.run())
+            self._spawn(self._sweep_loop())
+            self._spawn(self.replicas.lease_loop())
         self._spawn(self._dispatch_loop())
         self._spawn(self._deadline_loop())
         self._spawn(self.runner_states.run())
@@ -218,13 +222,13 @@ class Fleet:
         other control planes on the database hear of it unless ``announce`` is false."""
         if waits(wf):
             self.waiting.add(Waiting.of(wf, need))
-            if announce and self.store.shared:
-                self._spawn(self.store.announce_waiting(wf.id))
+            if announce and self.replicas is not None:
+                self.replicas.announce_waiting(wf.id)
         else:
             self.waiting.discard(wf.id)
         self.kick()
 
-    def _heard_waiting(self, workflow_id: str) -> None:
+    def heard_waiting(self, workflow_id: str) -> None:
         """Another control plane (or this one) announced a waiting workflow."""
         if workflow_id not in self.waiting:
             self._spawn(self._take_in(workflow_id))
@@ -234,10 +238,19 @@ class Fleet:
         if wf is not None and workflow_id not in self.waiting:
             self.enqueue(wf, announce=False)
 
-    async def _sweep_waiting(self) -> None:
+    async def sweep_waiting(self) -> None:
+        """Take in every workflow the database has waiting that the index lacks."""
         for workflow_id in await self.store.waiting_ids():
             if workflow_id not in self.waiting:
                 await self._take_in(workflow_id)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WAITING_SWEEP_S)  # a periodic safety net, not a wait for an event
+            try:
+                await self.sweep_waiting()
+            except Exception:  # a loop boundary: the next sweep tries again
+                log.exception("sweeping for waiting workflows failed")
 
     async def _load_waiting(self) -> None:
         for wf in await self.store.waiting_workflows():
@@ -426,10 +439,17 @@ class Fleet:
             self.settings.runner_grace_s, lambda: self._spawn(self._grace_expired(runner_id))
         )
 
+    def keep_grace(self, runner_id: str) -> None:
+        """The runner's grace period, taken over from a control plane that died with it."""
+        if self.registry.get(runner_id) is None:
+            self._start_grace(runner_id)
+
     async def _grace_expired(self, runner_id: str) -> None:
         self._grace.pop(runner_id, None)
         if self.registry.get(runner_id) is not None:
             return
+        if self.replicas is not None and await self.replicas.holder(runner_id) is not None:
+            return  # it came back to another control plane on the database
         reason = f"runner {runner_id} did not come back within {self.settings.runner_grace_s:g} s"
         for workflow_id, attempt in (await self.store.held_by(runner_id)).items():
             if self.registry.get(runner_id) is not None:
@@ -706,6 +726,12 @@ class Fleet:
         if conn is not None:
             conn.let_go(workflow_id)
             await conn.send(Cancel(workflow_id=workflow_id, attempt=attempt))
+        elif self.replicas is not None:
+            self.replicas.stop_job(runner_id, workflow_id, attempt)
+
+    async def close_deleted(self, conn: AgentConnection) -> None:
+        """The runner was deleted: its agent is told so and let go."""
+        await conn.ws.close(code=Close.RUNNER_DELETED, message=b"runner deleted")
 
     # -- what clients ask ----------------------------------------------------------------
 

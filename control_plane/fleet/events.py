@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,9 +27,15 @@ class Event:
     data: dict[str, Any]
 
 
+Relay = Callable[[str, EventName, dict[str, Any]], None]
+
+
 class EventHub:
     def __init__(self) -> None:
         self._subs: dict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
+        # Passes what is published here on to the other control planes on the database (which
+        # deliver it to their own subscribers); unset when there are none.
+        self.relay: Relay | None = None
 
     @contextmanager
     def subscribe(self, workflow_id: str) -> Iterator[asyncio.Queue[Event]]:
@@ -47,9 +53,20 @@ class EventHub:
     def close(self) -> None:
         """Shutting down: every subscriber gets a last ``shutdown`` event and should end."""
         for workflow_id in list(self._subs):
-            self.publish(workflow_id, "shutdown", {})
+            self.deliver(workflow_id, "shutdown", {})
+
+    def watched(self) -> list[str]:
+        """The workflows someone here follows."""
+        return list(self._subs)
 
     def publish(self, workflow_id: str, name: EventName, data: dict[str, Any]) -> None:
+        """An event of the workflow, for its subscribers wherever they are."""
+        self.deliver(workflow_id, name, data)
+        if self.relay is not None:
+            self.relay(workflow_id, name, data)
+
+    def deliver(self, workflow_id: str, name: EventName, data: dict[str, Any]) -> None:
+        """An event for this control plane's subscribers only."""
         event = Event(name, data)
         for queue in self._subs.get(workflow_id, ()):
             if queue.full():

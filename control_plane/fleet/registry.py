@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class AgentConnection:
     _counted: RunnerClass | None = None  # the class the registry counts it under
     _class: RunnerClass | None = None
     _pending: dict[str, asyncio.Future[Reply]] = field(default_factory=dict)
+    # Tells this connection from the runner's others (its lease names it, replicas.py).
+    connection_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def __post_init__(self) -> None:
         self.connected_at = self.last_seen_at = self.clock.time()

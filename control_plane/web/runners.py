@@ -18,8 +18,6 @@ from protocol.messages import Interrupt, Reply, StatsRequest
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-CLOSE_RUNNER_DELETED = 4003
-
 
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > 100:
@@ -91,6 +89,8 @@ async def update_runner(request: web.Request) -> web.Response:
     if conn is not None:
         # A disabled runner drains: what it runs finishes, nothing new is dispatched.
         conn.rename(runner.name, runner.tags, runner.status)
+    elif svc.fleet.replicas is not None:
+        svc.fleet.replicas.runner_changed(runner.id, runner.name, runner.tags, runner.status)
     svc.fleet.kick()
     return web.json_response(runner_view(runner, svc.live_runner(runner.id)))
 
@@ -103,7 +103,9 @@ async def delete_runner(request: web.Request) -> web.Response:
     await svc.store.delete_runner(principal.account.id, runner_id)
     conn = svc.registry.get(runner_id)
     if conn is not None:
-        await conn.ws.close(code=CLOSE_RUNNER_DELETED, message=b"runner deleted")
+        await svc.fleet.close_deleted(conn)
+    elif svc.fleet.replicas is not None:
+        svc.fleet.replicas.runner_deleted(runner_id)
     await svc.fleet.runner_deleted(runner_id)
     return web.json_response({"id": runner_id, "deleted": True})
 
@@ -116,13 +118,20 @@ async def _ask_runner(
 ) -> Reply:
     runner = await svc.store.get_runner(account_id, runner_id)
     conn = svc.registry.get(runner.id)
-    if conn is None:
+    replicas = svc.fleet.replicas
+    if conn is None and (replicas is None or await replicas.holder(runner.id) is None):
         raise Conflict(f"runner {runner.name} is offline")
     try:
-        reply = await conn.request(message, RUNNER_REQUEST_TIMEOUT_S)
+        if conn is not None:
+            reply = await conn.request(message, RUNNER_REQUEST_TIMEOUT_S)
+        else:
+            assert replicas is not None
+            # Its connection may be held by another control plane on the database.
+            reply = await replicas.ask(runner.id, message, RUNNER_REQUEST_TIMEOUT_S)
     except TimeoutError as exc:
+        where = "" if conn is not None else " (through the control plane that holds its connection)"
         raise GatewayTimeout(
-            f"runner {runner.name} did not answer within {RUNNER_REQUEST_TIMEOUT_S:g} s"
+            f"runner {runner.name} did not answer within {RUNNER_REQUEST_TIMEOUT_S:g} s{where}"
         ) from exc
     except ConnectionError as exc:
         raise Conflict(f"runner {runner.name} went offline: {exc}") from exc

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import web
@@ -153,9 +155,15 @@ def _sse(event: str, data: dict[str, object]) -> bytes:
 
 
 async def _stream(
-    resp: web.StreamResponse, queue: asyncio.Queue[Event], wf: WorkflowState, queue_number: int | None
+    resp: web.StreamResponse,
+    queue: asyncio.Queue[Event],
+    wf: WorkflowState,
+    queue_number: int | None,
+    recheck: Callable[[], Awaitable[WorkflowState | None]] | None,
 ) -> None:
-    """The current status first, then every change, until a terminal state (or shutdown)."""
+    """The current status first, then every change, until a terminal state (or shutdown).
+    With ``recheck`` (events relayed from other control planes, which can go unheard) the
+    workflow is read again at each keepalive, so that a stream always reaches its end."""
     await resp.write(_sse("status", status_event(wf) | {"queue_number": queue_number}))
     last = (wf.status, wf.attempt)
     while last[0] not in TERMINAL:
@@ -163,7 +171,10 @@ async def _stream(
             event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
         except TimeoutError:
             await resp.write(b": keepalive\n\n")
-            continue
+            state = await recheck() if recheck is not None else None
+            if state is None or (state.status, state.attempt) == last:
+                continue
+            event = Event("status", status_event(state))
         if event.name == "shutdown":
             break
         if event.name == "status":
@@ -192,7 +203,9 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
         )
         await resp.prepare(request)
         try:
-            await _stream(resp, queue, wf, svc.queue_position(wf))
+            shared = svc.fleet.replicas is not None
+            recheck = functools.partial(svc.store.state_of, wf.id) if shared else None
+            await _stream(resp, queue, wf, svc.queue_position(wf), recheck)
             await resp.write_eof()
         except ConnectionResetError:
             # The client left: an ordinary end of a stream, not an error.
