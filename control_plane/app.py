@@ -22,6 +22,7 @@ from control_plane.db.tables import utcnow
 from control_plane.failpoints import FailPoints
 from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.events import EventHub
+from control_plane.fleet.journal import EventJournal
 from control_plane.fleet.metrics import METRICS_KEY, Metrics
 from control_plane.fleet.registry import Registry
 from control_plane.services import Services
@@ -38,6 +39,8 @@ from control_plane.web.middleware import error_middleware, url_middleware
 from protocol.closing import Close
 
 log = logging.getLogger(__name__)
+# How long a published event waits for the event log: the events of that long go in one write.
+EVENT_LOG_WRITE_S = 0.1
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -71,6 +74,7 @@ def create_app(settings: Settings) -> web.Application:
             blobs = BlobStore(settings.blob_dir)
             await asyncio.to_thread(blobs.setup)
             hub, registry = EventHub(), Registry()
+            hub.journal = journal = EventJournal(store, EVENT_LOG_WRITE_S)
             fleet = Fleet(settings, store, registry, hub, blobs, figures)
             app[FORM_GATES] = FormGates()
             app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
@@ -80,6 +84,7 @@ def create_app(settings: Settings) -> web.Application:
             collector.install()
             yield
             await fleet.stop()
+            await journal.close()
             await store.close()
             collector.remove()
 

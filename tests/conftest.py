@@ -89,13 +89,23 @@ class ControlPlane:
             f"{self.base}/v1/workflow/{wf_id}/subscribe", headers=await self.headers(account)
         ) as resp:
             assert resp.status == 200, await resp.text()
-            event = ""
-            async for raw in resp.content:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    yield event, json.loads(line[6:])
+            async for _, event, data in sse_frames(resp):
+                yield event, data
+
+
+async def sse_frames(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str | None, str, dict[str, Any]]]:
+    """An event stream's frames as a client reads them: (id, event, data)."""
+    event_id: str | None = None
+    name = ""
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            yield event_id, name, json.loads(line[6:])
+            event_id = None
 
 
 async def start_control_plane(

@@ -23,6 +23,7 @@ from protocol.closing import Close
 from protocol.messages import ComfyUIInfo, HeldJob, Hello, Ready, dump_message
 from tests.conftest import AgentFactory, ControlPlane, control_planes, png_bytes, poll_until
 from tests.test_e2e import WORKFLOW, submit
+from tests.test_event_log import resumed, whole_stream
 from tests.test_faults import SLOW, next_of
 
 
@@ -278,3 +279,21 @@ async def test_the_runners_of_a_control_plane_that_stopped_renewing_are_taken_ov
         keeper = b if taken[0] else c
         assert runner["id"] in keeper.services.fleet._grace
         await on_a.close()
+
+
+async def test_a_stream_resumes_on_another_control_plane_from_the_last_event_id(
+    tmp_path: Path, pg_server: PgServer, http: aiohttp.ClientSession, sim: str, start_agent: AgentFactory
+) -> None:
+    url = await pg_server.new_database()
+    async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
+        await _listening(a, b)
+        runner = await a.create_runner()
+        await start_agent(b.base, runner["token"], sim)
+        await b.services.fleet.wait_for(lambda: b.services.registry.get(runner["id"]) is not None, 20)
+        wf = await submit(a, WORKFLOW, **{"$prompt": "x", "$input_image": png_bytes((1, 2, 3))})
+        logged = (await whole_stream(b, wf["id"]))[1:]  # on B, where its agent reports
+        assert logged[-1][2]["status"] == "completed"
+        for cut in (0, len(logged) // 2):
+            event_id = logged[cut][0]
+            assert event_id is not None
+            assert await resumed(a, wf["id"], event_id) == logged[cut + 1 :], cut  # on A

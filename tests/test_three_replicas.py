@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from comfyfleet.admin import create_token
 from comfyfleet.throwaway_nginx import NginxServer
 from comfyfleet.throwaway_postgres import PgServer
 from control_plane.settings import Settings
-from tests.conftest import AgentFactory, png_bytes, poll_until
+from tests.conftest import AgentFactory, png_bytes, poll_until, sse_frames
 from tests.test_dashboard import sim_config
 from tests.test_e2e import WORKFLOW, seed_form
 from tests.test_faults import SLOW
@@ -55,13 +54,8 @@ async def _events(
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     async with http.get(f"{base}/v1/workflow/{wf_id}/subscribe", headers=headers) as resp:
         assert resp.status == 200, await resp.text()
-        name = ""
-        async for raw in resp.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                yield name, json.loads(line[6:])
+        async for _, name, data in sse_frames(resp):
+            yield name, data
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from sqlmodel import select as select_model
 
 from control_plane.db.rows import STATE_COLUMNS, WorkflowState
 from control_plane.db.tables import (
+    EVENTS,
     OUTPUTS,
     RUNNERS,
     TASKS,
@@ -51,6 +52,14 @@ STATE = select(*(_w[name] for name in STATE_COLUMNS)).where(_w.id == bindparam("
 STATE_LOCKED = STATE.with_for_update()
 UPDATE_WORKFLOW = update(WORKFLOWS).where(_w.id == bindparam("b_id"))
 INSERT_WORKFLOW = insert(WORKFLOWS)
+# The event log: a workflow's sequence moved on by as many events as it logs, and the events.
+BUMP_EVENT_SEQ = (
+    update(WORKFLOWS)
+    .where(_w.id == bindparam("b_id"))
+    .values(event_seq=_w.event_seq + bindparam("b_n"))
+    .returning(_w.event_seq)
+)
+INSERT_EVENTS = insert(EVENTS)
 CLAIM = (
     update(WORKFLOWS)
     .where(

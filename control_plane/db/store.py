@@ -21,6 +21,7 @@ from control_plane.db.database import Database
 from control_plane.db.read_cache import ReadCache
 from control_plane.db.rows import WorkflowState
 from control_plane.db.tables import (
+    EVENTS,
     RUNNERS,
     TOKENS,
     WORKFLOWS,
@@ -573,6 +574,73 @@ class Store:
 
         return await self.run(work)
 
+    # -- the event log ---------------------------------------------------------------------
+
+    async def append_events(self, events: Sequence[LoggedEvent]) -> None:
+        """Log ``events`` (in the order given), each workflow's taking the next numbers of its
+        sequence; those of a workflow that is gone are dropped."""
+        by_workflow: dict[str, list[LoggedEvent]] = {}
+        for event in events:
+            by_workflow.setdefault(event.workflow_id, []).append(event)
+
+        def work(s: Session) -> None:
+            c = s.connection()
+            rows: list[dict[str, Any]] = []
+            now = utcnow()
+            # Workflows in one order, so that two control planes' writes cannot deadlock.
+            for workflow_id in sorted(by_workflow):
+                batch = by_workflow[workflow_id]
+                top = c.execute(reports.BUMP_EVENT_SEQ, {"b_id": workflow_id, "b_n": len(batch)}).scalar()
+                if top is None:
+                    continue
+                first = int(top) - len(batch) + 1
+                rows.extend(
+                    {
+                        "workflow_id": workflow_id,
+                        "seq": first + n,
+                        "origin": e.origin,
+                        "name": e.name,
+                        "data": e.data,
+                        "created_at": now,
+                    }
+                    for n, e in enumerate(batch)
+                )
+            if rows:
+                c.execute(reports.INSERT_EVENTS, rows)
+            s.commit()
+
+        await self.run(work)
+
+    async def events_since(
+        self, workflow_id: str, origin: str
+    ) -> tuple[dict[str, Any] | None, list[LoggedEvent]] | None:
+        """The workflow's logged events after the one sent as ``origin``, oldest first, with
+        the last status logged up to it (what its client knew); ``None`` when the log has no
+        such event."""
+
+        def work(s: Session) -> tuple[dict[str, Any] | None, list[LoggedEvent]] | None:
+            c = s.connection()
+            seq = c.execute(
+                select(EVENTS.c.seq).where(EVENTS.c.workflow_id == workflow_id, EVENTS.c.origin == origin)
+            ).scalar()
+            if seq is None:
+                return None
+            rows = c.execute(
+                select(EVENTS.c.origin, EVENTS.c.name, EVENTS.c.data)
+                .where(EVENTS.c.workflow_id == workflow_id, EVENTS.c.seq > seq)
+                .order_by(EVENTS.c.seq)
+            )
+            missed = [LoggedEvent(workflow_id, str(o), str(n), dict(d)) for o, n, d in rows]
+            before = c.execute(
+                select(EVENTS.c.data)
+                .where(EVENTS.c.workflow_id == workflow_id, EVENTS.c.seq <= seq, EVENTS.c.name == "status")
+                .order_by(EVENTS.c.seq.desc())
+                .limit(1)
+            ).scalar()
+            return (dict(before) if before is not None else None), missed
+
+        return await self.run(work)
+
     # -- leases: which control plane holds a runner's connection (shared databases) ---------
 
     async def take_lease(
@@ -1077,6 +1145,16 @@ def _update(s: Session, obj: _Owned, changes: dict[str, Any]) -> _Owned:
     s.add(obj)
     s.commit()
     return obj
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One event of a workflow's stream as the event log keeps it (``origin``: its SSE id)."""
+
+    workflow_id: str
+    origin: str
+    name: str
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ class Workflow(SQLModel, table=True):
     #  and once run: "random", "timestamp_ms", "comfy_files"} — enough to reproduce the run.
     workflow_params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     attempt: int = 1
+    # The sequence number of the workflow's last event in the event log.
+    event_seq: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     runner_id: str | None = Field(default=None, index=True)
     # A rerun from a node goes back to the runner whose ComfyUI cache holds the upstream nodes.
     preferred_runner_id: str | None = None
@@ -191,6 +193,20 @@ class Output(SQLModel, table=True):
     created_at: datetime = _created()
 
 
+class WorkflowEvent(SQLModel, table=True):
+    """One event of a workflow's stream, in the order its subscribers got it (``seq``). ``origin``
+    is the id its stream sent it with (SSE ``id:``), by which a client that reconnects says
+    where it was."""
+
+    __tablename__ = "workflow_event"
+    workflow_id: str = Field(foreign_key="workflow.id", primary_key=True)
+    seq: int = Field(primary_key=True)
+    origin: str
+    name: str
+    data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _created()
+
+
 class IdempotencyRecord(SQLModel, table=True):
     __tablename__ = "idempotency_record"
     account_id: str = Field(primary_key=True)
@@ -208,4 +224,6 @@ def table_of(model: type[SQLModel]) -> Table:
     return table
 
 
-WORKFLOWS, TASKS, RUNNERS, TOKENS, OUTPUTS = (table_of(m) for m in (Workflow, Task, Runner, ApiToken, Output))
+WORKFLOWS, TASKS, RUNNERS, TOKENS, OUTPUTS, EVENTS = (
+    table_of(m) for m in (Workflow, Task, Runner, ApiToken, Output, WorkflowEvent)
+)

@@ -1,6 +1,7 @@
 """Workflow events: what each carries, and their in-process publish/subscribe, which feeds the
 SSE streams (``GET /v1/workflow/{id}/subscribe``). The payloads here are the events' contract;
-the REST views reuse the output's."""
+the REST views reuse the output's. Each published event gets its id from the event log
+(``journal.py``), which keeps it for clients that reconnect."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from control_plane.db.rows import WorkflowState
 from control_plane.db.tables import Output, Workflow, as_utc
+
+if TYPE_CHECKING:
+    from control_plane.fleet.journal import EventJournal
 
 EventName = Literal["status", "node", "output", "cause", "shutdown"]
 
@@ -25,9 +29,10 @@ _QUEUE_LIMIT = 1000
 class Event:
     name: EventName
     data: dict[str, Any]
+    id: str | None = None  # its SSE id: where a client that reconnects resumes from
 
 
-Relay = Callable[[str, EventName, dict[str, Any]], None]
+Relay = Callable[[str, EventName, dict[str, Any], str | None], None]
 
 
 class EventHub:
@@ -36,6 +41,8 @@ class EventHub:
         # Passes what is published here on to the other control planes on the database (which
         # deliver it to their own subscribers); unset when there are none.
         self.relay: Relay | None = None
+        # Logs what is published here, and numbers it (unset: events have no ids).
+        self.journal: EventJournal | None = None
 
     @contextmanager
     def subscribe(self, workflow_id: str) -> Iterator[asyncio.Queue[Event]]:
@@ -60,14 +67,20 @@ class EventHub:
         return list(self._subs)
 
     def publish(self, workflow_id: str, name: EventName, data: dict[str, Any]) -> None:
-        """An event of the workflow, for its subscribers wherever they are."""
-        self.deliver(workflow_id, name, data)
+        """An event of the workflow, for its subscribers wherever they are, and the log."""
+        event_id = None
+        if self.journal is not None:
+            event_id = self.journal.next_id()
+            self.journal.record(workflow_id, event_id, name, data)
+        self.deliver(workflow_id, name, data, event_id)
         if self.relay is not None:
-            self.relay(workflow_id, name, data)
+            self.relay(workflow_id, name, data, event_id)
 
-    def deliver(self, workflow_id: str, name: EventName, data: dict[str, Any]) -> None:
+    def deliver(
+        self, workflow_id: str, name: EventName, data: dict[str, Any], event_id: str | None = None
+    ) -> None:
         """An event for this control plane's subscribers only."""
-        event = Event(name, data)
+        event = Event(name, data, event_id)
         for queue in self._subs.get(workflow_id, ()):
             if queue.full():
                 queue.get_nowait()

@@ -68,10 +68,12 @@ class Replicas:
 
     # -- events ------------------------------------------------------------------------------
 
-    def _relay_event(self, workflow_id: str, name: EventName, data: dict[str, Any]) -> None:
+    def _relay_event(
+        self, workflow_id: str, name: EventName, data: dict[str, Any], event_id: str | None
+    ) -> None:
         if name not in _STREAMED:
             return
-        message: dict[str, Any] = {"w": workflow_id, "n": name, "d": data}
+        message: dict[str, Any] = {"w": workflow_id, "n": name, "d": data, "i": event_id}
         if not self.bus.fits(message):
             # Too large for a notification (a long error): the others read the workflow.
             message = {"w": workflow_id, "n": "refresh"}
@@ -84,7 +86,10 @@ class Replicas:
         if name == "refresh":
             self._spawn(self._refresh(workflow_id))
         elif name in _STREAMED and isinstance(data, dict):
-            self.fleet.hub.deliver(workflow_id, cast(EventName, name), data)
+            event_id = message.get("i")
+            self.fleet.hub.deliver(
+                workflow_id, cast(EventName, name), data, event_id if isinstance(event_id, str) else None
+            )
         self.fleet.changed()  # the dashboard's live view follows every control plane's work
 
     async def _refresh(self, workflow_id: str) -> None:

@@ -7,12 +7,13 @@ import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import cast
 from urllib.parse import quote
 
 from aiohttp import web
 
 from control_plane.db.rows import WorkflowState
-from control_plane.fleet.events import Event, output_event, status_event
+from control_plane.fleet.events import Event, EventName, output_event, status_event
 from control_plane.fleet.submissions import Receipt
 from control_plane.model.errors import BadRequest
 from control_plane.model.lifecycle import TERMINAL, WorkflowStatus
@@ -150,50 +151,91 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-def _sse(event: str, data: dict[str, object]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+def _sse(event: str, data: dict[str, object], event_id: str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class _Told:
+    """What a stream has told its client: the last status (a status repeated without a new
+    queue position is not told again) and the logged events it has sent or passed over."""
+
+    def __init__(self, last: tuple[str, int]) -> None:
+        self.last = last
+        self.seen: set[str] = set()
+
+    def frame(self, event: Event) -> bytes | None:
+        if event.id is not None:
+            if event.id in self.seen:
+                return None  # sent from the log already
+            self.seen.add(event.id)
+        if event.name == "status":
+            now = (str(event.data["status"]), int(event.data["attempt"]))
+            if now == self.last and event.data.get("queue_number") is None:
+                return None
+            self.last = now
+        return _sse(event.name, event.data, event.id)
 
 
 async def _stream(
     resp: web.StreamResponse,
     queue: asyncio.Queue[Event],
-    wf: WorkflowState,
-    queue_number: int | None,
+    told: _Told,
     recheck: Callable[[], Awaitable[WorkflowState | None]] | None,
 ) -> None:
-    """The current status first, then every change, until a terminal state (or shutdown).
-    With ``recheck`` (events relayed from other control planes, which can go unheard) the
-    workflow is read again at each keepalive, so that a stream always reaches its end."""
-    await resp.write(_sse("status", status_event(wf) | {"queue_number": queue_number}))
-    last = (wf.status, wf.attempt)
-    while last[0] not in TERMINAL:
+    """Every change, until a terminal state (or shutdown). With ``recheck`` (events relayed
+    from other control planes, which can go unheard) the workflow is read again at each
+    keepalive, so that a stream always reaches its end."""
+    while told.last[0] not in TERMINAL:
         try:
             event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
         except TimeoutError:
             await resp.write(b": keepalive\n\n")
             state = await recheck() if recheck is not None else None
-            if state is None or (state.status, state.attempt) == last:
+            if state is None or (state.status, state.attempt) == told.last:
                 continue
             event = Event("status", status_event(state))
         if event.name == "shutdown":
             break
-        if event.name == "status":
-            now = (str(event.data["status"]), int(event.data["attempt"]))
-            if now == last and event.data.get("queue_number") is None:
-                continue
-            last = now
-        await resp.write(_sse(event.name, event.data))
+        frame = told.frame(event)
+        if frame is not None:
+            await resp.write(frame)
+
+
+async def _first_frames(
+    svc: Services, wf: WorkflowState, last_event_id: str | None
+) -> tuple[list[bytes], _Told]:
+    """How a stream starts: with the current status, or, for a client that says the last
+    event it got (``Last-Event-ID``) and whose event the log has, with what it missed."""
+    now = (wf.status, wf.attempt)
+    resumed = None
+    if last_event_id and svc.hub.journal is not None:
+        resumed = await svc.hub.journal.since(wf.id, last_event_id)
+    if resumed is None:
+        told = _Told(now)
+        return [_sse("status", status_event(wf) | {"queue_number": svc.queue_position(wf)})], told
+    before, missed = resumed
+    told = _Told((str(before["status"]), int(before["attempt"])) if before is not None else ("", 0))
+    frames = [f for f in (told.frame(Event(cast(EventName, e.name), e.data, e.origin)) for e in missed) if f]
+    if told.last != now and missed:
+        # The log lacks the latest (a crash took it before its write): the store has it.
+        frames.extend(f for f in [told.frame(Event("status", status_event(wf)))] if f is not None)
+    if not missed:
+        told.last = now
+    return frames, told
 
 
 @routes.get("/v1/workflow/{id}/subscribe")
 async def subscribe(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: the current status first, then every change; closes once the
-    workflow reaches a terminal state."""
+    workflow reaches a terminal state. Each logged event has an ``id:``; a client that
+    reconnects with ``Last-Event-ID`` gets the events it missed instead of the status."""
     svc = services(request)
     principal = await svc.auth.client(request)
     # Subscribe before reading the snapshot so that no change falls between the two.
     with svc.hub.subscribe(request.match_info["id"]) as queue:
         wf = await svc.store.workflow_state(principal.account.id, request.match_info["id"])
+        frames, told = await _first_frames(svc, wf, request.headers.get("Last-Event-ID"))
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -203,9 +245,11 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
         )
         await resp.prepare(request)
         try:
+            for frame in frames:
+                await resp.write(frame)
             shared = svc.fleet.replicas is not None
             recheck = functools.partial(svc.store.state_of, wf.id) if shared else None
-            await _stream(resp, queue, wf, svc.queue_position(wf), recheck)
+            await _stream(resp, queue, told, recheck)
             await resp.write_eof()
         except ConnectionResetError:
             # The client left: an ordinary end of a stream, not an error.
