@@ -6,7 +6,9 @@ meanwhile:
     agent-kill     an agent SIGKILLed, started again a moment later
     comfyui-kill   a ComfyUI SIGKILLed (its queue and history lost), started again
     agent-freeze   an agent SIGSTOPped past the control plane's runner timeout, then let go
-    cp-kill        the control plane SIGKILLed once, started again on the same data
+    cp-kill        the control plane SIGKILLed once, started again on the same data; with
+                   ``--replicas N`` (PostgreSQL) N control planes behind nginx, which the
+                   client and the agents go through, and a random one killed each time
 
 When every workflow is terminal it reports: submitted, terminal by status, lost (answered,
 then missing or never terminal), duplicated (more than one workflow for one key), failed, the
@@ -14,7 +16,7 @@ attempts histogram, the drain time after the last fault, whether every output do
 intact (sha256 and pixels), and how soon retries were answered once the control plane
 answered again; then it submits every key once more, which must answer the same workflow.
 
-    .venv/bin/python scripts/chaos.py --workflows 300 --hosts 4 [--postgres] [--seed 1]
+    .venv/bin/python scripts/chaos.py --workflows 300 --hosts 4 [--postgres [--replicas 3]] [--seed 1]
 
 Exit status 0 when nothing was lost, duplicated or failed and every check held.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -34,12 +37,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from PIL import Image
 
 from comfyfleet import processes
 from comfyfleet.admin import create_token
+from comfyfleet.throwaway_nginx import NginxServer
 from comfyfleet.throwaway_postgres import PgServer
 from control_plane.settings import Settings
 
@@ -99,12 +104,18 @@ class Chaos:
         self.root = root
         self.database_url = database_url
         self.rand = random.Random(args.seed)
-        self.port = processes.free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        settings = {**CP_SETTINGS, "max_attempts": str(args.max_attempts)}
-        self.cp = processes.control_plane(
-            root / "cp", self.port, database_url=database_url, settings=settings
+        self.cps: list[tuple[processes.Part, str]] = []  # each control plane, its own address
+        for number in range(args.replicas):
+            port = processes.free_port()
+            settings = {**CP_SETTINGS, "max_attempts": str(args.max_attempts), "replica_id": f"cp{number}"}
+            # One data folder: control planes share their blob storage.
+            part = processes.control_plane(root / "cp", port, database_url=database_url, settings=settings)
+            part = dataclasses.replace(part, log=root / "cp" / f"serve-{number}.log")
+            self.cps.append((part, f"http://127.0.0.1:{port}"))
+        self.nginx = (
+            NginxServer([urlsplit(base).netloc for _, base in self.cps]) if args.replicas > 1 else None
         )
+        self.base = self.nginx.url if self.nginx is not None else self.cps[0][1]
         self.hosts: list[Host] = []
         self.headers: dict[str, str] = {}
         self.subs = [
@@ -117,6 +128,7 @@ class Chaos:
         self.cp_killed = False
         self.last_fault_at = 0.0
         self.done = asyncio.Event()
+        self._freed = asyncio.Condition()  # a host's fault is over
 
     # -- the fleet ----------------------------------------------------------------------------
 
@@ -124,8 +136,11 @@ class Chaos:
         cp_settings = Settings(data_dir=self.root / "cp", database_url=self.database_url).validate()
         token = await create_token(cp_settings, "chaos", "enterprise", "client", None)
         self.headers = {"Authorization": f"Bearer {token}"}
-        await self.cp.start()
-        await processes.wait_until_answers(f"{self.base}/healthz")
+        for part, base in self.cps:
+            await part.start()
+            await processes.wait_until_answers(f"{base}/healthz")
+        if self.nginx is not None:
+            await asyncio.to_thread(self.nginx.start)
         for number in range(self.args.hosts):
             name = f"host{number}"
             async with http.post(f"{self.base}/v1/runner", json={"name": name}, headers=self.headers) as resp:
@@ -160,7 +175,10 @@ class Chaos:
         for host in self.hosts:
             await host.agent.stop(5)
             await host.sim.stop(5)
-        await self.cp.stop(10)
+        for part, _ in self.cps:
+            await part.stop(10)
+        if self.nginx is not None:
+            await asyncio.to_thread(self.nginx.stop)
 
     # -- the client ---------------------------------------------------------------------------
 
@@ -226,7 +244,8 @@ class Chaos:
             if self.done.is_set():
                 break
             played += 1
-            kind = planned.pop() if planned else self.rand.choice(FAULTS[:3])
+            # Several control planes: killing one of them is one more fault to draw.
+            kind = planned.pop() if planned else self.rand.choice(FAULTS if len(self.cps) > 1 else FAULTS[:3])
             task = asyncio.create_task(self._play(kind, http))
             running.add(task)
             task.add_done_callback(running.discard)
@@ -238,23 +257,21 @@ class Chaos:
 
     async def _play(self, kind: str, http: aiohttp.ClientSession) -> None:
         if kind == "cp-kill":
-            if self.cp_killed:
+            # One control plane is killed once; one of several, as often as the dice say.
+            if self.cp_down or (self.cp_killed and len(self.cps) == 1):
                 return
             self.cp_killed = self.cp_down = True
             self.faults[kind] += 1
-            await self.cp.kill()
+            part, base = self.rand.choice(self.cps)
+            await part.kill()
             await asyncio.sleep(self.rand.uniform(0.5, 2.0))  # the outage
-            await self.cp.start()
-            await processes.wait_until_answers(f"{self.base}/healthz")
+            await part.start()
+            await processes.wait_until_answers(f"{base}/healthz")
             self.cp_back_at.append(time.monotonic())
             self.cp_down = False
             self.last_fault_at = time.monotonic()
             return
-        idle = [h for h in self.hosts if not h.busy]
-        if not idle:
-            return
-        host = self.rand.choice(idle)
-        host.busy = True
+        host = await self._idle_host()
         self.faults[kind] += 1
         try:
             if kind == "agent-kill":
@@ -270,8 +287,18 @@ class Chaos:
                 await asyncio.sleep(FREEZE_S)  # past the runner timeout: it is taken for gone
                 host.agent.thaw()
         finally:
-            host.busy = False
+            async with self._freed:
+                host.busy = False
+                self._freed.notify_all()
             self.last_fault_at = time.monotonic()
+
+    async def _idle_host(self) -> Host:
+        """A host no fault is playing on (waiting for one to be let go), marked busy."""
+        async with self._freed:
+            await self._freed.wait_for(lambda: any(not h.busy for h in self.hosts))
+            host = self.rand.choice([h for h in self.hosts if not h.busy])
+            host.busy = True
+            return host
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -411,6 +438,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "workflows": args.workflows,
         "hosts": args.hosts,
+        "replicas": args.replicas,
         "database": "postgresql" if database_url else "sqlite",
         "seed": args.seed,
         "faults": dict(chaos.faults),
@@ -443,7 +471,7 @@ def report(result: dict[str, Any]) -> str:
     attempts = ", ".join(f"{k}: {v}" for k, v in result["attempts"].items())
     lines = [
         f"chaos run: {result['workflows']} workflows, {result['hosts']} hosts, {result['database']}, "
-        f"seed {result['seed']}",
+        f"{result['replicas']} control plane(s), seed {result['seed']}",
         f"faults: {faults}",
         f"submitted {result['submitted']} in {result['tries']} tries; "
         f"{result['retries_after_restart']} retried across the control plane's restart, the slowest "
@@ -488,9 +516,14 @@ def main() -> int:
     parser.add_argument("--drain-timeout-s", type=float, default=900.0)
     parser.add_argument("--database-url", default="", help="PostgreSQL to use (default: SQLite)")
     parser.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL for the run")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="control planes behind nginx (PostgreSQL only)"
+    )
     parser.add_argument("--json", dest="json_out", help="also write the figures here")
     parser.add_argument("--keep-logs", help="copy every part's log into this folder")
     args = parser.parse_args()
+    if args.replicas > 1 and not (args.postgres or args.database_url):
+        parser.error("--replicas needs PostgreSQL (--postgres or --database-url)")
     result = asyncio.run(run(args))
     print(report(result), flush=True)
     if args.json_out:
