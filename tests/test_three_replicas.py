@@ -31,8 +31,8 @@ class Plane:
     base: str
 
 
-async def _planes(tmp_path: Path, url: str) -> list[Plane]:
-    planes = []
+async def _start_planes(tmp_path: Path, url: str, planes: list[Plane]) -> None:
+    """Three control planes, each put in ``planes`` as it starts (for the caller to stop)."""
     for name in "abc":
         port = processes.free_port()
         part = processes.control_plane(
@@ -46,7 +46,6 @@ async def _planes(tmp_path: Path, url: str) -> list[Plane]:
         planes.append(Plane(part, f"http://127.0.0.1:{port}"))
     for plane in planes:
         await processes.wait_until_answers(f"{plane.base}/healthz")
-    return planes
 
 
 async def _events(
@@ -83,11 +82,13 @@ async def test_three_control_planes_behind_nginx_carry_on_when_the_agents_one_is
     tmp_path: Path, pg_server: PgServer, http: aiohttp.ClientSession, sim: str, start_agent: AgentFactory
 ) -> None:
     url = await pg_server.new_database()
-    planes = await _planes(tmp_path, url)
-    a, b, _ = planes
-    nginx = NginxServer([urlsplit(p.base).netloc for p in planes])
-    nginx.start()
+    planes: list[Plane] = []
+    nginx: NginxServer | None = None
     try:
+        await _start_planes(tmp_path, url, planes)
+        a, b, _ = planes
+        nginx = NginxServer([urlsplit(p.base).netloc for p in planes])
+        nginx.start()
         token = await create_token(
             Settings(data_dir=tmp_path / "cp", database_url=url), "alice", None, "client", None
         )
@@ -108,7 +109,8 @@ async def test_three_control_planes_behind_nginx_carry_on_when_the_agents_one_is
         await _a_cancel_on_a_interrupts_the_prompt_on_bs_agent(fleet)
         await _b_killed_mid_job(fleet, runner["id"])
     finally:
-        nginx.stop()
+        if nginx is not None:
+            nginx.stop()
         for plane in planes:
             await plane.part.stop()
 
