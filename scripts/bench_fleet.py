@@ -15,6 +15,9 @@ prints:
 With ``--waiting N``, N workflows wait throughout (tagged for a runner that never connects),
 so that dispatch is measured beside a queue that long.
 
+With ``--replicas 1,2,3`` it measures something else: agents connected and workflows
+dispatched per second by that many control planes behind nginx (``fleet_replicas.py``).
+
 With ``--storm`` it then kills the control plane and starts it again on the same data, so
 that every agent reconnects at once (each honouring a ``busy`` close's time to come back, as
 the real agent does), and prints how long until all are welcomed again, how often they were
@@ -503,10 +506,20 @@ if __name__ == "__main__":
     parser.add_argument("--storm", action="store_true", help="then restart the control plane under the fleet")
     parser.add_argument("--waiting", type=int, default=0, help="workflows left waiting throughout")
     parser.add_argument("--processes", type=int, default=2, help="processes holding the simulated agents")
+    parser.add_argument(
+        "--replicas",
+        help="instead: these counts of control planes on PostgreSQL behind nginx (fleet_replicas.py)",
+    )
+    parser.add_argument("--agents", type=int, default=1000, help="with --replicas: agents connected")
+    parser.add_argument("--workflows", type=int, default=2000, help="with --replicas: workflows dispatched")
     parser.add_argument("--hold", metavar="WS_URL", help=argparse.SUPPRESS)  # a holder process
     args = parser.parse_args()
     if args.hold:
         asyncio.run(hold(args.hold, args.heartbeat_s))
+    elif args.replicas:
+        import fleet_replicas  # scripts/, beside this file
+
+        fleet_replicas.main(args.replicas, args.agents, args.workflows, args.heartbeat_s, args.processes)
     else:
         sizes = [int(n) for n in args.sizes.split(",")]
         asyncio.run(
