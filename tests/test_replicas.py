@@ -22,6 +22,7 @@ from protocol.capacity import Capacity
 from protocol.closing import Close
 from protocol.messages import ComfyUIInfo, HeldJob, Hello, Ready, dump_message
 from tests.conftest import AgentFactory, ControlPlane, control_planes, png_bytes, poll_until
+from tests.test_dashboard import snapshot
 from tests.test_e2e import WORKFLOW, submit
 from tests.test_event_log import resumed, whole_stream
 from tests.test_faults import SLOW, next_of
@@ -246,6 +247,8 @@ async def test_a_runner_is_held_by_one_control_plane_the_newest_connection_wins(
         # A still says it is connected (to B), and B answers for it.
         _, seen = await a.request("GET", f"/v1/runner/{runner['id']}")
         assert seen["connected"] is True
+        board = await snapshot(a, await a.token("alice", scope="operator"))  # A's dashboard
+        assert [r["online"] for r in board["runners"] if r["id"] == runner["id"]] == [True]
         # A's grace period for the connection it lost ends: the job stays B's, same attempt.
         await a.services.fleet._grace_expired(runner["id"])
         _, body = await a.request("GET", f"/v1/workflow/{wf['id']}")

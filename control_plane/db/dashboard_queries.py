@@ -95,11 +95,12 @@ def _runners(s: Session, account_id: str | None) -> list[dict[str, Any]]:
             col(Runner.last_seen_at),
             col(Runner.capacity),
             col(Account.name),
+            col(Runner.lease_expires_at),
         )
         .join(Account, col(Account.id) == col(Runner.account_id))
         .where(*_only(Runner.account_id, account_id))
     )
-    keys = ("id", "name", "tags", "status", "last_seen_at", "capacity", "account")
+    keys = ("id", "name", "tags", "status", "last_seen_at", "capacity", "account", "lease_expires_at")
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 

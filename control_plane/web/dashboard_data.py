@@ -143,7 +143,9 @@ def _gpu_view(gpu: Any) -> dict[str, Any]:
 def _runner_view(
     row: dict[str, Any], conn: AgentConnection | None, jobs: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    live = conn is not None
+    # Connected here, or to another control plane on the database (whose lease is live).
+    leased = row["lease_expires_at"]
+    live = conn is not None or (leased is not None and as_utc(leased) > utcnow())
     capacity = _capacity(conn.capacity.model_dump() if conn is not None else row["capacity"])
     if conn is not None:
         last_seen: str | None = iso(datetime.fromtimestamp(conn.last_seen_at, UTC))
