@@ -128,3 +128,52 @@ async def test_held_node_reports_are_written_before_a_rerun_from_a_task(
     # followed them (the interrupt ends the prompt at the next node boundary: one more may
     # have begun).
     assert {"1", "2"} <= set(first), every["tasks"]
+
+
+async def test_a_rerun_waits_for_the_report_that_carries_the_held_ones(
+    holding_cp: ControlPlane,
+    sim: str,
+    start_agent: AgentFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A report takes what is held and goes to the store with it; a rerun that comes
+    meanwhile must not commit in between, or its new attempt fences that report out and the
+    held node reports with it."""
+    cp = holding_cp
+    store, fleet = cp.services.store, cp.services.fleet
+    wf_id = await long_job(cp, sim, start_agent, http)
+    await until_node_starts(cp, wf_id, "2")
+    carrying, let_go, flushing = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    update_current, flush = store.update_current, fleet.node_reports.flush
+
+    async def held_back(workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("node_events") and not carrying.is_set():
+            carrying.set()  # the first write that carries node reports: held here a while
+            await let_go.wait()
+        return await update_current(workflow_id, *args, **kwargs)
+
+    async def noted_flush(workflow_id: str) -> None:
+        flushing.set()
+        await flush(workflow_id)
+
+    monkeypatch.setattr(store, "update_current", held_back)
+    monkeypatch.setattr(fleet.node_reports, "flush", noted_flush)
+    await sim_config(http, sim, node_delays_s={})
+    await asyncio.wait_for(carrying.wait(), 20)
+    rerun = asyncio.create_task(
+        cp.request("POST", f"/api/workflow/{wf_id}/rerun", json={"reRunFromTaskId": "3"})
+    )
+
+    async def rerun_waits_or_went_through() -> bool:
+        return rerun.done() or (flushing.is_set() and fleet.node_reports.carrying(wf_id))
+
+    await poll_until(rerun_waits_or_went_through)
+    let_go.set()
+    status, _ = await rerun
+    assert status == 200
+    done = await cp.wait_for_status(wf_id, {"completed", "failed"}, timeout_s=30)
+    assert done["status"] == "completed", done
+    _, every = await cp.request("GET", f"/api/workflow/{wf_id}")
+    first = {t["node_id"] for t in every["tasks"] if t["attempt"] == 1}
+    assert {"1", "2"} <= first, every["tasks"]  # what the held-back write carried is on record

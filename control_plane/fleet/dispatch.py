@@ -498,20 +498,20 @@ class Fleet:
         node_events: list[NodeEvent] = (
             [(msg.node.node_id, msg.node.class_type, msg.node.event)] if msg.node else []
         )
-        held = await self.node_reports.take(msg.workflow_id, msg.attempt, conn.runner_id)
-        if held is not None:
-            node_events = [*held.events, *node_events]
-            if held.progress is not None:
-                changes.setdefault("progress", held.progress)
-        wf = await self.store.update_current(
-            msg.workflow_id,
-            msg.attempt,
-            conn.runner_id,
-            changes,
-            resolved_params=msg.resolved_params,
-            node_events=node_events,
-            failed_node=(error.node_id, error.message, error.kind) if error and error.node_id else None,
-        )
+        async with self.node_reports.carried(msg.workflow_id, msg.attempt, conn.runner_id) as held:
+            if held is not None:
+                node_events = [*held.events, *node_events]
+                if held.progress is not None:
+                    changes.setdefault("progress", held.progress)
+            wf = await self.store.update_current(
+                msg.workflow_id,
+                msg.attempt,
+                conn.runner_id,
+                changes,
+                resolved_params=msg.resolved_params,
+                node_events=node_events,
+                failed_node=(error.node_id, error.message, error.kind) if error and error.node_id else None,
+            )
         if wf is None:
             log.info("workflow %s: dropped stale update for attempt %d", msg.workflow_id, msg.attempt)
             await self._stale(conn, msg.workflow_id, msg.attempt, final=status in TERMINAL)
@@ -626,15 +626,20 @@ class Fleet:
     async def job_done(self, conn: AgentConnection, msg: JobDone) -> None:
         now = utcnow()
         texts, new_blobs = await self._text_outputs(conn, msg)
-        held = await self.node_reports.take(msg.workflow_id, msg.attempt, conn.runner_id)
-        wf = await self.store.update_current(
-            msg.workflow_id,
-            msg.attempt,
-            conn.runner_id,
-            {"status": WorkflowStatus.COMPLETED, "completed_at": now, "progress": 1.0, "queue_number": None},
-            outputs=texts,
-            node_events=held.events if held is not None else (),
-        )
+        async with self.node_reports.carried(msg.workflow_id, msg.attempt, conn.runner_id) as held:
+            wf = await self.store.update_current(
+                msg.workflow_id,
+                msg.attempt,
+                conn.runner_id,
+                {
+                    "status": WorkflowStatus.COMPLETED,
+                    "completed_at": now,
+                    "progress": 1.0,
+                    "queue_number": None,
+                },
+                outputs=texts,
+                node_events=held.events if held is not None else (),
+            )
         self.node_reports.written(msg.workflow_id, msg.attempt, conn.runner_id, finished=True)
         if wf is None:
             log.info("workflow %s: dropped stale completion of attempt %d", msg.workflow_id, msg.attempt)

@@ -15,7 +15,8 @@ first. Anything else is written at once, fenced as ever.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,9 @@ class NodeReports:
         self._held: dict[str, Held] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._writing: dict[str, asyncio.Task[None]] = {}  # a write after the delay, under way
+        # A report's write that carries what was held, under way: a flush waits for it, or a
+        # rerun could commit in between and fence the carried reports out with it.
+        self._carrying: dict[str, asyncio.Event] = {}
 
     def written(self, workflow_id: str, attempt: int, runner_id: str, *, finished: bool) -> None:
         """A report of this job went through its fence: the runner holds that attempt (or,
@@ -70,15 +74,27 @@ class NodeReports:
             self._timers[workflow_id] = loop.call_later(self._delay_s, self._due, workflow_id)
         return True
 
-    async def take(self, workflow_id: str, attempt: int, runner_id: str) -> Held | None:
-        """What is held for this attempt, for a write that carries it along (once what an
-        earlier write took has landed)."""
+    @contextlib.asynccontextmanager
+    async def carried(self, workflow_id: str, attempt: int, runner_id: str) -> AsyncIterator[Held | None]:
+        """What is held for this attempt, for the write inside the block to carry along (once
+        what an earlier write took has landed); a flush meanwhile waits for the block's end."""
         await self._settled(workflow_id)
         held = self._held.get(workflow_id)
         if held is None or held.attempt != attempt or held.runner_id != runner_id:
-            return None
+            yield None
+            return
         self._drop(workflow_id)
-        return held
+        landed = self._carrying[workflow_id] = asyncio.Event()
+        try:
+            yield held
+        finally:
+            landed.set()
+            if self._carrying.get(workflow_id) is landed:
+                del self._carrying[workflow_id]
+
+    def carrying(self, workflow_id: str) -> bool:
+        """A write that carries the workflow's held reports is under way."""
+        return workflow_id in self._carrying
 
     async def flush(self, workflow_id: str) -> None:
         """Write what is held for the workflow now, and hold nothing more for it until its
@@ -106,6 +122,9 @@ class NodeReports:
         writing = self._writing.get(workflow_id)
         if writing is not None:
             await asyncio.wait({writing})
+        carrying = self._carrying.get(workflow_id)
+        if carrying is not None:
+            await carrying.wait()
 
     def _drop(self, workflow_id: str) -> None:
         self._held.pop(workflow_id, None)
