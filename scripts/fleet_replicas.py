@@ -22,7 +22,15 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
-from bench_fleet import TRIVIAL, Arrivals, Holders, create_runners, free_port, start_server  # scripts/
+from bench_fleet import (  # scripts/, beside this file
+    TRIVIAL,
+    Arrivals,
+    Holders,
+    create_runners,
+    free_port,
+    raise_fd_limit,
+    start_server,
+)
 
 from comfyfleet.admin import create_token
 from comfyfleet.throwaway_nginx import NginxServer
@@ -45,17 +53,27 @@ async def _submit_all(
 ) -> float:
     gate = asyncio.Semaphore(IN_FLIGHT)
 
-    async def one() -> float:
-        form = aiohttp.FormData()
-        form.add_field("workflow_json", json.dumps(TRIVIAL), filename="wf.json")
+    async def one(number: int) -> float:
+        # As a careful client submits: with a key, sent again when the connection went (nginx
+        # closes a keepalive connection after so many requests, maybe as one is written).
+        keyed = {**headers, "Idempotency-Key": f"bench-{number}"}
         async with gate:
-            async with http.post(f"{base}/v1/workflow", data=form, headers=headers) as resp:
-                assert resp.status == 201, await resp.text()
-                wf_id = (await resp.json())["id"]
+            for _ in range(5):
+                form = aiohttp.FormData()
+                form.add_field("workflow_json", json.dumps(TRIVIAL), filename="wf.json")
+                try:
+                    async with http.post(f"{base}/v1/workflow", data=form, headers=keyed) as resp:
+                        assert resp.status == 201, await resp.text()
+                        wf_id = (await resp.json())["id"]
+                    break
+                except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                    continue
+            else:
+                raise RuntimeError(f"workflow {number} could not be submitted")
             return await arrivals.wait(wf_id)
 
     started = time.perf_counter()
-    last = max(await asyncio.gather(*(one() for _ in range(n))))
+    last = max(await asyncio.gather(*(one(number) for number in range(n))))
     return n / (last - started)
 
 
@@ -127,6 +145,7 @@ def _range(counts: Sequence[int]) -> str:
 async def run(
     replica_counts: list[int], agents: int, workflows: int, heartbeat_s: float, holder_procs: int
 ) -> None:
+    raise_fd_limit()  # nginx, started from here, holds two sockets per agent
     pg = PgServer()
     await asyncio.to_thread(pg.start)
     try:
