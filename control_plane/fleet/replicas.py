@@ -15,18 +15,16 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
+from control_plane.db.store import Store
 from control_plane.db.tables import new_id, utcnow
-from control_plane.fleet.events import EventName, cause_event, status_event
-from control_plane.fleet.registry import AgentConnection
+from control_plane.fleet.events import EventHub, EventName, cause_event, status_event
+from control_plane.fleet.registry import AgentConnection, Registry
 from control_plane.fleet.replica_bus import COMMANDS_CHANNEL, EVENTS_CHANNEL, WAITING_CHANNEL, ReplicaBus
 from control_plane.model.lifecycle import WorkflowStatus
 from protocol.closing import Close
 from protocol.messages import Cancel, Interrupt, Reply, StatsRequest
-
-if TYPE_CHECKING:
-    from control_plane.fleet.dispatch import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +33,21 @@ log = logging.getLogger(__name__)
 LEASE_S = 30.0
 LEASE_RENEW_S = 10.0
 _STREAMED: frozenset[str] = frozenset({"status", "node", "output", "cause"})
+
+
+class Fleet(Protocol):
+    """What of the fleet (``dispatch.py``) this module works with."""
+
+    store: Store
+    hub: EventHub
+    registry: Registry
+
+    def changed(self) -> None: ...
+    def kick(self) -> None: ...
+    def heard_waiting(self, workflow_id: str) -> None: ...
+    def keep_grace(self, runner_id: str) -> None: ...
+    async def sweep_waiting(self) -> None: ...
+    async def close_deleted(self, conn: AgentConnection) -> None: ...
 
 
 class Replicas:
