@@ -34,6 +34,7 @@ from control_plane.db.tables import (
     Template,
     Workflow,
     as_utc,
+    lease_live,
     utcnow,
 )
 from control_plane.failpoints import FailPoints
@@ -58,7 +59,6 @@ T = TypeVar("T")
 READ_CACHE_S = 5.0
 
 
-# The PostgreSQL channel on which a control plane announces a workflow that waits.
 # A workflow waits for a runner: accepted, and no runner holds it (fleet/waiting.py:waits).
 _WAITS = (WORKFLOWS.c.status == WorkflowStatus.ACCEPTED, WORKFLOWS.c.runner_id.is_(None))
 
@@ -662,7 +662,7 @@ class Store:
                 .values(replica_id=replica_id, connection_id=connection_id, lease_expires_at=expires_at)
             )
             s.commit()
-            if row is None or row[0] in (None, replica_id) or row[2] is None or as_utc(row[2]) <= utcnow():
+            if row is None or row[0] in (None, replica_id) or not lease_live(row[2]):
                 return None
             return str(row[0]), str(row[1])
 
@@ -703,7 +703,7 @@ class Store:
                 )
                 .first()
             )
-            if row is None or row[0] is None or row[1] is None or as_utc(row[1]) <= utcnow():
+            if row is None or row[0] is None or not lease_live(row[1]):
                 return None
             return str(row[0])
 

@@ -22,6 +22,11 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def lease_live(expires_at: datetime | None) -> bool:
+    """Whether a runner's lease (``Runner.lease_expires_at``) still holds."""
+    return expires_at is not None and as_utc(expires_at) > utcnow()
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 

@@ -66,6 +66,9 @@ class EventHub:
         """The workflows someone here follows."""
         return list(self._subs)
 
+    def watches(self, workflow_id: str) -> bool:
+        return workflow_id in self._subs
+
     def publish(self, workflow_id: str, name: EventName, data: dict[str, Any]) -> None:
         """An event of the workflow, for its subscribers wherever they are, and the log."""
         event_id = None

@@ -107,7 +107,7 @@ class Replicas:
 
     async def _refresh(self, workflow_id: str) -> None:
         """The workflow as the database has it, for the streams here that follow it."""
-        if workflow_id not in self.fleet.hub.watched():
+        if not self.fleet.hub.watches(workflow_id):
             return
         state = await self.fleet.store.state_of(workflow_id)
         if state is None:

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from control_plane.db.dashboard_queries import BUCKET_S, DashboardRows, dashboard_rows
-from control_plane.db.tables import Account, as_utc, utcnow
+from control_plane.db.tables import Account, as_utc, lease_live, utcnow
 from control_plane.fleet.events import iso
 from control_plane.fleet.registry import AgentConnection, tags_match
 from control_plane.model.lifecycle import TERMINAL, WorkflowStatus
@@ -144,8 +144,7 @@ def _runner_view(
     row: dict[str, Any], conn: AgentConnection | None, jobs: list[dict[str, Any]]
 ) -> dict[str, Any]:
     # Connected here, or to another control plane on the database (whose lease is live).
-    leased = row["lease_expires_at"]
-    live = conn is not None or (leased is not None and as_utc(leased) > utcnow())
+    live = conn is not None or lease_live(row["lease_expires_at"])
     capacity = _capacity(conn.capacity.model_dump() if conn is not None else row["capacity"])
     if conn is not None:
         last_seen: str | None = iso(datetime.fromtimestamp(conn.last_seen_at, UTC))

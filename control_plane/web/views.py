@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from control_plane.db.tables import Runner, Task, Workflow, as_utc, utcnow
+from control_plane.db.tables import Runner, Task, Workflow, lease_live
 from control_plane.fleet.events import iso
 
 
@@ -82,8 +82,7 @@ def runner_view(runner: Runner, live: dict[str, Any] | None) -> dict[str, Any]:
         "created_at": iso(runner.created_at),
         "updated_at": iso(runner.updated_at),
         # Connected here, or to another control plane on the database (which holds its lease).
-        "connected": live is not None
-        or (runner.lease_expires_at is not None and as_utc(runner.lease_expires_at) > utcnow()),
+        "connected": live is not None or lease_live(runner.lease_expires_at),
         "last_seen": iso((live or {}).get("last_seen_at", runner.last_seen_at)),
         "capacity": (live or {}).get("capacity", runner.capacity),
         "comfyui": (live or {}).get("comfyui", runner.comfyui),

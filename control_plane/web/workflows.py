@@ -217,10 +217,9 @@ async def _first_frames(
     before, missed = resumed
     told = _Told((str(before["status"]), int(before["attempt"])) if before is not None else ("", 0))
     frames = [f for f in (told.frame(Event(cast(EventName, e.name), e.data, e.origin)) for e in missed) if f]
-    if told.last != now and missed:
+    if told.last != now:
         # The log lacks the latest (a crash took it before its write): the store has it.
-        frames.extend(f for f in [told.frame(Event("status", status_event(wf)))] if f is not None)
-    if not missed:
+        frames.append(_sse("status", status_event(wf)))
         told.last = now
     return frames, told
 
