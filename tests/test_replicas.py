@@ -28,14 +28,26 @@ from tests.test_event_log import resumed, whole_stream
 from tests.test_faults import SLOW, next_of
 
 
+async def _agent_on(
+    plane: ControlPlane,
+    creator: ControlPlane,
+    sim: str,
+    start_agent: AgentFactory,
+    tags: list[str] | None = None,
+) -> dict[str, Any]:
+    """A runner created through ``creator`` whose real agent is connected to ``plane``."""
+    runner = await creator.create_runner(tags=tags)
+    await start_agent(plane.base, runner["token"], sim)
+    await plane.services.fleet.wait_for(lambda: plane.services.registry.get(runner["id"]) is not None, 20)
+    return runner
+
+
 async def test_a_workflow_submitted_to_one_control_plane_runs_on_an_agent_of_another(
     tmp_path: Path, pg_server: PgServer, http: aiohttp.ClientSession, sim: str, start_agent: AgentFactory
 ) -> None:
     url = await pg_server.new_database()
     async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
-        runner = await a.create_runner(tags=["gpu"])
-        await start_agent(b.base, runner["token"], sim)  # the only agent, on B
-        await b.services.fleet.wait_for(lambda: b.services.registry.get(runner["id"]) is not None, 20)
+        runner = await _agent_on(b, a, sim, start_agent, tags=["gpu"])  # the only agent, on B
         fields = {"$prompt": "a red fox", "$input_image": png_bytes((10, 200, 60)), "#sampler": "bilinear"}
         submitted = [await submit(a, WORKFLOW, tags="gpu", **fields) for _ in range(3)]
         done: dict[str, Any] = {}
@@ -64,9 +76,7 @@ async def test_a_waiting_workflow_whose_announcement_was_lost_is_found_by_the_sw
     monkeypatch.setattr(dispatch, "WAITING_SWEEP_S", 0.2)
     url = await pg_server.new_database()
     async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
-        runner = await a.create_runner()
-        await start_agent(b.base, runner["token"], sim)
-        await b.services.fleet.wait_for(lambda: b.services.registry.get(runner["id"]) is not None, 20)
+        runner = await _agent_on(b, a, sim, start_agent)
 
         # A commits the workflow and says nothing, as if it died before its NOTIFY.
         replicas = a.services.fleet.replicas
@@ -142,9 +152,7 @@ async def test_cancel_stats_and_runner_changes_on_one_control_plane_reach_the_ag
     url = await pg_server.new_database()
     async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
         await _listening(a, b)
-        runner = await a.create_runner(tags=["gpu"])
-        await start_agent(b.base, runner["token"], sim)
-        await b.services.fleet.wait_for(lambda: b.services.registry.get(runner["id"]) is not None, 20)
+        runner = await _agent_on(b, a, sim, start_agent, tags=["gpu"])
 
         # Stats and an interrupt through A, answered by the agent on B.
         status, stats = await a.request("GET", f"/v1/runner/{runner['id']}/stats")
@@ -205,9 +213,7 @@ async def test_a_stream_that_misses_what_another_control_plane_relays_still_reac
         assert replicas is not None
         # A hears none of the events B relays (the handler was bound when A started).
         monkeypatch.setitem(replicas.bus._handlers, EVENTS_CHANNEL, lambda message: None)
-        runner = await a.create_runner()
-        await start_agent(b.base, runner["token"], sim)
-        await b.services.fleet.wait_for(lambda: b.services.registry.get(runner["id"]) is not None, 20)
+        await _agent_on(b, a, sim, start_agent)
         wf = await submit(a, WORKFLOW, **{"$prompt": "x", "$input_image": png_bytes((1, 2, 3))})
         done = await a.wait_for_status(wf["id"], {"completed", "failed", "invalid"}, timeout_s=30)
         assert done["status"] == "completed"
@@ -290,9 +296,7 @@ async def test_a_stream_resumes_on_another_control_plane_from_the_last_event_id(
     url = await pg_server.new_database()
     async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
         await _listening(a, b)
-        runner = await a.create_runner()
-        await start_agent(b.base, runner["token"], sim)
-        await b.services.fleet.wait_for(lambda: b.services.registry.get(runner["id"]) is not None, 20)
+        await _agent_on(b, a, sim, start_agent)
         wf = await submit(a, WORKFLOW, **{"$prompt": "x", "$input_image": png_bytes((1, 2, 3))})
         logged = (await whole_stream(b, wf["id"]))[1:]  # on B, where its agent reports
         assert logged[-1][2]["status"] == "completed"
