@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-from control_plane.db.engine import create_schema, make_engine
+from control_plane.db.engine import make_engine
+from control_plane.db.schema import create_schema
 from control_plane.db.store import Store
 from control_plane.db.tables import utcnow
 from control_plane.settings import Settings

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from comfyfleet import logs
+from control_plane.db.schema import SchemaTooNew
 from control_plane.db.sole_server import DatabaseInUse
 
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             from comfyfleet.demo import run_demo
 
             return run_demo(args)
-    except DatabaseInUse as exc:
+    except (DatabaseInUse, SchemaTooNew) as exc:
         print(f"comfyfleet: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # settings and arguments that do not validate

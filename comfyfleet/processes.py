@@ -33,6 +33,7 @@ class Part:
     argv: list[str]
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
     proc: asyncio.subprocess.Process | None = None
     starts: int = 0
 
@@ -55,6 +56,7 @@ class Part:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
+                cwd=self.cwd,
                 start_new_session=True,
             )
         self.starts += 1

@@ -15,7 +15,8 @@ from control_plane.agents import files as agent_http
 from control_plane.auth import Authenticator
 from control_plane.collector import Collector
 from control_plane.db.blobs import BlobStore
-from control_plane.db.engine import create_schema, make_engine
+from control_plane.db.engine import make_engine
+from control_plane.db.schema import create_schema
 from control_plane.db.sole_server import sole_server
 from control_plane.db.store import Store
 from control_plane.db.tables import utcnow
@@ -27,7 +28,7 @@ from control_plane.fleet.metrics import METRICS_KEY, Metrics
 from control_plane.fleet.registry import Registry
 from control_plane.services import Services
 from control_plane.settings import Settings
-from control_plane.web import dashboard, idempotency, openapi
+from control_plane.web import conductor, dashboard, idempotency, openapi
 from control_plane.web import metrics as api_metrics
 from control_plane.web import misc as api_misc
 from control_plane.web import reruns as api_reruns
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> web.Application:
         api_reruns,
         api_templates,
         api_runners,
+        conductor,
         api_misc,
         agent_ws,
         agent_http,

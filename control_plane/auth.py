@@ -13,7 +13,7 @@ from aiohttp import web
 
 from control_plane.db.store import Store
 from control_plane.db.tables import Account, Runner, as_utc, utcnow
-from control_plane.model.errors import Unauthorized
+from control_plane.model.errors import Forbidden, Unauthorized
 
 # last_used_at is written at most this often per token, not on every request.
 _TOUCH_EVERY_S = 60.0
@@ -59,6 +59,10 @@ class Authenticator:
         raw = bearer_token(request)
         if raw is None:
             raise Unauthorized("missing token: send 'Authorization: Bearer <token>'")
+        return await self.token(raw, scope)
+
+    async def token(self, raw: str, scope: str | None = None) -> Principal:
+        """Whose token ``raw`` is; :class:`Unauthorized` if nobody's (or not ``scope``)."""
         found = await self.store.resolve_token(raw)
         if found is None:
             raise Unauthorized("invalid token")
@@ -66,7 +70,7 @@ class Authenticator:
         if token.expires_at is not None and as_utc(token.expires_at) <= utcnow():
             raise Unauthorized("token expired")
         if scope == "operator" and token.scope not in _OPERATOR_SCOPES:
-            raise Unauthorized("this needs an operator token")
+            raise Forbidden("this needs an operator token")
         now = time.monotonic()
         if now - self._touched.get(token.id, -_TOUCH_EVERY_S) >= _TOUCH_EVERY_S:
             self._touched[token.id] = now

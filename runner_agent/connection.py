@@ -26,6 +26,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from protocol.closing import REASONS, Close, gives_up, retry_after
 from protocol.messages import (
+    OLDEST_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     CapacityUpdate,
     Hello,
     JobDone,
@@ -312,14 +314,25 @@ class ControlPlaneConnection:
             log.warning("expected a welcome from the control plane, got %r", raw[:200])
             await socket.close(1002, "expected welcome")
             return
+        if not OLDEST_PROTOCOL_VERSION <= welcome.protocol_version <= PROTOCOL_VERSION:
+            # A control plane answers with a version both speak; one that does not is broken.
+            log.warning(
+                "the control plane answered protocol version %d; this agent speaks %d to %d",
+                welcome.protocol_version,
+                OLDEST_PROTOCOL_VERSION,
+                PROTOCOL_VERSION,
+            )
+            await socket.close(1002, "unknown protocol version")
+            return
         self.welcome = welcome
         self._welcomed = True
         log.info(
-            "connected to the control plane as runner %s (%s), status %s, tags %s",
+            "connected to the control plane as runner %s (%s), status %s, tags %s, speaking protocol %d",
             welcome.runner_id,
             welcome.name,
             welcome.status,
             welcome.tags,
+            welcome.protocol_version,
         )
         dropped = {(j.workflow_id, j.attempt) for j in welcome.drop_jobs}
         self.buffer.discard_jobs(dropped)

@@ -381,7 +381,7 @@ async def test_data_routes_need_an_operator_token(dcp: ControlPlane) -> None:
         assert (status, body["status"]) == (401, 401)
         assert "token" in body["message"]
         status, body = await dcp.request("GET", path, headers=bearer(client))
-        assert status == 401 and body["message"] == "this needs an operator token"
+        assert status == 403 and body["message"] == "this needs an operator token"
         status, body = await dcp.request("GET", path, headers=bearer(runner["token"]))
         assert status == 401
         status, body = await dcp.request("GET", path, headers=bearer("cf_not-a-token"))
@@ -405,6 +405,9 @@ async def test_page_and_assets_are_served_by_the_control_plane(dcp: ControlPlane
     assert status == 404
     status, _ = await dcp.request("GET", "/dashboard/assets/secrets.txt", account=None)
     assert status == 404
+    # Someone who types the bare address lands on the dashboard.
+    async with dcp.http.get(f"{dcp.base}/", allow_redirects=False) as resp:
+        assert (resp.status, resp.headers["Location"]) == (302, "/dashboard")
 
 
 async def test_stream_sends_a_snapshot_at_once_and_then_each_change(dcp: ControlPlane) -> None:

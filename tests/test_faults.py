@@ -114,7 +114,7 @@ async def test_comfyui_killed_mid_prompt_runs_the_job_again_elsewhere(
     done = await cp.wait_for_status(wf, ENDS)
     assert (done["status"], done["attempt"], done["runner_id"]) == ("completed", 2, b.id)
     assert "ComfyUI stopped while running prompt" in done["attempts"][0]["reason"]
-    _, tasks = await cp.request("GET", f"/api/workflow/{wf}")
+    _, tasks = await cp.request("GET", f"/v1/workflow/{wf}/tasks")
     lost = [t for t in tasks["tasks"] if t["attempt"] == 1 and t["node_id"] == "2"]
     assert lost and lost[0]["status"] == "CANCELED" and lost[0]["failure_kind"] == "infrastructure"
 
@@ -200,7 +200,7 @@ async def test_out_of_memory_gets_one_more_try_on_a_runner_with_more_free_gpu_me
     done = await cp.wait_for_status(wf, ENDS)
     assert (done["status"], done["attempt"], done["runner_id"]) == ("completed", 2, big.id)
     assert done["attempts"][0]["kind"] == "out_of_memory" and done["attempts"][0]["runner_id"] == small.id
-    _, conductor = await cp.request("GET", f"/api/workflow/{wf}")
+    _, conductor = await cp.request("GET", f"/v1/workflow/{wf}/tasks")
     [failed] = [t for t in conductor["tasks"] if t["attempt"] == 1 and t["node_id"] == "2"]
     assert (failed["status"], failed["failure_kind"]) == ("FAILED", "out_of_memory")
     assert oom in failed["reason"] and "more than" in failed["reason"]
@@ -212,7 +212,7 @@ async def test_out_of_memory_gets_one_more_try_on_a_runner_with_more_free_gpu_me
     again = await cp.wait_for_status(await submit(cp, other), ENDS)
     assert (again["status"], again["failure_reason"]) == ("failed", "workflow")
     assert again["attempt"] == 2 and oom in again["exception_message"]
-    _, conductor = await cp.request("GET", f"/api/workflow/{again['id']}")
+    _, conductor = await cp.request("GET", f"/v1/workflow/{again['id']}/tasks")
     [last] = [t for t in conductor["tasks"] if t["attempt"] == 2 and t["node_id"] == "2"]
     assert (last["status"], last["failure_kind"]) == ("FAILED", "out_of_memory")
 
@@ -230,7 +230,7 @@ async def test_the_workflows_own_errors_are_not_retried(
         "workflow",
         [],
     )
-    _, conductor = await cp.request("GET", f"/api/workflow/{done['id']}")
+    _, conductor = await cp.request("GET", f"/v1/workflow/{done['id']}/tasks")
     [failed] = [t for t in conductor["tasks"] if t["node_id"] == "2"]
     assert (failed["status"], failed["failure_kind"]) == ("FAILED", "workflow")
     assert "the invert broke" in failed["reason"]

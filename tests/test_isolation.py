@@ -29,10 +29,14 @@ ID_ROUTES = [
     ("GET", "/v1/workflow/{wf}", None),
     ("POST", "/v1/workflow/{wf}/cancel", None),
     ("GET", "/v1/workflow/{wf}/outputs", None),
+    ("GET", "/v1/workflow/{wf}/tasks", None),
     ("GET", "/v1/workflow/{wf}/subscribe", None),
     ("POST", "/v1/workflow/{wf}/rerun", "form"),
     ("GET", "/api/workflow/{wf}", None),
     ("POST", "/api/workflow/{wf}/rerun", "json"),
+    ("DELETE", "/api/workflow/{wf}", None),
+    ("POST", "/api/workflow/{wf}/retry", None),
+    ("POST", "/api/workflow/{wf}/restart", None),
     ("GET", "/v1/output/{out}", None),
     ("GET", "/v1/runner/{run}", None),
     ("PUT", "/v1/runner/{run}", "json"),
@@ -186,4 +190,4 @@ async def test_an_admin_token_sees_every_account_and_an_operator_only_their_own(
         assert status == 200
         assert {r["name"] for r in snap["runners"]} == names, scope
     status, _ = await cp.request("GET", "/v1/dashboard", headers=await cp.headers("alice"))
-    assert status == 401
+    assert status == 403  # a client token: known, but not allowed here

@@ -79,7 +79,7 @@ async def test_metrics_need_an_operator_token(cp: ControlPlane) -> None:
     status, _, text = await scrape(cp, None)
     assert status == 401 and "missing token" in text
     status, _, text = await scrape(cp, await cp.token("alice"))
-    assert status == 401 and "this needs an operator token" in text
+    assert status == 403 and "this needs an operator token" in text
     runner = await cp.create_runner()
     status, _, _ = await scrape(cp, runner["token"])
     assert status == 401

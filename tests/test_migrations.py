@@ -16,7 +16,8 @@ from sqlmodel import SQLModel
 
 from comfyfleet.processes import free_port
 from comfyfleet.throwaway_postgres import PgServer
-from control_plane.db.engine import MIGRATIONS, alembic_config, create_schema, make_engine
+from control_plane.db.engine import make_engine
+from control_plane.db.schema import MIGRATIONS, alembic_config, create_schema
 from tests.test_cli import serving
 
 
@@ -73,7 +74,8 @@ async def test_three_replicas_starting_together_on_one_postgresql_all_serve_its_
 
 MIGRATE = """
 import asyncio, sys
-from control_plane.db.engine import create_schema, make_engine
+from control_plane.db.engine import make_engine
+from control_plane.db.schema import create_schema
 async def main() -> None:
     engine = make_engine(sys.argv[1])
     sys.stdin.readline()  # all ready: go together

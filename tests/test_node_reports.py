@@ -102,9 +102,9 @@ async def test_held_node_reports_are_written_before_a_cancel(
     assert (status, body["status"]) == (200, "cancelled")
     await sim_config(http, sim, node_delays_s={})  # the interrupt lands at the next node
     tasks = await tasks_of(cp, wf_id)
-    # The two nodes that had started are on record (and closed by the cancel); the rest
-    # never began.
-    assert tasks == {"1": "CANCELED", "2": "CANCELED"}, tasks
+    # The two nodes that had started are on record: the first ended when the second began,
+    # the second was cut short by the cancel; the rest never began.
+    assert tasks == {"1": "COMPLETED", "2": "CANCELED"}, tasks
 
 
 async def test_held_node_reports_are_written_before_a_rerun_from_a_task(
@@ -122,7 +122,7 @@ async def test_held_node_reports_are_written_before_a_rerun_from_a_task(
         assert resp.status == 200, await resp.text()
     done = await cp.wait_for_status(wf_id, {"completed", "failed"}, timeout_s=30)
     assert done["status"] == "completed", done
-    _, every = await cp.request("GET", f"/api/workflow/{wf_id}")  # every attempt's tasks
+    _, every = await cp.request("GET", f"/v1/workflow/{wf_id}/tasks")  # every attempt's tasks
     first: dict[str, Any] = {t["node_id"]: t["status"] for t in every["tasks"] if t["attempt"] == 1}
     # The first attempt's nodes that had started are on record although no status change
     # followed them (the interrupt ends the prompt at the next node boundary: one more may
@@ -174,6 +174,6 @@ async def test_a_rerun_waits_for_the_report_that_carries_the_held_ones(
     assert status == 200
     done = await cp.wait_for_status(wf_id, {"completed", "failed"}, timeout_s=30)
     assert done["status"] == "completed", done
-    _, every = await cp.request("GET", f"/api/workflow/{wf_id}")
+    _, every = await cp.request("GET", f"/v1/workflow/{wf_id}/tasks")
     first = {t["node_id"] for t in every["tasks"] if t["attempt"] == 1}
     assert {"1", "2"} <= first, every["tasks"]  # what the held-back write carried is on record

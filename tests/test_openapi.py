@@ -50,8 +50,10 @@ async def test_answers_have_the_documented_shapes(
     _, outputs = await cp.request("GET", f"/v1/workflow/{wf['id']}/outputs")
     for output in outputs["outputs"]:
         check(spec, "Output", output)
+    _, tasks = await cp.request("GET", f"/v1/workflow/{wf['id']}/tasks")
+    check(spec, "TaskList", tasks)
     _, engine = await cp.request("GET", f"/api/workflow/{wf['id']}")
-    check(spec, "Workflow", engine)
+    check(spec, "ConductorWorkflow", engine)
     status, error = await cp.request("GET", "/v1/workflow/nope")
     assert status == 404
     check(spec, "Error", error)

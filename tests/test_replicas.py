@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from sqlalchemy import text
 from websockets.asyncio.client import ClientConnection, connect
@@ -17,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 import control_plane.fleet.dispatch as dispatch
 import control_plane.web.workflows as workflows
 from comfyfleet.throwaway_postgres import PgServer
-from control_plane.fleet.replica_bus import EVENTS_CHANNEL
+from control_plane.fleet.replica_bus import COMMANDS_CHANNEL, EVENTS_CHANNEL, WAITING_CHANNEL
 from protocol.capacity import Capacity
 from protocol.closing import Close
 from protocol.messages import ComfyUIInfo, HeldJob, Hello, Ready, dump_message
@@ -304,3 +306,59 @@ async def test_a_stream_resumes_on_another_control_plane_from_the_last_event_id(
             event_id = logged[cut][0]
             assert event_id is not None
             assert await resumed(a, wf["id"], event_id) == logged[cut + 1 :], cut  # on A
+
+
+async def test_what_a_control_plane_of_another_version_says_and_this_one_cannot_use_is_ignored(
+    tmp_path: Path,
+    pg_server: PgServer,
+    http: aiohttp.ClientSession,
+    sim: str,
+    start_agent: AgentFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """During a rolling upgrade a newer control plane may say what this one does not know:
+    new kinds, new fields, or (broken) the wrong types. It changes nothing and breaks nothing;
+    what it can use, it uses."""
+    url = await pg_server.new_database()
+    async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
+        await _listening(a, b)
+        runner = await _agent_on(b, a, sim, start_agent, tags=["gpu"])
+        rid = runner["id"]
+        listener = await asyncpg.connect(url)
+        heard: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def hear(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            if payload.startswith("{"):  # this test's own garbage aside
+                heard.put_nowait(json.loads(payload))
+
+        await listener.add_listener(COMMANDS_CHANNEL, hear)
+        try:
+            said: list[tuple[str, str | dict[str, Any]]] = [
+                (COMMANDS_CHANNEL, "not json"),
+                (COMMANDS_CHANNEL, "[1, 2]"),
+                (COMMANDS_CHANNEL, {"k": "teleport", "r": rid}),
+                (COMMANDS_CHANNEL, {"k": "rename", "r": rid, "name": 7, "tags": "abc", "status": "gone"}),
+                (COMMANDS_CHANNEL, {"k": "stop", "r": rid, "w": 5, "a": "1"}),
+                (COMMANDS_CHANNEL, {"k": "ask", "r": rid, "q": "q1", "what": "stats", "t": "soon"}),
+                (EVENTS_CHANNEL, {"w": 5, "n": "status", "d": []}),
+                (EVENTS_CHANNEL, {"w": "x", "n": "status", "d": "x"}),
+                (WAITING_CHANNEL, {"w": 12}),
+                # What it knows, with a field it does not: answered.
+                (COMMANDS_CHANNEL, {"k": "ask", "r": rid, "q": "q2", "what": "stats", "t": 5, "since": 3}),
+            ]
+            for channel, message in said:
+                payload = message if isinstance(message, str) else json.dumps(message | {"from": "next"})
+                await listener.execute("SELECT pg_notify($1, $2)", channel, payload)
+            answered: list[dict[str, Any]] = []
+            while not any(m.get("k") == "reply" and m.get("q") == "q2" for m in answered):
+                answered.append(await asyncio.wait_for(heard.get(), 20))
+            replies = [m for m in answered if m.get("k") == "reply"]
+            assert [(m["q"], m["to"], m["ok"]) for m in replies] == [("q2", "next", True)]
+        finally:
+            await listener.close()
+        conn = b.services.registry.get(rid)
+        assert conn is not None and (conn.name, conn.tags, conn.status) == (runner["name"], ["gpu"], "active")
+        wf = await submit(a, SLOW, tags="gpu")
+        done = await a.wait_for_status(wf["id"], {"completed", "failed", "invalid"}, timeout_s=30)
+        assert done["status"] == "completed" and done["runner_id"] == rid
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

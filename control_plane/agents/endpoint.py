@@ -137,19 +137,21 @@ async def _serve(
         # Held here now; a connection another control plane holds is closed there.
         await replicas.connected(conn)
     log.info(
-        "runner %s (%s) connected, agent %s, holding %d jobs",
+        "runner %s (%s) connected, agent %s speaking protocol %d, holding %d jobs",
         runner.id,
         runner.name,
         hello.agent_version,
+        version,
         len(hello.jobs),
     )
     try:
         # What the runner's ComfyUI offers is large and seldom changes: written when it did.
         # Its capacity goes with the next batch (runner_states.py): a fleet reconnecting at
         # once writes nothing for it.
-        if conn.comfyui != runner.comfyui:
+        speaks = (hello.agent_version, version)
+        if conn.comfyui != runner.comfyui or speaks != (runner.agent_version, runner.protocol_version):
             await svc.store.save_runner_state(
-                runner.id, capacity=conn.capacity.model_dump(), comfyui=conn.comfyui
+                runner.id, capacity=conn.capacity.model_dump(), comfyui=conn.comfyui, speaks=speaks
             )
         else:
             svc.fleet.runner_states.changed(conn)

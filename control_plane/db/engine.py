@@ -1,14 +1,11 @@
-"""Engine creation (SQLite with WAL, busy timeout and foreign keys by default; PostgreSQL by
-URL) and the schema, built by alembic migrations."""
+"""Engine creation: SQLite with WAL, busy timeout and foreign keys by default; PostgreSQL by
+URL. The schema they serve is ``schema.py``'s."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from control_plane.db import tables  # noqa: F401  (registers the tables on the metadata)
@@ -41,28 +38,3 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
-
-
-MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def alembic_config(connection: Connection) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = connection
-    return config
-
-
-# The key of the PostgreSQL advisory lock migrations run under ("comfyfle", as a bigint).
-MIGRATION_LOCK = 0x636F6D6679666C65
-
-
-async def create_schema(engine: AsyncEngine) -> None:
-    """Bring the database to the newest schema (alembic upgrade head). On PostgreSQL,
-    control planes starting together take turns under an advisory lock held until the
-    migration commits: one migrates, the others then find nothing left to do (unlocked,
-    all but one failed creating the same tables)."""
-    async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
-        await conn.run_sync(lambda sync: command.upgrade(alembic_config(sync), "head"))

@@ -163,6 +163,8 @@ def record_node_events(s: Session, workflow_id: str, attempt: int, events: Seque
     class_types: dict[str, str | None] = {}
     for node_id, class_type, event in events:
         class_types.setdefault(node_id, class_type)
+        if event == "executing":
+            _end_the_running(node_id, state, changed, now)
         status, started_at = state.get(node_id, (TaskStatus.SCHEDULED, None))
         values = _task_change(event, status, started_at, now)
         changed.setdefault(node_id, {}).update(values)
@@ -186,6 +188,20 @@ def record_node_events(s: Session, workflow_id: str, attempt: int, events: Seque
             "failure_kind": None,
         }
         c.execute(INSERT_TASK, new_task | values)
+
+
+def _end_the_running(
+    starting: str,
+    state: dict[str, tuple[str, datetime | None]],
+    changed: dict[str, dict[str, Any]],
+    now: datetime,
+) -> None:
+    """ComfyUI runs a prompt's nodes one at a time, so the node that was running when another
+    starts has completed (ComfyUI says "executed" for output nodes only), whatever fails later."""
+    for node_id, (status, started_at) in list(state.items()):
+        if node_id != starting and status == TaskStatus.IN_PROGRESS:
+            changed.setdefault(node_id, {}).update(status=TaskStatus.COMPLETED, ended_at=now)
+            state[node_id] = (TaskStatus.COMPLETED, started_at)
 
 
 def _task_change(event: str, status: str, started_at: datetime | None, now: datetime) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from control_plane.failpoints import FailPoints
 from control_plane.model.errors import Conflict, NotFound, PayloadTooLarge
 from control_plane.model.figures import FleetFigures
 from control_plane.model.lifecycle import (
+    OPEN_TASK,
     TERMINAL,
     TaskStatus,
     WorkflowStatus,
@@ -282,13 +283,17 @@ class Store:
         *,
         capacity: dict[str, Any] | None = None,
         comfyui: dict[str, Any] | None = None,
+        speaks: tuple[str, int] | None = None,
     ) -> None:
-        """A heartbeat: its own short transaction."""
+        """A heartbeat, or what a runner's hello said (``speaks``: its agent's version and
+        the protocol version agreed): its own short transaction."""
         values: dict[str, Any] = {"last_seen_at": utcnow()}
         if capacity is not None:
             values["capacity"] = capacity
         if comfyui is not None:
             values["comfyui"] = comfyui
+        if speaks is not None:
+            values["agent_version"], values["protocol_version"] = speaks
 
         def work(s: Session) -> None:
             s.connection().execute(update(RUNNERS).where(RUNNERS.c.id == runner_id).values(**values))
@@ -794,15 +799,13 @@ class Store:
         workflow_id: str,
         expected_attempt: int,
         changes: dict[str, Any],
-        rerun_nodes: set[str] | None,
         receipt: IdempotencyRecord | None = None,
     ) -> Workflow | None:
         """The Conductor-compatible rerun: start attempt + 1 of a workflow in one transaction
-        (with the answer to its Idempotency-Key). The previous attempt's tasks of the nodes
-        that rerun (all of them when ``rerun_nodes`` is None) become CANCELED, completed ones
-        included; of the others, those that had not completed were interrupted and become
-        CANCELED too. ``None`` if the attempt moved on meanwhile; :class:`KeyTaken` when the
-        key went to a request that committed first."""
+        (with the answer to its Idempotency-Key). The previous attempt's tasks that had not
+        ended were interrupted and become CANCELED; those that ended keep what they ended
+        as (a node that completed did, whatever runs again). ``None`` if the attempt moved on
+        meanwhile; :class:`KeyTaken` when the key went to a request that committed first."""
         now = utcnow()
 
         def work(s: Session) -> Workflow | None:
@@ -813,7 +816,7 @@ class Store:
                 select(Task).where(Task.workflow_id == workflow_id, Task.attempt == expected_attempt)
             )
             for task in old_tasks:
-                if rerun_nodes is None or task.node_id in rerun_nodes or task.status != TaskStatus.COMPLETED:
+                if task.status in OPEN_TASK:
                     task.status = TaskStatus.CANCELED
                     task.ended_at = task.ended_at or now
                     s.add(task)

@@ -74,6 +74,10 @@ class Runner(SQLModel, table=True):
     replica_id: str | None = None
     connection_id: str | None = None
     lease_expires_at: datetime | None = _ts()
+    # What its agent said at its last hello, and the protocol version the two spoke: during
+    # a rolling upgrade, which agents are still the old ones.
+    agent_version: str | None = None
+    protocol_version: int | None = None
 
 
 class Workflow(SQLModel, table=True):
@@ -210,6 +214,13 @@ class WorkflowEvent(SQLModel, table=True):
     name: str
     data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = _created()
+
+
+class SchemaFloor(SQLModel, table=True):
+    """One row: the oldest schema revision whose code may serve this database (``schema.py``)."""
+
+    __tablename__ = "schema_floor"
+    oldest_code_schema: str = Field(primary_key=True)
 
 
 class IdempotencyRecord(SQLModel, table=True):

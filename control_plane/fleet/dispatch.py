@@ -758,14 +758,13 @@ class Fleet:
         self,
         wf: Workflow,
         changes: dict[str, Any],
-        rerun_nodes: set[str] | None,
         receipt: IdempotencyRecord | None = None,
     ) -> Workflow | None:
         """The Conductor-compatible rerun: the next attempt of ``wf``. An ongoing attempt is
         interrupted on its runner; the new one waits for a runner like any other (the
         preferred one, if set)."""
         await self.node_reports.flush(wf.id)
-        updated = await self.store.new_attempt(wf.id, wf.attempt, changes, rerun_nodes, receipt)
+        updated = await self.store.new_attempt(wf.id, wf.attempt, changes, receipt)
         if updated is None:
             return None
         if wf.runner_id is not None and wf.status not in TERMINAL:

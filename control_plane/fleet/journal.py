@@ -19,6 +19,7 @@ import secrets
 from typing import Any
 
 from control_plane.db.store import LoggedEvent, Store
+from control_plane.model.lifecycle import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,26 @@ log = logging.getLogger(__name__)
 BATCH = 2000
 # Events held while the database cannot take them; past this the oldest go unlogged.
 HELD_LIMIT = 100_000
+# How long a resumed stream waits for what other control planes published to be written.
+CATCH_UP_S = 3.0
+
+
+def last_status(before: dict[str, Any] | None, events: list[LoggedEvent]) -> tuple[str, int] | None:
+    """The (status, attempt) the log ends with: its last status event, else ``before``."""
+    for event in reversed(events):
+        if event.name == "status":
+            before = event.data
+            break
+    return None if before is None else (str(before["status"]), int(before["attempt"]))
+
+
+def behind(logged: tuple[str, int] | None, stored: tuple[str, int]) -> bool:
+    """Whether the log has yet to catch up with the store: an earlier attempt, or the same
+    one not yet ended where the store has it ended. (A log ahead of a snapshot of the store
+    taken a moment before is not behind.)"""
+    if logged is None or logged[1] < stored[1]:
+        return True
+    return logged[1] == stored[1] and stored[0] in TERMINAL and logged[0] not in TERMINAL
 
 
 class EventJournal:
@@ -79,19 +100,27 @@ class EventJournal:
                     raise
 
     async def since(
-        self, workflow_id: str, event_id: str
+        self, workflow_id: str, event_id: str, status: tuple[str, int] | None = None
     ) -> tuple[dict[str, Any] | None, list[LoggedEvent]] | None:
         """The workflow's events after ``event_id``, oldest first, and the last status logged
         up to it; ``None`` when the log has no such event (an id from elsewhere, or one lost
-        in a crash)."""
-        if self.mine(event_id):
-            await self.flush()
-        found = await self._store.events_since(workflow_id, event_id)
-        if found is None and not self.mine(event_id):
-            # Another control plane's event may not be written yet: it writes within flush_s.
-            await asyncio.sleep(3 * self._flush_s)  # its next write, not an event we could wait on
+        in a crash).
+
+        What another control plane published may not be written yet (it writes every
+        ``flush_s``): an id not found, or a log that is :func:`behind` ``status`` (the
+        workflow's (status, attempt) as the store has it now), is read again until it is
+        there, for up to ``CATCH_UP_S``."""
+        await self.flush()  # this control plane's own are written first
+        deadline = asyncio.get_running_loop().time() + CATCH_UP_S
+        while True:
             found = await self._store.events_since(workflow_id, event_id)
-        return found
+            if found is None and self.mine(event_id):
+                return None  # ours, written, and not there: lost
+            if found is not None and (status is None or not behind(last_status(*found), status)):
+                return found
+            if asyncio.get_running_loop().time() >= deadline:
+                return found
+            await asyncio.sleep(self._flush_s)  # another process's next write: no event of ours
 
     async def close(self) -> None:
         if self._timer is not None:

@@ -16,6 +16,10 @@ that it can tell. What is said while the connection is down is held and sent onc
 back (up to ``HELD_LIMIT`` messages); what the others said meanwhile is not heard, which is
 why each (re)connect runs the ``on_listening`` callbacks (a sweep, a refresh of the
 streams), and why every message here is a wake-up whose truth is in the database.
+
+Control planes of two versions serve together during a rolling upgrade, so what they say
+only ever grows: a receiver ignores kinds and fields it does not know, and a message that
+lacks what its kind needs, or has it of the wrong type; a change of meaning takes a new kind.
 """
 
 from __future__ import annotations

@@ -204,12 +204,12 @@ class Replicas:
         elif kind == "stop" and isinstance(message.get("w"), str) and isinstance(message.get("a"), int):
             conn.let_go(message["w"])
             self._spawn(conn.send(Cancel(workflow_id=message["w"], attempt=message["a"])))
-        elif kind == "rename":
-            conn.rename(str(message.get("name")), list(message.get("tags") or []), str(message.get("status")))
+        elif kind == "rename" and _renamed(message):
+            conn.rename(message["name"], message["tags"], message["status"])
             self.fleet.kick()
         elif kind == "deleted":
             self._spawn(self.fleet.close_deleted(conn))
-        elif kind == "ask" and isinstance(message.get("q"), str):
+        elif kind == "ask" and _asked(message):
             self._spawn(self._answer(conn, message))
 
     async def _answer(self, conn: AgentConnection, message: dict[str, Any]) -> None:
@@ -220,7 +220,7 @@ class Replicas:
             else StatsRequest(request_id=new_id())
         )
         answer: dict[str, Any] = {"k": "reply", "to": message.get("from"), "q": request_id}
-        timeout_s = float(message.get("t") or 5.0)
+        timeout_s = float(message["t"])
         try:
             reply = await conn.request(request, timeout_s)
             answer |= {"ok": reply.ok, "data": reply.data, "error": reply.error}
@@ -256,3 +256,17 @@ class Replicas:
                 error=message.get("error") if isinstance(message.get("error"), str) else None,
             )
         )
+
+
+def _renamed(message: dict[str, Any]) -> bool:
+    tags = message.get("tags")
+    return (
+        isinstance(message.get("name"), str)
+        and isinstance(tags, list)
+        and all(isinstance(t, str) for t in tags)
+        and message.get("status") in ("active", "disabled")
+    )
+
+
+def _asked(message: dict[str, Any]) -> bool:
+    return isinstance(message.get("q"), str) and isinstance(message.get("t"), float | int)

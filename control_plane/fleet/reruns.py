@@ -49,15 +49,13 @@ async def rerun_from_task(
     params = before.for_new_attempt()
     changes: dict[str, Any] = {}
     workflow_json = current.workflow_json
-    rerun_nodes: set[str] | None = None
     if asked.task_ref:
         node_id = _find_task(await store.tasks(current.id, current.attempt), asked.task_ref, workflow_json)
         if asked.task_input:
             check_depth(asked.task_input, "taskInput")
             workflow_json = _merge_task_input(workflow_json, node_id, asked.task_input)
             changes["workflow_json"] = workflow_json
-        rerun_nodes = downstream(workflow_json, node_id)
-        params.rerun = _keeping_upstream(node_id, rerun_nodes, before)
+        params.rerun = _keeping_upstream(node_id, downstream(workflow_json, node_id), before)
         changes["preferred_runner_id"] = current.runner_id
     elif not is_terminal(current.status):
         raise Conflict(
@@ -80,7 +78,7 @@ async def rerun_from_task(
     if asked.correlation_id:
         changes["correlation_id"] = asked.correlation_id
     record = receipt(current) if receipt is not None else None
-    updated = await subs.fleet.start_new_attempt(current, changes, rerun_nodes, record)
+    updated = await subs.fleet.start_new_attempt(current, changes, record)
     if updated is None:
         raise Conflict(f"workflow {current.id} changed while the rerun was prepared; try again")
     return updated

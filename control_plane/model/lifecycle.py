@@ -37,6 +37,36 @@ class TaskStatus(StrEnum):
     CANCELED = "CANCELED"
 
 
+class ConductorStatus(StrEnum):
+    """A workflow's status as Conductor's clients know it (``web/conductor.py``)."""
+
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    TERMINATED = "TERMINATED"
+
+
+# Failure reasons (``Workflow.failure_reason``) that Conductor calls a timeout.
+_TIMEOUTS = frozenset({"timeout", "queue_timeout"})
+
+
+def conductor_status(status: str, failure_reason: str | None) -> ConductorStatus:
+    if status == WorkflowStatus.COMPLETED:
+        return ConductorStatus.COMPLETED
+    if status == WorkflowStatus.CANCELLED:
+        return ConductorStatus.TERMINATED
+    if status in (WorkflowStatus.FAILED, WorkflowStatus.INVALID):
+        return ConductorStatus.TIMED_OUT if failure_reason in _TIMEOUTS else ConductorStatus.FAILED
+    return ConductorStatus.RUNNING  # accepted, uploaded, queued, running: all under way
+
+
+# What Conductor retries: a workflow that ended without its result.
+RETRIED: frozenset[str] = frozenset(
+    {ConductorStatus.FAILED, ConductorStatus.TIMED_OUT, ConductorStatus.TERMINATED}
+)
+
+
 TERMINAL: frozenset[str] = frozenset(
     {WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED, WorkflowStatus.INVALID}
 )

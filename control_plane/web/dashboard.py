@@ -10,7 +10,7 @@ every account for an ``admin`` token):
                                         JSON, at once and then whenever it changes
 
 The page and its assets need no token (they hold no data); the two data routes answer 401
-without a token and 401 "this needs an operator token" for a client token. Browsers cannot
+without a token and 403 "this needs an operator token" for a client token. Browsers cannot
 send headers with EventSource, so the page reads the stream with ``fetch()``.
 
 The snapshot (times are ISO 8601 UTC, durations seconds, sizes bytes; null where unknown)::
@@ -79,7 +79,7 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.model.errors import NotFound, Unauthorized
+from control_plane.model.errors import Forbidden, NotFound, Unauthorized
 from control_plane.services import Services
 from control_plane.web.dashboard_data import View, build_snapshot
 
@@ -169,8 +169,8 @@ async def dashboard_stream(request: web.Request) -> web.StreamResponse:
                     last_auth = now
                     try:
                         await svc.auth.client(request, scope="operator")
-                    except Unauthorized as exc:
-                        await resp.write(_sse("error", {"status": 401, "message": exc.message}))
+                    except (Unauthorized, Forbidden) as exc:
+                        await resp.write(_sse("error", {"status": exc.status, "message": exc.message}))
                         break
                 if payload:
                     await resp.write(payload)

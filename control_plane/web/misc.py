@@ -1,4 +1,4 @@
-"""/v1/user and /healthz."""
+"""/v1/user, /healthz, and / (a browser that comes to the bare address wants the dashboard)."""
 
 from __future__ import annotations
 
@@ -47,3 +47,8 @@ async def healthz(request: web.Request) -> web.Response:
             "runners_connected": len(svc.registry.all()),
         }
     )
+
+
+@routes.get("/")
+async def root(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/dashboard")

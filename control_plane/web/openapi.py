@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.model.lifecycle import TaskStatus, WorkflowStatus
+from control_plane.model.lifecycle import ConductorStatus, TaskStatus, WorkflowStatus
 
 routes = web.RouteTableDef()
 
@@ -97,6 +97,65 @@ SCHEMAS: dict[str, Any] = {
             "failure_kind": {"enum": ["workflow", "infrastructure", "out_of_memory", None]},
         },
     },
+    "TaskList": {
+        "type": "object",
+        "required": ["tasks", "attempt"],
+        "properties": {
+            "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
+            "attempt": {"type": "integer", "description": "the workflow's current attempt"},
+        },
+    },
+    "ConductorWorkflow": {
+        "type": "object",
+        "description": "Conductor's Workflow: times in epoch milliseconds, 0 when not yet",
+        "required": ["workflowId", "workflowName", "status", "createTime", "tasks", "input", "output"],
+        "properties": {
+            "workflowId": {"type": "string"},
+            "workflowName": {"type": "string"},
+            "workflowVersion": {"type": "integer"},
+            "status": {"enum": [s.value for s in ConductorStatus]},
+            "createTime": {"type": "integer"},
+            "updateTime": {"type": "integer"},
+            "startTime": {"type": "integer"},
+            "endTime": {"type": "integer"},
+            "correlationId": _STRING_OR_NULL,
+            "input": {"type": "object"},
+            "output": {"type": "object"},
+            "reasonForIncompletion": _STRING_OR_NULL,
+            "failedReferenceTaskNames": {"type": "array", "items": {"type": "string"}},
+            "priority": {"type": "integer"},
+            "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/ConductorTask"}},
+        },
+    },
+    "ConductorTask": {
+        "type": "object",
+        "description": "Conductor's Task: one node's run; referenceTaskName is the node id",
+        "required": ["taskId", "referenceTaskName", "taskType", "status", "seq", "retryCount"],
+        "properties": {
+            "taskId": {"type": "string"},
+            "referenceTaskName": {"type": "string"},
+            "taskType": {"type": "string"},
+            "taskDefName": {"type": "string"},
+            "status": {"enum": [s.value for s in TaskStatus]},
+            "seq": {"type": "integer"},
+            "retryCount": {"type": "integer"},
+            "retried": {"type": "boolean"},
+            "executed": {"type": "boolean"},
+            "reusedFromCache": {
+                "type": "boolean",
+                "description": "a later attempt used this task's result from ComfyUI's cache",
+            },
+            "workflowInstanceId": {"type": "string"},
+            "workflowType": {"type": "string"},
+            "correlationId": _STRING_OR_NULL,
+            "startTime": {"type": "integer"},
+            "endTime": {"type": "integer"},
+            "updateTime": {"type": "integer"},
+            "inputData": {"type": "object"},
+            "outputData": {"type": "object"},
+            "reasonForIncompletion": _STRING_OR_NULL,
+        },
+    },
     "Output": {
         "type": "object",
         "required": ["id", "workflow_id", "node_id", "filename", "content_type", "size", "src"],
@@ -126,6 +185,8 @@ SCHEMAS: dict[str, Any] = {
             "last_seen": _TIME_OR_NULL,
             "capacity": {"type": ["object", "null"]},
             "comfyui": {"type": ["object", "null"]},
+            "agent_version": {"type": ["string", "null"]},
+            "protocol_version": {"type": ["integer", "null"]},
             "current_jobs": {"type": "array", "items": {"type": "string"}},
             "token": {"type": "string", "description": "only in the answer to create, shown once"},
         },
@@ -302,6 +363,7 @@ _WHY = {
     504: "the runner's agent did not answer in time",
 }
 _SUBMITS = (400, 401, 403, 422, 429)
+_OPERATOR_ONLY = {403: ("a client token: this needs an operator token", _ERROR)}
 
 
 def _errors(*codes: int) -> dict[int, tuple[str, Any]]:
@@ -400,11 +462,70 @@ OPERATIONS: list[Operation] = [
     (
         "get",
         "/api/workflow/{id}",
-        "A workflow with the tasks of every attempt",
+        "Conductor's view of a workflow, with its tasks unless includeTasks=false",
+        _C,
+        None,
+        [{"name": "includeTasks", "in": "query", "schema": {"type": "boolean"}}],
+        {200: ("it", {"$ref": "#/components/schemas/ConductorWorkflow"}), **_errors(400, 401, 404)},
+    ),
+    (
+        "delete",
+        "/api/workflow/{id}",
+        "Terminate (cancel) a workflow, as Conductor does (409 once it has ended)",
+        _C,
+        None,
+        [{"name": "reason", "in": "query", "schema": _TEXT}],
+        {200: ("terminated", None), **_errors(400, 401, 404, 409)},
+    ),
+    (
+        "post",
+        "/api/workflow/{id}/retry",
+        "Retry a failed, timed-out or terminated workflow from its failed task: its next attempt",
         _C,
         None,
         [],
-        {200: ("it", _WORKFLOW), **_errors(400, 401, 404)},
+        {204: ("retrying", None), **_errors(400, 401, 403, 404, 409, 429)},
+    ),
+    (
+        "post",
+        "/api/workflow/{id}/restart",
+        "Run an ended workflow's whole graph again: its next attempt",
+        _C,
+        None,
+        [],
+        {204: ("restarted", None), **_errors(400, 401, 403, 404, 409, 429)},
+    ),
+    (
+        "post",
+        "/api/token",
+        "Conductor's log-in: keySecret is a client token, answered as the token to send",
+        _N,
+        {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["keySecret"],
+                    "properties": {
+                        "keyId": {"type": "string"},
+                        "keySecret": {"type": "string", "minLength": 1},
+                    },
+                }
+            }
+        },
+        [],
+        {
+            200: ("the token", {"type": "object", "required": ["token"], "properties": {"token": _TEXT}}),
+            **_errors(400, 401),
+        },
+    ),
+    (
+        "get",
+        "/v1/workflow/{id}/tasks",
+        "Every attempt's tasks, the newest attempt first",
+        _C,
+        None,
+        [{"name": "attempt", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+        {200: ("tasks", {"$ref": "#/components/schemas/TaskList"}), **_errors(400, 401, 404)},
     ),
     (
         "post",
@@ -524,6 +645,7 @@ OPERATIONS: list[Operation] = [
         {200: ("it", _ANY_OBJECT), **_errors(400, 401)},
     ),
     ("get", "/healthz", "Liveness and the database in use", _N, None, [], {200: ("ok", _ANY_OBJECT)}),
+    ("get", "/", "Sends a browser to the dashboard", _N, None, [], {302: ("to /dashboard", None)}),
     (
         "get",
         "/metrics",
@@ -531,7 +653,11 @@ OPERATIONS: list[Operation] = [
         _O,
         None,
         [],
-        {200: ("text exposition format", "text/plain"), **_errors(400, 401)},
+        {
+            200: ("text exposition format", "text/plain"),
+            **_errors(400, 401),
+            403: ("a client token: this needs an operator token", _ERROR),
+        },
     ),
     ("get", "/openapi.json", "This document", _N, None, [], {200: ("OpenAPI 3.1", _ANY_OBJECT)}),
     (
@@ -559,7 +685,11 @@ OPERATIONS: list[Operation] = [
         _O,
         None,
         [],
-        {200: ("a snapshot", _ANY_OBJECT), **_errors(400, 401)},
+        {
+            200: ("a snapshot", _ANY_OBJECT),
+            **_errors(400, 401),
+            403: ("a client token: this needs an operator token", _ERROR),
+        },
     ),
     (
         "get",
@@ -568,7 +698,11 @@ OPERATIONS: list[Operation] = [
         _O,
         None,
         [],
-        {200: ("an event stream", "text/event-stream"), **_errors(400, 401)},
+        {
+            200: ("an event stream", "text/event-stream"),
+            **_errors(400, 401),
+            403: ("a client token: this needs an operator token", _ERROR),
+        },
     ),
     (
         "get",

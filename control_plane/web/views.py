@@ -86,5 +86,8 @@ def runner_view(runner: Runner, live: dict[str, Any] | None) -> dict[str, Any]:
         "last_seen": iso((live or {}).get("last_seen_at", runner.last_seen_at)),
         "capacity": (live or {}).get("capacity", runner.capacity),
         "comfyui": (live or {}).get("comfyui", runner.comfyui),
+        # As its last hello said: during a rolling upgrade, which agents are still old.
+        "agent_version": runner.agent_version,
+        "protocol_version": runner.protocol_version,
         "current_jobs": (live or {}).get("jobs", []),
     }

@@ -1,4 +1,4 @@
-"""/v1/workflow: submit, read, list, cancel, follow (SSE) and fetch outputs."""
+"""/v1/workflow: submit, read, list, cancel, follow (SSE), list tasks and fetch outputs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from aiohttp import web
 
 from control_plane.db.rows import WorkflowState
 from control_plane.fleet.events import Event, EventName, output_event, status_event
+from control_plane.fleet.journal import behind
 from control_plane.fleet.submissions import Receipt
 from control_plane.model.errors import BadRequest
 from control_plane.model.lifecycle import TERMINAL, WorkflowStatus
@@ -22,7 +23,7 @@ from control_plane.services import Services
 from control_plane.web import idempotency
 from control_plane.web.forms import MAX_NAME_CHARS, SUBMIT_FIELDS, read_form
 from control_plane.web.http_util import paging
-from control_plane.web.views import workflow_summary, workflow_view
+from control_plane.web.views import task_view, workflow_summary, workflow_view
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -89,6 +90,19 @@ async def get_workflow(request: web.Request) -> web.Response:
     children = await svc.store.child_ids(wf.id)
     tasks = await svc.store.tasks(wf.id, wf.attempt)
     return web.json_response(workflow_view(wf, queue_number=queue_number, children=children, tasks=tasks))
+
+
+@routes.get("/v1/workflow/{id}/tasks")
+async def list_tasks(request: web.Request) -> web.Response:
+    """Every attempt's tasks, the newest attempt first (``?attempt=N``: that one's)."""
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    attempt = request.query.get("attempt")
+    if attempt is not None and not (attempt.isascii() and attempt.isdigit() and 0 < int(attempt) < 2**31):
+        raise BadRequest("attempt must be a positive whole number")
+    wf = await svc.store.get_workflow(principal.account.id, request.match_info["id"])
+    tasks = await svc.store.tasks(wf.id, int(attempt) if attempt is not None else None)
+    return web.json_response({"tasks": [task_view(t) for t in tasks], "attempt": wf.attempt})
 
 
 @routes.post("/v1/workflow/{id}/cancel")
@@ -210,15 +224,16 @@ async def _first_frames(
     now = (wf.status, wf.attempt)
     resumed = None
     if last_event_id and svc.hub.journal is not None:
-        resumed = await svc.hub.journal.since(wf.id, last_event_id)
+        resumed = await svc.hub.journal.since(wf.id, last_event_id, now)
     if resumed is None:
         told = _Told(now)
         return [_sse("status", status_event(wf) | {"queue_number": svc.queue_position(wf)})], told
     before, missed = resumed
     told = _Told((str(before["status"]), int(before["attempt"])) if before is not None else ("", 0))
     frames = [f for f in (told.frame(Event(cast(EventName, e.name), e.data, e.origin)) for e in missed) if f]
-    if told.last != now:
-        # The log lacks the latest (a crash took it before its write): the store has it.
+    if behind(told.last, now):
+        # The log lacks the latest (a crash took it before its write, or the control plane
+        # that published it is that late writing it): the store has it.
         frames.append(_sse("status", status_event(wf)))
         told.last = now
     return frames, told

@@ -467,7 +467,7 @@
     }
     if (!resp.ok) {
       const message = await errorMessage(resp);
-      if (resp.status === 401) sessionStorage.removeItem(TOKEN_KEY);
+      if (resp.status === 401 || resp.status === 403) sessionStorage.removeItem(TOKEN_KEY);
       showLogin(message);
       return;
     }
@@ -491,7 +491,7 @@
           cache: "no-store",
           signal: controller.signal,
         });
-        if (resp.status === 401) {
+        if (resp.status === 401 || resp.status === 403) {
           if (generation === state.generation) signOut(await errorMessage(resp));
           return;
         }
@@ -544,7 +544,7 @@
     if (!data.length || generation !== state.generation) return;
     const payload = JSON.parse(data.join("\n"));
     if (event === "snapshot") render(payload);
-    else if (event === "error" && payload.status === 401) signOut(payload.message);
+    else if (event === "error" && (payload.status === 401 || payload.status === 403)) signOut(payload.message);
   }
 
   // -- start --------------------------------------------------------------------------------
