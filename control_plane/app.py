@@ -28,7 +28,7 @@ from control_plane.fleet.metrics import METRICS_KEY, Metrics
 from control_plane.fleet.registry import Registry
 from control_plane.services import Services
 from control_plane.settings import Settings
-from control_plane.web import conductor, dashboard, idempotency, openapi
+from control_plane.web import conductor, dashboard, idempotency, openapi, uploads
 from control_plane.web import metrics as api_metrics
 from control_plane.web import misc as api_misc
 from control_plane.web import reruns as api_reruns
@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> web.Application:
         api_templates,
         api_runners,
         conductor,
+        uploads,
         api_misc,
         agent_ws,
         agent_http,

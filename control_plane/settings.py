@@ -105,6 +105,10 @@ class Settings:
     # Who this control plane is to the others on its database (in their messages and logs);
     # host, process and a random part unless set.
     replica_id: str = field(default_factory=lambda: _default_replica_id())
+    # A $file parameter given as a URL is fetched by the control plane: within this long,
+    # and never from a private, loopback or link-local address unless this allows it.
+    input_fetch_timeout_s: float = 30.0
+    fetch_private_urls: bool = False
 
     @property
     def resolved_database_url(self) -> str:
@@ -130,6 +134,8 @@ class Settings:
         failpoints.parse(self.failpoints)
         if self.node_report_write_s <= 0:
             raise ValueError("node_report_write_s must be positive")
+        if self.input_fetch_timeout_s <= 0:
+            raise ValueError("input_fetch_timeout_s must be positive")
         if self.retry_backoff_s < 0 or self.deadline_sweep_s <= 0:
             raise ValueError("retry_backoff_s must not be negative and deadline_sweep_s must be positive")
         return self
@@ -151,9 +157,22 @@ def _coerce(name: str, raw: Any) -> Any:
             return float(raw)
         if kind == "Path":
             return Path(raw)
+        if kind == "bool":
+            return _truth(raw)
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"setting {name}: {raw!r} is not a valid {kind}") from exc
+
+
+def _truth(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{raw!r} is not true or false")
 
 
 def load_settings(

@@ -18,10 +18,12 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from alembic.script import ScriptDirectory
 
 from comfyfleet import processes
 from comfyfleet.admin import create_token
 from comfyfleet.throwaway_postgres import PgServer
+from control_plane.db.schema import MIGRATIONS
 from control_plane.settings import Settings
 from tests.conftest import AgentFactory, poll_until, sse_frames
 from tests.test_e2e import seed_form
@@ -31,17 +33,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("comfyfleet", "control_plane", "protocol", "runner_agent")
 NEXT = "99.0.0"  # the next agent's version
 
+# This version's newest migration, and the one the next version adds after it.
+HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head() or ""
+AFTER = f"{int(HEAD) + 1:04d}"
 NEXT_MIGRATION = '''"""the next version's: a column that only it uses
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: {after}
+Revises: {head}
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "{after}"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -71,8 +76,9 @@ def next_version(into: Path) -> Path:
     assert '__version__ = metadata.version("comfyfleet")' in text
     package.write_text(text.replace('metadata.version("comfyfleet")', repr(NEXT)))
     versions = into / "control_plane" / "db" / "migrations" / "versions"
-    assert sorted(p.name for p in versions.glob("0*.py"))[-1].startswith("0005")
-    (versions / "0006_the_next_versions_column.py").write_text(NEXT_MIGRATION)
+    assert sorted(p.name for p in versions.glob("0*.py"))[-1].startswith(HEAD)
+    migration = NEXT_MIGRATION.format(after=AFTER, head=HEAD)
+    (versions / f"{AFTER}_the_next_versions_column.py").write_text(migration)
     return into
 
 
@@ -163,7 +169,7 @@ async def test_this_version_and_the_next_serve_one_database_together(
 
         # The first control plane of the next version migrates; this one goes on serving.
         await new.start()
-        assert await schema_of(url) == ("0006", "0005")
+        assert await schema_of(url) == (AFTER, "0005")  # it only adds: the floor stays
         # The next version's agent, on this version's control plane: they agree on 2.
         agent = processes.agent(
             tmp_path / "next-agent",
@@ -187,7 +193,7 @@ async def test_this_version_and_the_next_serve_one_database_together(
         assert await old.part.stop() == 0
         await poll_until(lambda: client.speaks(new.base, new_runner["id"], NEXT, 3), timeout_s=30)
         await old.start()
-        assert "newer than this version's 0005; serving on" in old.part.log.read_text()
+        assert f"newer than this version's {HEAD}; serving on" in old.part.log.read_text()
         done = await client.run(old.base, old.base, tags="new")
         assert done["runner_id"] == new_runner["id"]
         await poll_until(lambda: client.speaks(old.base, old_runner["id"], this, 2))
@@ -198,14 +204,14 @@ async def test_this_version_and_the_next_serve_one_database_together(
         # then refuses to start, and says what to do.
         conn = await asyncpg.connect(url)
         try:
-            await conn.execute("UPDATE schema_floor SET oldest_code_schema = '0006'")
+            await conn.execute("UPDATE schema_floor SET oldest_code_schema = $1", AFTER)
         finally:
             await conn.close()
         assert await old.part.stop() == 0
         await old.part.start()
         assert await old.part.exited() == 2
         assert (
-            "needs code of schema 0006 or later; this version knows schema 0005: upgrade it"
+            f"needs code of schema {AFTER} or later; this version knows schema {HEAD}: upgrade it"
             in old.part.log.read_text()
         )
     finally:

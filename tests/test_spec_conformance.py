@@ -85,7 +85,10 @@ async def test_schemathesis_finds_no_disagreement_between_the_spec_and_the_serve
     operator = await create_token(settings, "acme", "enterprise", "operator", None)
     port = processes.free_port()
     base = f"http://127.0.0.1:{port}"
-    served = processes.control_plane(root, port, database_url=database_url)
+    # Generated $file URLs name hosts that do not exist: a short time for each to fail.
+    served = processes.control_plane(
+        root, port, database_url=database_url, settings={"input_fetch_timeout_s": "2"}
+    )
     await served.start()
     try:
         await processes.wait_until_answers(f"{base}/healthz")

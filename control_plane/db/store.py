@@ -26,6 +26,7 @@ from control_plane.db.tables import (
     TOKENS,
     WORKFLOWS,
     Account,
+    AccountBlob,
     ApiToken,
     IdempotencyRecord,
     Output,
@@ -1032,10 +1033,37 @@ class Store:
 
         return await self.run(work)
 
+    async def keep_account_blob(self, blob: AccountBlob) -> tuple[AccountBlob, bool]:
+        """Record that an account uploaded a file; the record and whether it is new (the same
+        file uploaded again keeps its first record)."""
+
+        def work(s: Session) -> tuple[AccountBlob, bool]:
+            found = s.get(AccountBlob, (blob.account_id, blob.sha256))
+            if found is not None:
+                return found, False
+            s.add(blob)
+            try:
+                s.commit()
+            except IntegrityError:  # the same upload, committed a moment before
+                s.rollback()
+                return s.get(AccountBlob, (blob.account_id, blob.sha256)) or blob, False
+            s.refresh(blob)
+            return blob, True
+
+        return await self.run(work)
+
+    async def account_blob(self, account_id: str, sha256: str) -> AccountBlob | None:
+        def work(s: Session) -> AccountBlob | None:
+            return s.get(AccountBlob, (account_id, sha256))
+
+        return await self.run(work)
+
     async def blob_referenced(self, sha256: str) -> bool:
-        """Whether any workflow (as an input) or output refers to the blob."""
+        """Whether any workflow (as an input), output or account's upload refers to the blob."""
 
         def work(s: Session) -> bool:
+            if s.exec(select(AccountBlob.sha256).where(AccountBlob.sha256 == sha256).limit(1)).first():
+                return True
             used_as_input = (
                 s.exec(
                     select(Workflow.id)

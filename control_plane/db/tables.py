@@ -216,6 +216,19 @@ class WorkflowEvent(SQLModel, table=True):
     created_at: datetime = _created()
 
 
+class AccountBlob(SQLModel, table=True):
+    """A file an account uploaded on its own (``POST /v1/blob``), to name by its sha256 as a
+    ``$file`` parameter of later submissions instead of sending it again."""
+
+    __tablename__ = "account_blob"
+    account_id: str = Field(foreign_key="account.id", primary_key=True)
+    sha256: str = Field(primary_key=True)
+    filename: str
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    content_type: str | None = None
+    created_at: datetime = _created()
+
+
 class SchemaFloor(SQLModel, table=True):
     """One row: the oldest schema revision whose code may serve this database (``schema.py``)."""
 

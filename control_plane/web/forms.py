@@ -1,7 +1,8 @@
 """Streaming multipart parsing for workflow submissions and reruns.
 
 Field names follow the fleet product: ``$name`` text fields and file parts, ``#name`` choice
-fields, plus plain fields (``name``, ``tags``, ``workflow_json``). File parts stream straight
+fields, plus plain fields (``name``, ``tags``, ``workflow_json``). A JSON object with the same
+names is read as well (``json_form.py``). File parts stream straight
 into the blob store; the whole request is capped while it is read, and a request refused
 for its size is refused before its body is read.
 """
@@ -28,7 +29,8 @@ from control_plane.model.json_limits import parse_json
 from control_plane.model.names import check_tags
 from control_plane.model.params import FileRef
 from control_plane.services import Services
-from control_plane.web import multipart
+from control_plane.web import json_form, multipart
+from control_plane.web.json_form import JsonInputs
 
 _CHUNK = 64 * 1024
 # Plain fields are read into memory; none of them needs to be big.
@@ -193,12 +195,15 @@ FORM_GATES = web.AppKey("form_gates", FormGates)
 def read_form(
     request: web.Request, svc: Services, account: Account
 ) -> AbstractAsyncContextManager[SubmittedForm]:
-    """The request's multipart (or url-encoded) form, within the account's tier's limits
-    and read in the account's turn."""
+    """The request's multipart, url-encoded or JSON form, within the account's tier's
+    limits and read in the account's turn."""
     tier = svc.settings.tiers.get(account.tier) or svc.settings.tiers["free"]
     limits = FormLimits(svc.settings.max_request_bytes, tier.max_parameters + PLAIN_PARTS)
     gate = request.app[FORM_GATES].turn(account.id)
-    return uploaded_form(request, svc.blobs, limits, svc.store.blob_referenced, gate)
+    inputs = JsonInputs(
+        svc.store, account.id, svc.settings.input_fetch_timeout_s, svc.settings.fetch_private_urls
+    )
+    return uploaded_form(request, svc.blobs, limits, svc.store.blob_referenced, gate, inputs)
 
 
 @asynccontextmanager
@@ -208,12 +213,13 @@ async def uploaded_form(
     limits: FormLimits,
     referenced: Referenced,
     gate: AbstractAsyncContextManager[None],
+    inputs: JsonInputs | None = None,
 ) -> AsyncIterator[SubmittedForm]:
     """The request's form for the length of the block. If the block fails, the blobs the
     request added are removed again, unless something else uses them by then. The form is
     read while holding ``gate`` (its account's turn); the block runs after."""
     async with gate:
-        form = await _read_form(request, blobs, limits, referenced)
+        form = await _read_form(request, blobs, limits, referenced, inputs)
     try:
         yield form
     except BaseException:
@@ -224,17 +230,25 @@ async def uploaded_form(
 
 
 async def _read_form(
-    request: web.Request, blobs: BlobStore, limits: FormLimits, referenced: Referenced
+    request: web.Request,
+    blobs: BlobStore,
+    limits: FormLimits,
+    referenced: Referenced,
+    inputs: JsonInputs | None,
 ) -> SubmittedForm:
     check_declared_length(request, limits.max_bytes)
     media_type = multipart.media_type(request.headers.get("Content-Type", ""))
     if media_type == "application/x-www-form-urlencoded":
         return _from_urlencoded(await _urlencoded_pairs(request, limits.max_parts))
-    if not media_type.startswith("multipart/"):
-        raise BadRequest("send multipart/form-data (curl -F) or a url-encoded form")
+    is_json = media_type == "application/json" and inputs is not None
+    if not media_type.startswith("multipart/") and not is_json:
+        raise BadRequest("send multipart/form-data (curl -F), a url-encoded form or a JSON object")
     form = SubmittedForm()
     try:
-        await _read_parts(request, form, blobs, _Budget(limits.max_bytes), limits.max_parts)
+        if inputs is not None and is_json:
+            await _read_json(request, form, blobs, limits, inputs)
+        else:
+            await _read_parts(request, form, blobs, _Budget(limits.max_bytes), limits.max_parts)
     except BaseException:
         await _discard(form, blobs, referenced)
         _release(form, blobs)
@@ -265,6 +279,30 @@ async def _read_parts(
             except UnicodeDecodeError as exc:
                 raise BadRequest(f"field {part.name!r} is not UTF-8 text") from exc
             _put_text(form, no_nul(part.name, "a part's name"), text)
+
+
+async def _read_json(
+    request: web.Request, form: SubmittedForm, blobs: BlobStore, limits: FormLimits, inputs: JsonInputs
+) -> None:
+    body = await json_form.read_body(request, limits.max_bytes)
+    if len(body) > limits.max_parts:
+        raise BadRequest(f"a submission has at most {limits.max_parts} fields on this account's tier")
+    for name, value in body.items():
+        name = no_nul(name, "a field's name")
+        if name == "workflow_json":
+            form.workflow_json = json_form.workflow_bytes(value)
+        elif name.startswith("$") and isinstance(value, dict):
+            ref, stored = await json_form.file_ref(name, value, blobs, inputs, limits.max_bytes)
+            blobs.hold(ref.sha256)
+            form.held.append(ref.sha256)
+            if stored is not None and stored.created:
+                form.new_blobs.append(stored.sha256)
+            form.files[name[1:]] = ref
+        else:
+            text = (
+                json_form.scalar_text(name, value) if name[:1] in "$#" else json_form.field_text(name, value)
+            )
+            _put_text(form, name, text)
 
 
 async def _take_file(part: multipart.Part, writer: BlobWriter, form: SubmittedForm, blobs: BlobStore) -> None:

@@ -250,15 +250,51 @@ _RUN_FIELDS = {
 }
 
 
+_SCALAR = {"type": ["string", "number", "boolean"], "pattern": _NO_NUL}
+_FILE_OBJECT = {
+    "type": "object",
+    "description": "a $file parameter in a JSON body: its bytes, a URL the control plane fetches, "
+    "or the sha256 of a file the account uploaded (POST /v1/blob)",
+    "properties": {
+        "base64": {"type": "string", "contentEncoding": "base64"},
+        "url": {"type": "string", "pattern": "^https?://[^/?#]+"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+        "filename": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": _NO_NUL},
+        "content_type": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": _NO_NUL},
+    },
+    "oneOf": [{"required": ["base64", "filename"]}, {"required": ["url"]}, {"required": ["sha256"]}],
+    "additionalProperties": False,
+}
+_JSON_PARAMETERS = {
+    "^[$][A-Za-z0-9_-]{1,255}$": {"anyOf": [_SCALAR, _FILE_OBJECT]},
+    "^#[A-Za-z0-9_-]{1,255}$": _SCALAR,
+}
+# The same fields in a JSON body, where they may be JSON themselves.
+_AS_JSON = {
+    "workflow_json": {"anyOf": [{"type": "object"}, {"type": "string", "pattern": _NO_NUL}]},
+    "body": {"anyOf": [{"type": "object"}, {"type": "string", "pattern": _NO_NUL}]},
+    "tags": {
+        "anyOf": [
+            {"type": "array", "maxItems": 10, "items": {"type": "string", "pattern": f"^{_TAG}$"}},
+            {"type": "string", "pattern": _TAG_LIST},
+        ]
+    },
+}
+
+
 def _form(
     properties: dict[str, Any], required: tuple[str, ...] = (), parameters: bool = True
 ) -> dict[str, Any]:
+    """A form's fields, as multipart/form-data and as the same names in a JSON object."""
     schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    json_properties = {name: _AS_JSON.get(name, prop) for name, prop in properties.items()}
+    as_json: dict[str, Any] = {**schema, "properties": json_properties}
     if required:
-        schema["required"] = list(required)
+        schema["required"] = as_json["required"] = list(required)
     if parameters:
         schema["patternProperties"] = _PARAMETERS
-    return {"multipart/form-data": {"schema": schema}}
+        as_json["patternProperties"] = _JSON_PARAMETERS
+    return {"multipart/form-data": {"schema": schema}, "application/json": {"schema": as_json}}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -383,6 +419,26 @@ OPERATIONS: list[Operation] = [
         _SUBMIT,
         [_IDEMPOTENCY_KEY],
         {201: ("the new workflow", _WORKFLOW), **_errors(*_SUBMITS)},
+    ),
+    (
+        "post",
+        "/v1/blob",
+        "Upload a file once (the body is its bytes), to name by its sha256 in JSON submissions",
+        _C,
+        {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        [
+            {
+                "name": "filename",
+                "in": "query",
+                "required": True,
+                "schema": {**_TEXT, "minLength": 1, "maxLength": 200},
+            }
+        ],
+        {
+            200: ("already uploaded by this account", _ANY_OBJECT),
+            201: ("stored", _ANY_OBJECT),
+            **_errors(400, 401),
+        },
     ),
     (
         "get",
@@ -756,6 +812,9 @@ def _path_parameters(path: str) -> list[dict[str, Any]]:
     return params
 
 
+_BODY_OPTIONAL = frozenset({"/api/workflow/{id}/rerun", "/v1/blob"})
+
+
 def _operation(op: Operation) -> dict[str, Any]:
     _, path, summary, scope, body, extra, responses = op
     operation: dict[str, Any] = {
@@ -770,8 +829,9 @@ def _operation(op: Operation) -> dict[str, Any]:
     if params:
         operation["parameters"] = params
     if body is not None:
-        # The Conductor-compatible rerun takes no body at all as "the whole graph again".
-        operation["requestBody"] = {"required": path != "/api/workflow/{id}/rerun", "content": body}
+        # The Conductor-compatible rerun takes no body at all as "the whole graph again"; an
+        # upload without one is an empty file.
+        operation["requestBody"] = {"required": path not in _BODY_OPTIONAL, "content": body}
     if scope != _N:
         operation["security"] = [{"bearer": []}, {"x_authorization": []}]
         operation["x-token-scope"] = scope
