@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 
 from comfyfleet import logs
-from control_plane.db.schema import SchemaTooNew
-from control_plane.db.sole_server import DatabaseInUse
+from control_plane.db.refusals import DatabaseInUse, SchemaTooNew
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -36,12 +35,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--database-url", default=None, help="e.g. postgresql://… [COMFYFLEET_DATABASE_URL]")
     p.add_argument("--config", type=Path, default=None, help="TOML settings file [COMFYFLEET_CONFIG]")
     p.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") == "1")
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        default=_env("ACCESS_LOG") == "1",
+        help="log every HTTP request: who, what, status, bytes, time [COMFYFLEET_ACCESS_LOG=1]",
+    )
 
 
 def _add_simulator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("simulator", help="run the ComfyUI simulator")
     p.add_argument("--host", default=_env("SIMULATOR_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=_env("SIMULATOR_PORT", "8188"))
+    # Not ComfyUI's own 8188: a simulator must not stand in the way of a real ComfyUI.
+    p.add_argument("--port", type=int, default=_env("SIMULATOR_PORT", "8288"))
     p.add_argument("--data-dir", default=_env("SIMULATOR_DATA_DIR", "data/simulator"))
 
 
@@ -84,6 +90,8 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from comfyfleet.commands_client import add_client_commands
+
     parser = argparse.ArgumentParser(prog="comfyfleet", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_serve(sub)
@@ -91,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulator(sub)
     _add_demo(sub)
     _add_admin(sub)
+    add_client_commands(sub)
     return parser
 
 
@@ -107,11 +116,14 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(json_lines=args.log_json)
     log = logging.getLogger("comfyfleet.serve")
     # run_app calls ``print`` once its sockets listen: the moment to say where we are.
+    access = logging.getLogger("comfyfleet.access")
     web.run_app(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         print=lambda _: log.info("control plane listening on http://%s:%d", settings.host, settings.port),
+        access_log=access if args.access_log else None,
+        access_log_format='%a "%r" %s %b %Tf s "%{User-Agent}i"',
     )
     return 0
 
@@ -152,7 +164,8 @@ def _admin(args: argparse.Namespace) -> int:
         print(f"revoked token {args.token_id}")
         return 0
     raw = asyncio.run(create_token(settings, args.account, args.tier, args.scope, args.expires_in_days))
-    print(f"created a {args.scope} token for account {args.account!r}; it is shown only once:")
+    article = "an" if args.scope[0] in "aeiou" else "a"
+    print(f"created {article} {args.scope} token for account {args.account!r}; it is shown only once:")
     print(raw)
     return 0
 
@@ -164,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return agent_main(argv[1:], prog="comfyfleet agent")
     args = build_parser().parse_args(argv)
+    if getattr(args, "client_command", None) is not None:
+        return int(args.client_command(args))
     try:
         if args.cmd == "serve":
             return _serve(args)

@@ -110,3 +110,21 @@ async def test_a_second_control_plane_on_the_same_sqlite_file_says_so_and_stops(
     second = await serving(tmp_path, free_port())
     second.terminate()
     assert await asyncio.wait_for(second.wait(), 20) == 0
+
+
+async def test_serve_logs_each_request_when_asked(tmp_path: Path) -> None:
+    proc = await serving(tmp_path, port := free_port(), "--access-log")
+    try:
+        assert proc.stderr is not None
+        url = f"http://127.0.0.1:{port}/healthz"
+        async with aiohttp.ClientSession() as http, http.get(url, headers={"User-Agent": "probe/1"}) as resp:
+            assert resp.status == 200
+        async with asyncio.timeout(30):
+            line = b""
+            while b'"GET /healthz HTTP/1.1" 200' not in line:
+                line = await proc.stderr.readline()
+                assert line, "serve ended without logging the request"
+        assert b"127.0.0.1" in line and b'"probe/1"' in line
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -22,16 +22,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from control_plane.db.refusals import SchemaTooNew
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 # The key of the PostgreSQL advisory lock migrations run under ("comfyfle", as a bigint).
 MIGRATION_LOCK = 0x636F6D6679666C65
-
-
-class SchemaTooNew(RuntimeError):
-    """The database was migrated by a newer version that this one cannot serve."""
 
 
 def alembic_config(connection: Connection) -> Config:

@@ -18,9 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TextIO
 
-
-class DatabaseInUse(RuntimeError):
-    """Another control plane serves this SQLite file."""
+from control_plane.db.refusals import DatabaseInUse
 
 
 @asynccontextmanager
