@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import signal
 from importlib import resources
@@ -16,7 +15,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from PIL import Image
 
 from comfyfleet import logs
 from comfyfleet.admin import create_token
@@ -32,12 +30,8 @@ def sample_workflow() -> bytes:
 
 
 def sample_image() -> bytes:
-    """A 64×64 gradient: red left to right, green top to bottom."""
-    img = Image.new("RGB", (64, 64))
-    img.putdata([(x * 4, y * 4, 128) for y in range(64) for x in range(64)])
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    """A 64×64 gradient (red left to right, green top to bottom), shipped beside the sample."""
+    return resources.files("comfyfleet").joinpath("samples/gradient.png").read_bytes()
 
 
 async def submit_sample(http: aiohttp.ClientSession, base: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -107,6 +101,7 @@ async def _demo(args: argparse.Namespace) -> int:
         await cp_runner.setup()
         await web.TCPSite(cp_runner, "127.0.0.1", args.port).start()
         token = await create_token(settings, "demo", "pro", "client", None)
+        operator = await create_token(settings, "demo", "pro", "operator", None)
         headers = {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession() as http:
             await forget_old_demo_runners(http, base, headers)
@@ -127,6 +122,8 @@ async def _demo(args: argparse.Namespace) -> int:
             print(f"ComfyUI simulator {sim_url}", flush=True)
             print(f"runner            {runner['name']} ({runner['id']}), tags {runner['tags']}", flush=True)
             print(f"client token      {token}", flush=True)
+            print(f"dashboard         {base}/dashboard (sign in with the operator token)", flush=True)
+            print(f"operator token    {operator}", flush=True)
             wf = await submit_sample(http, base, headers)
             print(f"submitted workflow {wf['id']} ({wf['name']})", flush=True)
             status = await follow(http, base, headers, wf["id"])
@@ -138,19 +135,23 @@ async def _demo(args: argparse.Namespace) -> int:
                 async with http.get(base + out["src"], headers=headers) as r:
                     path = out_dir / f"{wf['id']}_{out['filename']}"
                     await asyncio.to_thread(path.write_bytes, await r.read())
-                print(f"output {out['filename']} ({out['size']} bytes): {base}{out['src']}", flush=True)
-                print(f"  saved to {path}", flush=True)
+                print(f"output {out['filename']} ({out['size']} bytes), saved to {path}", flush=True)
+                # Downloads need the token, so a browser cannot open the URL by itself.
+                print(f"  curl -OJ -H 'Authorization: Bearer {token}' {base}{out['src']}", flush=True)
             print(f"workflow {wf['id']} finished: {status}", flush=True)
-            print("\ntry it yourself:", flush=True)
-            print(f"  curl -H 'Authorization: Bearer {token}' {base}/v1/workflow/{wf['id']}", flush=True)
             if args.exit_after_run:
+                print("stopped (--exit-after-run)", flush=True)
                 return 0 if status == "completed" else 1
-            print("\neverything keeps running; Ctrl-C to stop", flush=True)
+            print("\ntry it yourself, while this runs:", flush=True)
+            print(f"  curl -H 'Authorization: Bearer {token}' {base}/v1/workflow/{wf['id']}", flush=True)
+            print(f"  open {base}/dashboard and sign in with the operator token", flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, stop.set)  # before saying so: Ctrl-C may come at once
+            print("\neverything keeps running; Ctrl-C to stop", flush=True)
             await stop.wait()
+            print("\nstopping the agent, the control plane and the simulator ...", flush=True)
             return 0
     finally:
         if agent is not None:
@@ -160,9 +161,15 @@ async def _demo(args: argparse.Namespace) -> int:
                 await asyncio.wait_for(agent_task, 10)
         await cp_runner.cleanup()
         await sim_runner.cleanup()
+        if not args.exit_after_run:
+            print(f"stopped; what it made is kept under {data_dir}", flush=True)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     logs.configure(level="WARNING")
     args.data_dir = str(Path(args.data_dir).resolve())
-    return asyncio.run(_demo(args))
+    try:
+        return asyncio.run(_demo(args))
+    except KeyboardInterrupt:  # Ctrl-C before the sample finished
+        print("\ninterrupted; stopped", flush=True)
+        return 130

@@ -4,17 +4,20 @@
 #   --with-browser    also Debian's chromium, for the dashboard's browser test
 #   --with-postgres   also Debian's postgresql, for the tests that run the store on PostgreSQL
 #   --with-nginx      also Debian's nginx, for the tests of the control plane behind it
+#   --runtime         only what comfyfleet needs to run (the demo), not the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_browser=0
 with_postgres=0
 with_nginx=0
+runtime_only=0
 for arg in "$@"; do
     case "$arg" in
         --with-browser) with_browser=1 ;;
         --with-postgres) with_postgres=1 ;;
         --with-nginx) with_nginx=1 ;;
+        --runtime) runtime_only=1 ;;
         *) echo "bootstrap.sh: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -57,10 +60,20 @@ if [ ! -x .venv/bin/python ]; then
     echo "creating .venv with $("$PYTHON" --version)"
     "$PYTHON" -m venv .venv
 fi
+# The stamp says what was installed for which pyproject.toml: "dev <hash>" or "runtime <hash>";
+# a dev install has everything a runtime one needs.
 stamp=.venv/.comfyfleet-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "installing comfyfleet and its dependencies into .venv"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-    echo "$want" > "$stamp"
+hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "$runtime_only" = 1 ]; then
+    kind=runtime extras='' what="comfyfleet and what it needs to run"
+else
+    kind=dev extras='[dev]' what="comfyfleet, what it needs to run and its test tools"
+fi
+if [ "$have" != "$kind $hash" ] && [ "$have" != "dev $hash" ]; then
+    echo "installing $what into .venv (a minute or two the first time) ..."
+    started=$(date +%s)
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".$extras"
+    echo "installed in $(( $(date +%s) - started )) s"
+    echo "$kind $hash" > "$stamp"
 fi
