@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
-from bench_fleet import (  # scripts/, beside this file
+from fleet_agents import (  # scripts/, beside this file
     TRIVIAL,
     Arrivals,
     Holders,
