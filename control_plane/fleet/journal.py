@@ -107,17 +107,23 @@ class EventJournal:
         in a crash).
 
         What another control plane published may not be written yet (it writes every
-        ``flush_s``): an id not found, or a log that is :func:`behind` ``status`` (the
-        workflow's (status, attempt) as the store has it now), is read again until it is
-        there, for up to ``CATCH_UP_S``."""
+        ``flush_s``): an id not found is read again for three of those writes, a log that is
+        :func:`behind` ``status`` (the workflow's (status, attempt) as the store has it now)
+        until it is there, for up to ``CATCH_UP_S``."""
         await self.flush()  # this control plane's own are written first
-        deadline = asyncio.get_running_loop().time() + CATCH_UP_S
+        now = asyncio.get_running_loop().time()
+        deadline = now + CATCH_UP_S
+        # An id no one wrote within a few of their writes is taken as unknown sooner: a
+        # client that resumes with one gets the status without a long wait.
+        unknown_deadline = now + 3 * self._flush_s
         while True:
             found = await self._store.events_since(workflow_id, event_id)
             if found is None and self.mine(event_id):
                 return None  # ours, written, and not there: lost
             if found is not None and (status is None or not behind(last_status(*found), status)):
                 return found
+            if found is None and asyncio.get_running_loop().time() >= unknown_deadline:
+                return None  # not written by another's next writes either: an id from nowhere
             if asyncio.get_running_loop().time() >= deadline:
                 return found
             await asyncio.sleep(self._flush_s)  # another process's next write: no event of ours
