@@ -308,6 +308,53 @@ async def test_a_stream_resumes_on_another_control_plane_from_the_last_event_id(
             assert await resumed(a, wf["id"], event_id) == logged[cut + 1 :], cut  # on A
 
 
+async def test_a_stream_resumes_on_another_control_plane_whose_log_writes_are_held_up(
+    tmp_path: Path,
+    pg_server: PgServer,
+    http: aiohttp.ClientSession,
+    sim: str,
+    start_agent: AgentFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy control plane may write its events long after it published them. A client
+    resuming elsewhere from one of them waits for that write, not given up on as an id from
+    nowhere, because the others heard the event relayed."""
+    url = await pg_server.new_database()
+    async with control_planes(tmp_path, http, url, 2, heartbeat_s=1.0) as (a, b):
+        await _listening(a, b)
+        await _agent_on(b, a, sim, start_agent)
+        b_log, a_log = b.services.hub.journal, a.services.hub.journal
+        assert b_log is not None and a_log is not None
+        reads = 0
+        events_since = a.services.store.events_since
+
+        async def counted(workflow_id: str, event_id: str) -> Any:
+            nonlocal reads
+            reads += 1
+            return await events_since(workflow_id, event_id)
+
+        monkeypatch.setattr(a.services.store, "events_since", counted)
+        async with b_log._lock:  # B's log writes wait: B's streams carry on
+            wf = await submit(a, WORKFLOW, **{"$prompt": "x", "$input_image": png_bytes((1, 2, 3))})
+            logged = (await whole_stream(b, wf["id"]))[1:]
+            assert logged[-1][2]["status"] == "completed"
+            first = logged[0][0]
+            assert first is not None
+
+            async def heard() -> bool:
+                return a_log.was_heard(first)
+
+            async def read_past_the_wait() -> bool:
+                return reads >= 6 or resuming.done()
+
+            await poll_until(heard, 10)
+            resuming = asyncio.create_task(resumed(a, wf["id"], first))
+            # Well past the three writes' wait an unheard id gets: A is still waiting.
+            await poll_until(read_past_the_wait, 10)
+            assert not resuming.done()
+        assert await resuming == logged[1:]
+
+
 async def test_what_a_control_plane_of_another_version_says_and_this_one_cannot_use_is_ignored(
     tmp_path: Path,
     pg_server: PgServer,

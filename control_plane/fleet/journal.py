@@ -59,6 +59,9 @@ class EventJournal:
         self._lock = asyncio.Lock()  # one write at a time: the log keeps the publishing order
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # The highest number heard relayed from each other control plane: an id among them
+        # was published, and will be written, however long that process's write is delayed.
+        self._heard: dict[str, int] = {}
 
     def next_id(self) -> str:
         self._n += 1
@@ -66,6 +69,16 @@ class EventJournal:
 
     def mine(self, event_id: str) -> bool:
         return event_id.startswith(f"{self._epoch}-")
+
+    def heard(self, event_id: str) -> None:
+        """Another control plane published ``event_id`` (relayed to this one)."""
+        epoch, _, n = event_id.rpartition("-")
+        if n.isdigit() and int(n) > self._heard.get(epoch, 0):
+            self._heard[epoch] = int(n)
+
+    def was_heard(self, event_id: str) -> bool:
+        epoch, _, n = event_id.rpartition("-")
+        return n.isdigit() and int(n) <= self._heard.get(epoch, 0)
 
     def record(self, workflow_id: str, event_id: str, name: str, data: dict[str, Any]) -> None:
         self._pending.append(LoggedEvent(workflow_id, event_id, name, data))
@@ -107,9 +120,11 @@ class EventJournal:
         in a crash).
 
         What another control plane published may not be written yet (it writes every
-        ``flush_s``): an id not found is read again for three of those writes, a log that is
-        :func:`behind` ``status`` (the workflow's (status, attempt) as the store has it now)
-        until it is there, for up to ``CATCH_UP_S``."""
+        ``flush_s``): an id not found is read again for three of those writes, or for up to
+        ``CATCH_UP_S`` if it was heard relayed (published, so it will be written, whatever
+        delays that process), and a log that is :func:`behind` ``status`` (the workflow's
+        (status, attempt) as the store has it now) until it is there, for up to
+        ``CATCH_UP_S``."""
         await self.flush()  # this control plane's own are written first
         now = asyncio.get_running_loop().time()
         deadline = now + CATCH_UP_S
@@ -122,7 +137,8 @@ class EventJournal:
                 return None  # ours, written, and not there: lost
             if found is not None and (status is None or not behind(last_status(*found), status)):
                 return found
-            if found is None and asyncio.get_running_loop().time() >= unknown_deadline:
+            late = asyncio.get_running_loop().time() >= unknown_deadline
+            if found is None and late and not self.was_heard(event_id):
                 return None  # not written by another's next writes either: an id from nowhere
             if asyncio.get_running_loop().time() >= deadline:
                 return found

@@ -100,6 +100,8 @@ class Replicas:
             self._spawn(self._refresh(workflow_id))
         elif name in _STREAMED and isinstance(data, dict):
             event_id = message.get("i")
+            if isinstance(event_id, str) and self.fleet.hub.journal is not None:
+                self.fleet.hub.journal.heard(event_id)
             self.fleet.hub.deliver(
                 workflow_id, cast(EventName, name), data, event_id if isinstance(event_id, str) else None
             )
