@@ -59,9 +59,10 @@ class EventJournal:
         self._lock = asyncio.Lock()  # one write at a time: the log keeps the publishing order
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # The highest number heard relayed from each other control plane: an id among them
-        # was published, and will be written, however long that process's write is delayed.
-        self._heard: dict[str, int] = {}
+        # The other control planes heard publishing (by the prefix of their ids): an id of
+        # theirs was published, or soon will be relayed, and will be written however long
+        # that process's writes are delayed.
+        self._heard: set[str] = set()
 
     def next_id(self) -> str:
         self._n += 1
@@ -72,13 +73,11 @@ class EventJournal:
 
     def heard(self, event_id: str) -> None:
         """Another control plane published ``event_id`` (relayed to this one)."""
-        epoch, _, n = event_id.rpartition("-")
-        if n.isdigit() and int(n) > self._heard.get(epoch, 0):
-            self._heard[epoch] = int(n)
+        self._heard.add(event_id.rpartition("-")[0])
 
     def was_heard(self, event_id: str) -> bool:
-        epoch, _, n = event_id.rpartition("-")
-        return n.isdigit() and int(n) <= self._heard.get(epoch, 0)
+        """Whether ``event_id`` is of a control plane heard publishing."""
+        return event_id.rpartition("-")[0] in self._heard
 
     def record(self, workflow_id: str, event_id: str, name: str, data: dict[str, Any]) -> None:
         self._pending.append(LoggedEvent(workflow_id, event_id, name, data))
@@ -121,8 +120,8 @@ class EventJournal:
 
         What another control plane published may not be written yet (it writes every
         ``flush_s``): an id not found is read again for three of those writes, or for up to
-        ``CATCH_UP_S`` if it was heard relayed (published, so it will be written, whatever
-        delays that process), and a log that is :func:`behind` ``status`` (the workflow's
+        ``CATCH_UP_S`` if it is of a control plane heard publishing (so it will be written,
+        whatever delays that process), and a log that is :func:`behind` ``status`` (the workflow's
         (status, attempt) as the store has it now) until it is there, for up to
         ``CATCH_UP_S``."""
         await self.flush()  # this control plane's own are written first
