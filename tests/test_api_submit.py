@@ -1,4 +1,4 @@
-"""Submitting workflows: the errors of the seed's table, tags, cancel before dispatch."""
+"""Submitting workflows: the errors the submit contract names, tags, cancel before dispatch."""
 
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ WORKFLOW: dict[str, Any] = {
 }
 
 
-def seed_form(workflow: dict[str, Any], **fields: str | bytes) -> aiohttp.FormData:
-    """Multipart as the seed's curl example builds it: -F '$prompt=…' -F '$input_image=@…'
+def curl_form(workflow: dict[str, Any], **fields: str | bytes) -> aiohttp.FormData:
+    """Multipart as the README's curl example builds it: -F '$prompt=…' -F '$input_image=@…'
     -F '#sampler=…', plus the workflow file, its name and tags."""
     data = aiohttp.FormData()
     data.add_field("name", "e2e")
@@ -49,7 +49,7 @@ def seed_form(workflow: dict[str, Any], **fields: str | bytes) -> aiohttp.FormDa
 
 
 async def submit(cp: ControlPlane, workflow: dict[str, Any], **fields: str | bytes) -> dict[str, Any]:
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(workflow, **fields))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(workflow, **fields))
     assert status == 201, body
     return body
 
@@ -311,16 +311,16 @@ async def test_values_are_checked_against_the_runners_types_at_submit(
         },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
     }
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(wf_json, **{"$width": "wide"}))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(wf_json, **{"$width": "wide"}))
     assert status == 400
     assert body["message"] == "node 1 input 'width': 'wide' is not an INT"
     status, body = await cp.request(
-        "POST", "/v1/workflow", data=seed_form(wf_json, **{"$width": "8", "#method": "dpm_2"})
+        "POST", "/v1/workflow", data=curl_form(wf_json, **{"$width": "8", "#method": "dpm_2"})
     )
     assert status == 400
     assert body["message"].startswith(
         "node 2 input 'upscale_method': 'dpm_2' is not one of nearest-exact, bilinear"
     )
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(wf_json, **{"$width": "8"}))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(wf_json, **{"$width": "8"}))
     assert status == 201
     assert (await cp.wait_for_status(body["id"], {"completed", "failed", "invalid"}))["status"] == "completed"

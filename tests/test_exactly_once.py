@@ -16,7 +16,7 @@ from comfyfleet import processes
 from comfyfleet.admin import create_token
 from control_plane import failpoints
 from control_plane.settings import Settings
-from tests.test_e2e import seed_form
+from tests.test_e2e import curl_form
 from tests.test_faults import SLOW
 
 pytestmark = pytest.mark.timeout(120)
@@ -76,17 +76,17 @@ async def test_a_crash_around_the_commit_of_a_submit_leaves_exactly_one_workflow
             await served.add_runner(http, auth)
             keyed = {**auth, "Idempotency-Key": f"submit-{point}"}
             with pytest.raises(aiohttp.ClientConnectionError):
-                await post(http, f"{served.base}/v1/workflow", keyed, data=seed_form(SLOW))
+                await post(http, f"{served.base}/v1/workflow", keyed, data=curl_form(SLOW))
             assert await served.crashed() == failpoints.EXIT_CODE
 
             await served.start()
             status, first, was_replayed = await post(
-                http, f"{served.base}/v1/workflow", keyed, data=seed_form(SLOW)
+                http, f"{served.base}/v1/workflow", keyed, data=curl_form(SLOW)
             )
             # Committed before the crash: the answer is replayed; not committed: it runs now.
             assert (status, was_replayed) == (201, replayed), first
             status, again, was_replayed = await post(
-                http, f"{served.base}/v1/workflow", keyed, data=seed_form(SLOW)
+                http, f"{served.base}/v1/workflow", keyed, data=curl_form(SLOW)
             )
             assert (status, again["id"], was_replayed) == (201, first["id"], True)
             async with http.get(f"{served.base}/v1/workflow", headers=auth) as resp:
@@ -104,7 +104,7 @@ async def test_a_crash_after_a_rerun_from_a_task_commits_starts_one_new_attempt(
     try:
         await served.start("after_attempt_commit")
         await served.add_runner(http, auth)
-        status, wf, _ = await post(http, f"{served.base}/v1/workflow", auth, data=seed_form(SLOW))
+        status, wf, _ = await post(http, f"{served.base}/v1/workflow", auth, data=curl_form(SLOW))
         assert status == 201
         status, _, _ = await post(http, f"{served.base}/v1/workflow/{wf['id']}/cancel", auth)
         assert status == 200
@@ -134,7 +134,7 @@ async def test_retries_at_the_same_time_create_one_workflow_and_get_one_answer(
         await served.add_runner(http, auth)
         keyed = {**auth, "Idempotency-Key": "same"}
         answers = await asyncio.gather(
-            *(post(http, f"{served.base}/v1/workflow", keyed, data=seed_form(SLOW)) for _ in range(8))
+            *(post(http, f"{served.base}/v1/workflow", keyed, data=curl_form(SLOW)) for _ in range(8))
         )
         assert {status for status, _, _ in answers} == {201}
         assert len({body["id"] for _, body, _ in answers}) == 1

@@ -26,7 +26,7 @@ from protocol.messages import ComfyUIInfo, Hello, JobDone, JobUpdate, Ready, dum
 from runner_agent.capacity import NvmlProbe
 from tests.conftest import AgentFactory, ControlPlane, poll_until, read_png, start_control_plane
 from tests.fake_nvml import FakeNvml, h100
-from tests.test_e2e import free_port, seed_form, sim_config
+from tests.test_e2e import curl_form, free_port, sim_config
 
 SLOW: dict[str, Any] = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -70,7 +70,7 @@ async def box(
 
 
 async def submit(cp: ControlPlane, workflow: dict[str, Any] = SLOW, **fields: str) -> str:
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(workflow, **fields))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(workflow, **fields))
     assert status == 201, body
     return str(body["id"])
 
@@ -279,7 +279,7 @@ async def test_timeout_s_is_checked_against_the_tier_and_templates_carry_one(cp:
         (str(limit + 1), f"between 1 and {limit} s on the free tier"),
         ("soon", "timeout_s must be a whole number of seconds, not 'soon'"),
     ):
-        status, body = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW, timeout_s=bad))
+        status, body = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW, timeout_s=bad))
         assert (status, message in body["message"]) == (400, True), body
     _, default = await cp.request("GET", f"/v1/workflow/{await submit(cp)}")
     assert default["timeout_s"] == DEFAULT_TIERS["free"].default_timeout_s
@@ -324,7 +324,7 @@ def nested(depth: int) -> Any:
 async def test_a_workflow_nested_too_deep_is_refused_at_submit(cp: ControlPlane) -> None:
     await cp.create_runner()
     deep = {**SLOW, "1": {**SLOW["1"], "inputs": {**SLOW["1"]["inputs"], "color": nested(300)}}}
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(deep))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(deep))
     assert (status, body["message"]) == (400, "workflow_json is nested more than 64 levels deep")
     # Far deeper than Python's own parser goes: the same answer.
     raw = json.dumps(SLOW)[:-1] + ', "9": ' + "[" * 20_000 + "]" * 20_000 + "}"

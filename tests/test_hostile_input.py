@@ -23,7 +23,7 @@ from control_plane.web.forms import PLAIN_PARTS, FormGates
 from protocol.capacity import Capacity
 from protocol.messages import CapacityUpdate, ComfyUIInfo, Hello, Ready, dump_message
 from tests.conftest import AgentFactory, ControlPlane, png_bytes, start_control_plane
-from tests.test_e2e import seed_form
+from tests.test_e2e import curl_form
 from tests.test_faults import SLOW
 
 
@@ -192,7 +192,7 @@ async def test_a_graph_of_the_wrong_shape_is_a_400_before_anything_uses_it(
     cp: ControlPlane, node: dict[str, Any], message: str
 ) -> None:
     await cp.create_runner()
-    status, answer = await cp.request("POST", "/v1/workflow", data=seed_form({"1": node}, **{"$w": "8"}))
+    status, answer = await cp.request("POST", "/v1/workflow", data=curl_form({"1": node}, **{"$w": "8"}))
     assert status == 400 and answer["message"].startswith(message), answer
     await nothing_stored(cp)
 
@@ -205,7 +205,7 @@ async def test_a_nul_character_is_a_400_on_every_database(cp: ControlPlane) -> N
         ({"correlation_id": "c\x00"}, "field 'correlation_id'"),
         ({"$w": "8\x00"}, "field '$w'"),
     ):
-        status, answer = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW, **fields))
+        status, answer = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW, **fields))
         assert (status, answer["message"]) == (400, f"{where} holds a NUL character"), fields
     for path in (
         "/v1/workflow?status=a%00",
@@ -241,9 +241,9 @@ async def test_workflow_tags_follow_the_runner_rules(cp: ControlPlane) -> None:
         (",".join(f"t{n}" for n in range(500)), "at most 10 tags"),
         ("gpu,bad tag", "bad tag 'bad tag'"),
     ):
-        status, answer = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW, tags=tags))
+        status, answer = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW, tags=tags))
         assert status == 400 and answer["message"].startswith(message), answer
-    status, answer = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW, name="n" * 201))
+    status, answer = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW, name="n" * 201))
     assert (status, answer["message"]) == (400, "name is at most 200 characters")
     await nothing_stored(cp)
 
@@ -371,7 +371,7 @@ async def _chunks(data: bytes) -> Any:
 
 
 async def submit_slow(cp: ControlPlane) -> str:
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW))
     assert status == 201, body
     return str(body["id"])
 
@@ -408,18 +408,18 @@ async def test_submits_past_the_tiers_rate_are_a_429_with_retry_after(cp: Contro
     burst = DEFAULT_TIERS["free"].submit_burst
     statuses = []
     while len(statuses) < 3 * burst:  # the bucket refills a little meanwhile
-        status, answer = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW))
+        status, answer = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW))
         statuses.append(status)
         if status != 201:
             break
     assert statuses[:burst] == [201] * burst and statuses[-1] == 429
     assert "the free tier submits at most 2 workflows a second" in answer["message"]
     async with cp.http.post(
-        f"{cp.base}/v1/workflow", data=seed_form(SLOW), headers=await cp.headers()
+        f"{cp.base}/v1/workflow", data=curl_form(SLOW), headers=await cp.headers()
     ) as resp:
         assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
     # Another account (another token) is not held back.
-    status, _ = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW), account="bob")
+    status, _ = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW), account="bob")
     assert status in (201, 400)  # bob has no runner: refused for that, not for alice's rate
 
 
@@ -489,7 +489,7 @@ async def test_three_huge_forms_at_once_cost_only_their_sender(
         status, _ = await cp.request("GET", "/healthz", account=None)
         assert status == 200
         health += 1
-    status, wf = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW), account="bob")
+    status, wf = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW), account="bob")
     assert status == 201
     done = await cp.wait_for_status(wf["id"], {"completed", "failed"}, account="bob")
     assert done["status"] == "completed"

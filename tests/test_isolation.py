@@ -20,7 +20,7 @@ from control_plane.db.tables import Output
 from protocol.capacity import Capacity
 from protocol.messages import ComfyUIInfo, Hello, JobDone, JobUpdate, Ready, dump_message
 from tests.conftest import ControlPlane
-from tests.test_e2e import seed_form
+from tests.test_e2e import curl_form
 from tests.test_faults import SLOW, next_of
 
 # (method, path template, body kind). {wf} a workflow, {run} a runner, {tpl} a template,
@@ -65,7 +65,7 @@ async def alices(cp: ControlPlane) -> dict[str, str]:
     """Alice's objects: a completed workflow with an output, a runner, a template."""
     store = cp.services.store
     runner = await cp.create_runner(name="alices")
-    status, wf = await cp.request("POST", "/v1/workflow", data=seed_form(SLOW))
+    status, wf = await cp.request("POST", "/v1/workflow", data=curl_form(SLOW))
     assert status == 201
     form = aiohttp.FormData()
     form.add_field("name", "t")

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from protocol.capacity import Capacity
 from protocol.messages import ComfyUIInfo, Hello, Ready, dump_message
 from tests.conftest import ControlPlane, start_control_plane
-from tests.test_e2e import seed_form
+from tests.test_e2e import curl_form
 
 TRIVIAL = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -34,7 +34,7 @@ async def agent_holding_a_job(cp: ControlPlane, name: str) -> AsyncIterator[tupl
         await ws.send(dump_message(hello))
         assert json.loads(await ws.recv())["type"] == "welcome"
         await ws.send(dump_message(Ready(free_slots=1)))
-        status, body = await cp.request("POST", "/v1/workflow", data=seed_form(TRIVIAL))
+        status, body = await cp.request("POST", "/v1/workflow", data=curl_form(TRIVIAL))
         assert status == 201
         job = json.loads(await ws.recv())
         assert (job["type"], job["workflow_id"]) == ("job", body["id"])

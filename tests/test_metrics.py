@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runner_agent.capacity import NvmlProbe
 from tests.conftest import AgentFactory, ControlPlane
 from tests.fake_nvml import FakeNvml, h100
-from tests.test_e2e import seed_form
+from tests.test_e2e import curl_form
 
 TRIVIAL = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -43,11 +43,11 @@ async def test_metrics_reflect_the_fleet_and_show_each_operator_only_their_own(
     runner = await cp.create_runner(name="gpu-box", tags=["gpu", "sdxl"])
     await cp.create_runner(name="offline", tags=["cold"])
     await start_agent(cp.base, runner["token"], sim, nvml=NvmlProbe(FakeNvml([h100(0, 40, 10, 50, 300)])))
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(TRIVIAL, tags="gpu"))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(TRIVIAL, tags="gpu"))
     assert status == 201
     done = await cp.wait_for_status(body["id"], {"completed", "failed"})
     assert done["status"] == "completed"
-    status, _ = await cp.request("POST", "/v1/workflow", data=seed_form(TRIVIAL, tags="cold"))
+    status, _ = await cp.request("POST", "/v1/workflow", data=curl_form(TRIVIAL, tags="cold"))
     assert status == 201
     bobs = await cp.create_runner(account="bob", name="bobs-box", tags=["secret-tag"])
     await start_agent(cp.base, bobs["token"], sim)

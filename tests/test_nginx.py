@@ -13,7 +13,7 @@ import pytest
 from comfyfleet.throwaway_nginx import NginxServer
 from tests.conftest import AgentFactory, ControlPlane, png_bytes
 from tests.test_dashboard import sim_config
-from tests.test_e2e import WORKFLOW, seed_form
+from tests.test_e2e import WORKFLOW, curl_form
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ async def test_a_workflow_runs_through_nginx_and_its_events_arrive_as_they_happe
     headers = await cp.headers()
     fields = {"$prompt": "a red fox", "$input_image": png_bytes((10, 200, 60)), "#sampler": "bilinear"}
     async with http.post(
-        f"{nginx.url}/v1/workflow", data=seed_form(WORKFLOW, tags="gpu", **fields), headers=headers
+        f"{nginx.url}/v1/workflow", data=curl_form(WORKFLOW, tags="gpu", **fields), headers=headers
     ) as resp:
         assert resp.status == 201, await resp.text()
         wf_id = (await resp.json())["id"]
@@ -73,7 +73,7 @@ async def test_an_oversized_request_gets_the_control_planes_own_answer_through_n
 ) -> None:
     await cp.create_runner()
     big = b"\0" * (cp.settings.max_request_bytes + 1)
-    form = seed_form(WORKFLOW, **{"$input_image": big})
+    form = curl_form(WORKFLOW, **{"$input_image": big})
     # Its own session: closing it ends the wait for the rest of the refused body.
     async with aiohttp.ClientSession() as session:
         resp = await session.post(f"{nginx.url}/v1/workflow", data=form, headers=await cp.headers())

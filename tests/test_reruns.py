@@ -12,9 +12,9 @@ import pytest
 
 from control_plane.settings import Tier
 from tests.conftest import AgentFactory, ControlPlane, png_bytes, poll_until, read_png, start_control_plane
-from tests.test_e2e import seed_form, sim_config, submit
+from tests.test_e2e import curl_form, sim_config, submit
 
-# The seed's parameters: $prompt, $input_image, #sampler; plus $width to show what is kept.
+# The rerun contract's example parameters: $prompt, $input_image, #sampler; $width shows what is kept.
 WORKFLOW: dict[str, Any] = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "$file(input_image)"}},
     "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}},
@@ -243,7 +243,7 @@ async def test_conductor_rerun_from_a_task_runs_only_that_part(
     noise_task = next(t for t in engine_view["tasks"] if t["node_id"] == "5")
     assert noise_task["status"] == "COMPLETED"
 
-    # The seed's request example, with a real task id.
+    # The rerun contract's request example, with a real task id.
     status, text = await api_rerun(cp, wf["id"], {"reRunFromTaskId": noise_task["task_id"]})
     assert (status, text) == (200, wf["id"])
     second = await completed(cp, wf["id"])
@@ -397,17 +397,17 @@ async def test_idempotency_key_on_create_and_rerun(cp: ControlPlane) -> None:
     headers = {**await cp.headers(), "Idempotency-Key": "k-1"}
     fields = {"$prompt": "a", "$input_image": png_bytes((1, 2, 3))}
     async with cp.http.post(
-        f"{cp.base}/v1/workflow", data=seed_form(WORKFLOW, **fields), headers=headers
+        f"{cp.base}/v1/workflow", data=curl_form(WORKFLOW, **fields), headers=headers
     ) as r:
         first = (r.status, await r.json())
     async with cp.http.post(
-        f"{cp.base}/v1/workflow", data=seed_form(WORKFLOW, **fields), headers=headers
+        f"{cp.base}/v1/workflow", data=curl_form(WORKFLOW, **fields), headers=headers
     ) as r:
         again = (r.status, await r.json())
         assert r.headers["Idempotent-Replayed"] == "true"
     assert first == again and first[0] == 201
     async with cp.http.post(
-        f"{cp.base}/v1/workflow", data=seed_form(WORKFLOW, **{**fields, "$prompt": "b"}), headers=headers
+        f"{cp.base}/v1/workflow", data=curl_form(WORKFLOW, **{**fields, "$prompt": "b"}), headers=headers
     ) as r:
         assert r.status == 422
         assert "different request" in (await r.json())["message"]

@@ -21,7 +21,7 @@ from control_plane.web.forms import SubmittedForm, _discard, _release
 from control_plane.web.workflows import content_disposition
 from protocol.capacity import Capacity
 from tests.conftest import AgentFactory, ControlPlane, png_bytes, start_control_plane
-from tests.test_e2e import WORKFLOW, seed_form, sim_config, submit
+from tests.test_e2e import WORKFLOW, curl_form, sim_config, submit
 
 TRIVIAL = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -109,7 +109,7 @@ async def test_open_event_streams_end_when_the_control_plane_stops(
     runner, base, app, settings = await start_control_plane(tmp_path)
     cp = ControlPlane(base, settings, app, runner, http)
     await cp.create_runner()
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(TRIVIAL))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(TRIVIAL))
     assert status == 201
     resp = await http.get(f"{base}/v1/workflow/{body['id']}/subscribe", headers=await cp.headers())
     assert (await resp.content.readline()).startswith(b"event: status")

@@ -26,7 +26,7 @@ from comfyfleet.throwaway_postgres import PgServer
 from control_plane.db.schema import MIGRATIONS
 from control_plane.settings import Settings
 from tests.conftest import AgentFactory, poll_until, sse_frames
-from tests.test_e2e import seed_form
+from tests.test_e2e import curl_form
 from tests.test_faults import SLOW
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ class Client:
 
     async def run(self, submit_on: str, follow_on: str, tags: str) -> dict[str, Any]:
         """Submit on one control plane, follow on another until the end; the workflow."""
-        status, wf = await self.call("POST", submit_on, "/v1/workflow", data=seed_form(SLOW, tags=tags))
+        status, wf = await self.call("POST", submit_on, "/v1/workflow", data=curl_form(SLOW, tags=tags))
         assert status == 201, wf
         told = []
         url = f"{follow_on}/v1/workflow/{wf['id']}/subscribe"

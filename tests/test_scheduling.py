@@ -16,7 +16,7 @@ from control_plane.fleet.capabilities import Needs, Offers, can_run, missing
 from runner_agent.capacity import NvmlProbe
 from tests.conftest import AgentFactory, ControlPlane, png_bytes
 from tests.fake_nvml import FakeNvml, h100
-from tests.test_e2e import seed_form
+from tests.test_e2e import curl_form
 
 
 def workflow(
@@ -79,7 +79,7 @@ async def three(cp: ControlPlane, tmp_path: Path, start_agent: AgentFactory) -> 
 
 
 async def run(cp: ControlPlane, wf: dict[str, Any], tags: str = "", **fields: str) -> dict[str, Any]:
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(wf, tags=tags, **fields))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(wf, tags=tags, **fields))
     assert status == 201, body
     done = await cp.wait_for_status(body["id"], {"completed", "failed", "invalid"})
     assert done["status"] == "completed", done
@@ -127,12 +127,12 @@ async def test_warm_model_runner_wins_ties(cp: ControlPlane, three: dict[str, An
 async def test_missing_model_or_node_class_is_rejected_by_name(
     cp: ControlPlane, three: dict[str, Any]
 ) -> None:
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(workflow(ckpt="nope.safetensors")))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(workflow(ckpt="nope.safetensors")))
     assert status == 400
     assert "models ckpt_name=nope.safetensors" in body["message"]
     wf = workflow()
     wf["9"] = {"class_type": "KSampler", "inputs": {}}
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(wf))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(wf))
     assert status == 400
     assert "node classes KSampler" in body["message"]
     # flux with ImageBlur, tag flux: B is the only flux-tagged runner besides wildcard C...
@@ -140,7 +140,7 @@ async def test_missing_model_or_node_class_is_rejected_by_name(
     status, body = await cp.request(
         "POST",
         "/v1/workflow",
-        data=seed_form(workflow(blur=True), tags="flux", **{"#ckpt": "flux.safetensors"}),
+        data=curl_form(workflow(blur=True), tags="flux", **{"#ckpt": "flux.safetensors"}),
     )
     assert status == 400
     assert body["message"] == "no runner can run this workflow: B lacks node classes ImageBlur"
@@ -154,7 +154,7 @@ async def test_disabled_runner_finishes_its_job_and_gets_nothing_new(
         f"{three['sims']['A']}/sim/config", json={"node_delays_s": {"EmptyImage": 1.0}}
     ) as resp:
         assert resp.status == 200
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(workflow(ckpt=None)))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(workflow(ckpt=None)))
     assert status == 201
     first = await cp.wait_for_status(body["id"], {"running"})
     assert first["runner_id"] == three["A"]["id"]  # connected first, all idle
@@ -176,7 +176,7 @@ async def test_a_runner_given_new_tags_gets_the_work_they_ask_for(
     assert status == 200
     # Connected all along, it now takes flux work and no longer sdxl work.
     assert (await run(cp, workflow(ckpt=None), tags="flux"))["runner_id"] == runner["id"]
-    status, body = await cp.request("POST", "/v1/workflow", data=seed_form(workflow(ckpt=None), tags="sdxl"))
+    status, body = await cp.request("POST", "/v1/workflow", data=curl_form(workflow(ckpt=None), tags="sdxl"))
     assert status == 400 and "no runner" in body["message"], body
 
 
@@ -206,7 +206,7 @@ async def test_runner_killed_mid_job_goes_offline_and_its_job_completes_elsewher
         wf["1"] = {"class_type": "LoadImage", "inputs": {"image": "$file(img)"}}
         wf["3"]["inputs"]["images"] = ["1", 0]
         status, body = await cp.request(
-            "POST", "/v1/workflow", data=seed_form(wf, **{"$img": png_bytes((1, 2, 3))})
+            "POST", "/v1/workflow", data=curl_form(wf, **{"$img": png_bytes((1, 2, 3))})
         )
         assert status == 201
         running = await cp.wait_for_status(body["id"], {"running"})

@@ -23,7 +23,7 @@ from comfyfleet.admin import create_token
 from control_plane.settings import Settings
 from protocol.capacity import Capacity
 from protocol.messages import ComfyUIInfo, Hello, JobDone, JobUpdate, Ready, dump_message
-from tests.test_e2e import seed_form
+from tests.test_e2e import curl_form
 from tests.test_faults import SLOW
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,7 +49,7 @@ async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSe
         await ws.send(dump_message(hello))
         await ws.recv()
         await ws.send(dump_message(Ready(free_slots=1)))
-        async with http.post(f"{base}/v1/workflow", data=seed_form(SLOW), headers=client) as resp:
+        async with http.post(f"{base}/v1/workflow", data=curl_form(SLOW), headers=client) as resp:
             wf = await resp.json()
         while json.loads(await ws.recv())["type"] != "job":
             pass

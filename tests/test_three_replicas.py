@@ -21,7 +21,7 @@ from comfyfleet.throwaway_postgres import PgServer
 from control_plane.settings import Settings
 from tests.conftest import AgentFactory, png_bytes, poll_until, sse_frames
 from tests.test_dashboard import sim_config
-from tests.test_e2e import WORKFLOW, seed_form
+from tests.test_e2e import WORKFLOW, curl_form
 from tests.test_faults import SLOW
 
 
@@ -118,7 +118,7 @@ async def test_three_control_planes_behind_nginx_carry_on_when_the_agents_one_is
 async def _a_cancel_on_a_interrupts_the_prompt_on_bs_agent(fleet: Deployment) -> None:
     a, _, c = fleet.planes
     await sim_config(fleet.http, fleet.sim, node_delays_s={"ImageInvert": 60})
-    status, wf = await fleet.call("POST", a.base, "/v1/workflow", data=seed_form(SLOW))
+    status, wf = await fleet.call("POST", a.base, "/v1/workflow", data=curl_form(SLOW))
     assert status == 201
     async for name, data in _events(fleet.http, c.base, wf["id"], fleet.headers):
         if name == "status" and data["status"] == "running":
@@ -139,7 +139,7 @@ async def _b_killed_mid_job(fleet: Deployment, runner_id: str) -> None:
     a, b, c = fleet.planes
     await sim_config(fleet.http, fleet.sim, node_delays_s={"SaveImage": 60})
     fields = {"$prompt": "a red fox", "$input_image": png_bytes((10, 200, 60)), "#sampler": "bilinear"}
-    status, wf = await fleet.call("POST", a.base, "/v1/workflow", data=seed_form(WORKFLOW, **fields))
+    status, wf = await fleet.call("POST", a.base, "/v1/workflow", data=curl_form(WORKFLOW, **fields))
     assert status == 201
     told: list[str] = []
 
