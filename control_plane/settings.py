@@ -29,6 +29,9 @@ class Tier:
     # Submissions (and reruns, and template runs) per second and token, in bursts of so many.
     submits_per_s: float = 10.0
     submit_burst: int = 100
+    # A workflow may ask for a priority from 0 (the default) up to this: waiting workflows
+    # are dispatched highest priority first, then oldest first.
+    max_priority: int = 0
 
 
 DEFAULT_TIERS: dict[str, Tier] = {
@@ -41,6 +44,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_queue_s=3600,
         submits_per_s=2.0,
         submit_burst=20,
+        max_priority=1,
     ),
     "pro": Tier(
         "pro",
@@ -51,6 +55,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_queue_s=6 * 3600,
         submits_per_s=20.0,
         submit_burst=200,
+        max_priority=5,
     ),
     "enterprise": Tier(
         "enterprise",
@@ -61,6 +66,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         max_queue_s=24 * 3600,
         submits_per_s=1000.0,
         submit_burst=5000,
+        max_priority=10,
     ),
 }
 

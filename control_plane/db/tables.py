@@ -105,6 +105,8 @@ class Workflow(SQLModel, table=True):
     progress: float | None = None
     correlation_id: str | None = Field(default=None, index=True)
     parent_id: str | None = Field(default=None, index=True)
+    # Waiting workflows are dispatched highest priority first, then oldest first.
+    priority: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     error_node: str | None = None
     exception_type: str | None = None
     exception_message: str | None = None

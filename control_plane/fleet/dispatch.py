@@ -257,9 +257,9 @@ class Fleet:
             self.waiting.add(Waiting.of(wf))
 
     async def dispatch_waiting(self) -> None:
-        """Hand the waiting workflows, oldest first, to free runners. A round costs nothing
-        while every runner is busy, and looks no further once they all are; the database is
-        asked only to claim what was chosen."""
+        """Hand the waiting workflows, highest priority then oldest first, to free runners. A
+        round costs nothing while every runner is busy, and looks no further once they all
+        are; the database is asked only to claim what was chosen."""
         now = utcnow()
         backoff_ends: list[float] = []
         free = self.registry.free_by_class()  # live: empties as runners fill up
@@ -272,7 +272,7 @@ class Fleet:
         ]
         # (account, tags, needs) of plain workflows no free runner can take this round.
         nowhere: set[tuple[str, str, Needs]] = set()
-        for entry in self.waiting.oldest_first(live):
+        for entry in self.waiting.in_turn(live):
             if entry.not_before is not None and entry.not_before > now:
                 backoff_ends.append((entry.not_before - now).total_seconds())
                 continue

@@ -42,6 +42,7 @@ class Sent:
     files: dict[str, FileRef] = field(default_factory=dict)
     timeout_s: str | None = None
     correlation_id: str | None = None
+    priority: str | None = None
 
     @property
     def parameter_count(self) -> int:
@@ -103,6 +104,23 @@ class Submissions:
         if not 1 <= value <= tier.max_timeout_s:
             raise BadRequest(
                 f"timeout_s must be between 1 and {tier.max_timeout_s} s on the {tier.name} tier"
+            )
+        return value
+
+    def resolve_priority(self, account: Account, requested: str | None, fallback: int = 0) -> int:
+        """The priority asked for (from 0 to the tier's maximum), else ``fallback`` (a rerun
+        keeps its original's)."""
+        if requested is None or not requested.strip():
+            return fallback
+        tier = self.tier(account)
+        try:
+            value = int(requested)
+        except ValueError:
+            raise BadRequest(f"priority must be a whole number, not {requested[:40]!r}") from None
+        if not 0 <= value <= tier.max_priority:
+            raise BadRequest(
+                f"priority must be between 0 and {tier.max_priority} on the {tier.name} tier "
+                "(higher runs first)"
             )
         return value
 
@@ -189,6 +207,7 @@ class Submissions:
         except (PlaceholderError, ParameterError) as exc:
             raise BadRequest(str(exc)) from exc
         timeout_s = self.resolve_timeout(account, sent.timeout_s, default_timeout_s)
+        priority = self.resolve_priority(account, sent.priority)
         await self.check_tier(account, sent.parameter_count)
         need = await self.check_runner_available(account, tags, workflow_json, values)
         params = WorkflowParams(values=values, files={n: f for n, f in sent.files.items() if n in parameters})
@@ -200,6 +219,7 @@ class Submissions:
             workflow_json=workflow_json,
             workflow_params=params.stored(),
             correlation_id=sent.correlation_id,
+            priority=priority,
         )
         wf = await self._add(account, wf, timeout_s, receipt, need)
         log.info("workflow %s accepted for account %s", wf.id, account.name)
@@ -218,6 +238,7 @@ class Submissions:
         except (PlaceholderError, ParameterError) as exc:
             raise BadRequest(str(exc)) from exc
         timeout_s = self.resolve_timeout(account, sent.timeout_s, original.timeout_s)
+        priority = self.resolve_priority(account, sent.priority, original.priority)
         await self.check_tier(account, sent.parameter_count)
         need = await self.check_runner_available(account, original.tags, original.workflow_json, values)
         params = WorkflowParams(values=values, files={**before.files, **sent.files})
@@ -230,6 +251,7 @@ class Submissions:
             workflow_params=params.stored(),
             correlation_id=sent.correlation_id or original.correlation_id,
             parent_id=original.id,
+            priority=priority,
         )
         wf = await self._add(account, wf, timeout_s, receipt, need)
         log.info("workflow %s is a rerun of %s", wf.id, original.id)

@@ -20,8 +20,9 @@ from control_plane.fleet.capabilities import Needs, needs
 from control_plane.model.lifecycle import WorkflowStatus
 from control_plane.model.params import WorkflowParams
 
-# Order in a queue: oldest first, ties by id (never by chance).
-_Key = tuple[datetime, str]
+# The order of turns: highest priority first (so the negated priority), then oldest first,
+# ties by id (never by chance).
+_Key = tuple[int, datetime, str]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Waiting:
     tags: tuple[str, ...]
     tag_index: str
     attempt: int
+    priority: int
     created_at: datetime
     updated_at: datetime
     not_before: datetime | None
@@ -54,6 +56,7 @@ class Waiting:
             tags=tuple(wf.tags),
             tag_index=wf.tag_index,
             attempt=wf.attempt,
+            priority=wf.priority,
             created_at=as_utc(wf.created_at),
             updated_at=as_utc(wf.updated_at),
             not_before=as_utc(wf.not_before) if wf.not_before is not None else None,
@@ -67,7 +70,7 @@ class Waiting:
 
     @property
     def key(self) -> _Key:
-        return (self.created_at, self.id)
+        return (-self.priority, self.created_at, self.id)
 
     @property
     def plain(self) -> bool:
@@ -113,21 +116,22 @@ class WaitingIndex:
         return self._by_id.get(workflow_id)
 
     def queues(self) -> list[tuple[Waiting, list[_Key]]]:
-        """Each queue (account and tag set) with its oldest workflow, which says whose it is
+        """Each queue (account and tag set) with its first workflow, which says whose it is
         and what tags it asks for, and a copy of its order: dispatch changes the index while
         it walks it."""
-        return [(self._by_id[keys[0][1]], list(keys)) for keys in self._queues.values()]
+        return [(self._by_id[keys[0][2]], list(keys)) for keys in self._queues.values()]
 
-    def oldest_first(self, queues: list[list[_Key]]) -> Iterator[Waiting]:
-        """The workflows of these queues, oldest first across them; any that left the index
-        meanwhile (dispatched, cancelled) are passed over."""
+    def in_turn(self, queues: list[list[_Key]]) -> Iterator[Waiting]:
+        """The workflows of these queues in turn across them (priority, then age); any that
+        left the index meanwhile (dispatched, cancelled) are passed over."""
         for key in heapq.merge(*queues):
-            entry = self._by_id.get(key[1])
+            entry = self._by_id.get(key[2])
             if entry is not None and entry.key == key:
                 yield entry
 
     def position(self, workflow_id: str) -> int | None:
-        """From 1, among the waiting workflows of its account with the same tags."""
+        """From 1, among the waiting workflows of its account with the same tags, in the
+        order they are dispatched."""
         entry = self._by_id.get(workflow_id)
         if entry is None:
             return None

@@ -43,7 +43,7 @@ def conductor_workflow(wf: Workflow, outputs: list[Output], tasks: list[Task] | 
         "output": {"outputs": [output_event(o) for o in outputs if o.attempt == wf.attempt]},
         "reasonForIncompletion": _reason(wf),
         "failedReferenceTaskNames": [wf.error_node] if wf.error_node else [],
-        "priority": 0,
+        "priority": wf.priority,
         "tasks": listed,
     }
 

@@ -59,6 +59,10 @@ SCHEMAS: dict[str, Any] = {
             "runner_id": _STRING_OR_NULL,
             "correlation_id": _STRING_OR_NULL,
             "parent_id": _STRING_OR_NULL,
+            "priority": {
+                "type": "integer",
+                "description": "waiting workflows go to runners highest priority first, then oldest first",
+            },
             "error_node": _STRING_OR_NULL,
             "exception_type": _STRING_OR_NULL,
             "exception_message": _STRING_OR_NULL,
@@ -242,11 +246,19 @@ _TIMEOUT_S = {
     "description": "seconds one attempt may take from the moment a runner takes it, up to the "
     "tier's maximum; without it the template's, else the tier's default",
 }
+_PRIORITY = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": 10,
+    "description": "higher runs first among the account's waiting workflows, up to the tier's "
+    "maximum (free 1, pro 5, enterprise 10); 0 without it, a rerun's original's on a rerun",
+}
 _RUN_FIELDS = {
     "name": {"type": "string", "maxLength": 200, "pattern": _NO_NUL},
     "tags": {"type": "string", "pattern": _TAG_LIST, "description": "comma-separated, at most 10"},
     "correlation_id": {"type": "string", "maxLength": 255, "pattern": _NO_NUL},
     "timeout_s": _TIMEOUT_S,
+    "priority": _PRIORITY,
 }
 
 
@@ -302,7 +314,9 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _SUBMIT = _form({"workflow_json": _WORKFLOW_JSON, **_RUN_FIELDS}, ("workflow_json",))
-_RERUN = _form({"timeout_s": _TIMEOUT_S, "correlation_id": _RUN_FIELDS["correlation_id"]})
+_RERUN = _form(
+    {"timeout_s": _TIMEOUT_S, "correlation_id": _RUN_FIELDS["correlation_id"], "priority": _PRIORITY}
+)
 _RUN_TEMPLATE = _form(_RUN_FIELDS)
 _TEMPLATE_FIELDS = {
     "name": {"type": "string", "maxLength": 200, "pattern": _NAMED},

@@ -30,9 +30,9 @@ async def rerun_with_new_parameters(request: web.Request) -> web.Response:
         if fixed:
             raise BadRequest(
                 f"a rerun copies {', '.join(fixed)} from the original; "
-                "send only $text, $file and #choice parameters (and timeout_s, correlation_id)"
+                "send only $text, $file and #choice parameters (and timeout_s, correlation_id, priority)"
             )
-        form.only("timeout_s", "correlation_id")
+        form.only("timeout_s", "correlation_id", "priority")
 
         async def produce(claim: idempotency.Claim | None) -> web.Response:
             wf = await svc.submissions.rerun_with_parameters(
