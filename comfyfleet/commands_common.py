@@ -84,13 +84,15 @@ def fail(message: str, status: int) -> int:
 
 def pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
     """``["k=v", ...]`` (from a repeated flag) as a dict; the value may itself hold ``=``."""
-    found: dict[str, str] = {}
-    for item in values or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{flag} takes NAME=VALUE, not {item!r}")
-        found[key.strip()] = value
-    return found
+    return dict(pair(item, flag) for item in values or ())
+
+
+def pair(item: str, flag: str) -> tuple[str, str]:
+    """``"k=v"`` as ``("k", "v")``; a usage error without the ``=`` or the name."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"{flag} takes NAME=VALUE, not {item!r}")
+    return key.strip(), value
 
 
 def tags(values: Sequence[str] | None) -> list[str] | None:

@@ -30,6 +30,12 @@ def _parameter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--choice", action="append", metavar="NAME=OPTION", help="a #choice parameter")
     p.add_argument("--timeout-s", type=int, default=None, help="seconds one attempt may take")
     p.add_argument("--correlation-id", default=None)
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="higher runs first, up to the tier's maximum [0; a rerun: its original's]",
+    )
 
 
 def _finish_flags(p: argparse.ArgumentParser) -> None:
@@ -74,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
             name=args.name or args.workflow.stem,
             timeout_s=args.timeout_s,
             correlation_id=args.correlation_id,
+            priority=args.priority,
         )
         return _follow(client, wf, args)
 
@@ -92,11 +99,13 @@ def _rerun(args: argparse.Namespace) -> int:
                 choices=choices,
                 timeout_s=args.timeout_s,
                 correlation_id=args.correlation_id,
+                priority=args.priority,
             )
             return _follow(client, wf, args)
-        if args.file or args.timeout_s is not None:
+        if args.file or args.timeout_s is not None or args.priority is not None:
             raise UsageError(
-                "a rerun --from-node keeps the input files and timeout; rerun without it to change them"
+                "a rerun --from-node keeps the input files, timeout and priority; "
+                "rerun without it to change them"
             )
         workflow_id = client.rerun_from_node(
             args.id,

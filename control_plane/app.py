@@ -33,6 +33,7 @@ from control_plane.web import metrics as api_metrics
 from control_plane.web import misc as api_misc
 from control_plane.web import reruns as api_reruns
 from control_plane.web import runners as api_runners
+from control_plane.web import sweeps as api_sweeps
 from control_plane.web import templates as api_templates
 from control_plane.web import workflows as api_workflows
 from control_plane.web.forms import FORM_GATES, FormGates
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     for module in (
         api_workflows,
         api_reruns,
+        api_sweeps,
         api_templates,
         api_runners,
         conductor,

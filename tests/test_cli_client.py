@@ -286,3 +286,52 @@ async def test_errors_are_one_line_with_the_servers_message(fleet: Fleet) -> Non
     assert code == 2 and "-p takes NAME=VALUE, not 'prefix'" in err
     code, _, err = await comfyfleet("run", str(fleet.tmp / "missing.json"), *fleet.flags(), env=env)
     assert code == 2 and "missing.json" in err and "Traceback" not in err
+
+
+async def test_a_sweep_runs_every_combination_of_the_values_given_and_is_shown_and_cancelled(
+    fleet: Fleet,
+) -> None:
+    async with AsyncClient(fleet.cp.base, fleet.token) as client:
+        wf = await client.submit(
+            SAMPLE, files={"input_image": png_bytes((1, 2, 3))}, params={"prefix": "p"}, tags="sdxl"
+        )
+    other = fleet.tmp / "owl.png"
+    other.write_bytes(png_bytes((200, 10, 10)))
+    args = [
+        "sweep",
+        wf["id"],
+        "-p",
+        "prefix=a",
+        "-p",
+        "prefix=b",
+        "-c",
+        "method=area",
+        "-c",
+        "method=bilinear",
+    ]
+    code, text, err = await comfyfleet(*args, "-f", f"input_image={other}", *fleet.flags(), env=fleet.env())
+    assert code == 0, err
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines[:4]] == ["1/4", "2/4", "3/4", "4/4"]
+    assert lines[4].endswith(": 4 completed") and "owl.png" in lines[6]
+    table = [line.split() for line in lines[6:]]
+    assert [(row[1], row[2], row[3]) for row in table] == [
+        ("completed", "a", "area"),
+        ("completed", "a", "bilinear"),
+        ("completed", "b", "area"),
+        ("completed", "b", "bilinear"),
+    ]
+
+    sweep_id = lines[4].split()[1].rstrip(":")
+    shown = await json_of(fleet, "sweeps", "show", sweep_id)
+    assert (shown["total"], shown["counts"], shown["parent_id"]) == (4, {"completed": 4}, wf["id"])
+    assert (await json_of(fleet, "sweeps", "cancel", sweep_id))["cancelled"] == 0
+    queued = await json_of(fleet, "sweep", wf["id"], "-p", "prefix=c", "--priority", "5", "--no-wait")
+    assert queued["total"] == 1 and queued["sweep_id"] != sweep_id
+
+    code, _, err = await comfyfleet("sweep", wf["id"], *fleet.flags(), env=fleet.env())
+    assert code == 2 and "give the values to sweep" in err
+    code, _, err = await comfyfleet(
+        "sweep", wf["id"], "-p", "prefix=x", "--priority", "6", *fleet.flags(), env=fleet.env()
+    )
+    assert code == 1 and "between 0 and 5 on the pro tier" in err

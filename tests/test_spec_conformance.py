@@ -33,7 +33,7 @@ EXAMPLES_PER_OPERATION = 18
 
 async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSession) -> dict[str, str]:
     """A completed workflow with an output (through a hand-rolled agent), a runner that stays
-    offline, one to delete, a template: what the generated requests act on."""
+    offline, one to delete, a template, a sweep: what the generated requests act on."""
     async with http.post(f"{base}/v1/runner", json={"name": "main"}, headers=client) as resp:
         runner = await resp.json()
     async with http.post(f"{base}/v1/runner", json={"name": "doomed"}, headers=client) as resp:
@@ -66,6 +66,8 @@ async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSe
         await ws.send(dump_message(JobDone(workflow_id=wf["id"], attempt=1)))
         while json.loads(await ws.recv())["type"] != "job_ack":
             pass
+    async with http.post(f"{base}/v1/workflow/{wf['id']}/sweep", json={"sets": [{}]}, headers=client) as resp:
+        sweep = await resp.json()
     return {
         "CF_RUNNER_ID": runner["id"],
         "CF_RUNNER_TOKEN": runner["token"],
@@ -73,6 +75,7 @@ async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSe
         "CF_TEMPLATE_ID": template["id"],
         "CF_WORKFLOW_ID": wf["id"],
         "CF_OUTPUT_ID": output["output_id"],
+        "CF_SWEEP_ID": sweep["sweep_id"],
     }
 
 

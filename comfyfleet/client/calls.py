@@ -29,6 +29,7 @@ class Call:
     json: Any = None
     # Sent as multipart/form-data, as the server documents its forms (fields included).
     parts: list[Part] | None = None
+    content: bytes | None = None
     headers: Mapping[str, str] | None = None
 
 
@@ -86,12 +87,16 @@ def _parameters(
     return _plain(fields) + [_file_part(k, v) for k, v in (files or {}).items()]
 
 
-def _optional(timeout_s: int | None, correlation_id: str | None) -> dict[str, str]:
+def _optional(
+    timeout_s: int | None, correlation_id: str | None, priority: int | None = None
+) -> dict[str, str]:
     extra = {}
     if timeout_s is not None:
         extra["timeout_s"] = str(timeout_s)
     if correlation_id is not None:
         extra["correlation_id"] = correlation_id
+    if priority is not None:
+        extra["priority"] = str(priority)
     return extra
 
 
@@ -117,9 +122,10 @@ def submit(
     name: str | None = None,
     timeout_s: int | None = None,
     correlation_id: str | None = None,
+    priority: int | None = None,
     idempotency_key: str | None = None,
 ) -> Call:
-    fields = _optional(timeout_s, correlation_id)
+    fields = _optional(timeout_s, correlation_id, priority)
     if name is not None:
         fields["name"] = name
     joined = tag_list(tags)
@@ -170,9 +176,10 @@ def rerun(
     choices: Mapping[str, str] | None = None,
     timeout_s: int | None = None,
     correlation_id: str | None = None,
+    priority: int | None = None,
     idempotency_key: str | None = None,
 ) -> Call:
-    parts = _parameters(params, choices, files) + _plain(_optional(timeout_s, correlation_id))
+    parts = _parameters(params, choices, files) + _plain(_optional(timeout_s, correlation_id, priority))
     return Call("POST", f"/v1/workflow/{_id(workflow_id)}/rerun", parts=parts, headers=_key(idempotency_key))
 
 
@@ -198,6 +205,51 @@ def rerun_from_node(
     if correlation_id is not None:
         body["correlationId"] = correlation_id
     return Call("POST", f"/api/workflow/{_id(workflow_id)}/rerun", json=body, headers=_key(idempotency_key))
+
+
+def upload(source: FileSource, filename: str | None = None) -> Call:
+    """A file stored once, to be named by its sha256 (in a sweep's sets, say)."""
+    _, (name, content, kind) = _file_part("$file", source)
+    return Call(
+        "POST",
+        "/v1/blob",
+        query={"filename": filename or name or "file"},
+        content=content,
+        headers={"Content-Type": kind or "application/octet-stream"},
+    )
+
+
+def sweep(
+    workflow_id: str,
+    *,
+    grid: Mapping[str, Iterable[Any]] | None = None,
+    sets: Iterable[Mapping[str, Any]] | None = None,
+    timeout_s: int | None = None,
+    correlation_id: str | None = None,
+    priority: int | None = None,
+    idempotency_key: str | None = None,
+) -> Call:
+    """Names as the server takes them: ``$name`` for a parameter (a file as ``{"sha256": …}``
+    from :func:`upload`), ``#name`` for a choice."""
+    if (grid is None) == (sets is None):
+        raise ValueError("a sweep takes grid (every combination) or sets, one of them")
+    body: dict[str, Any] = (
+        {"grid": {k: list(v) for k, v in grid.items()}}
+        if grid is not None
+        else {"sets": [dict(s) for s in sets or ()]}
+    )
+    for key, value in (("timeout_s", timeout_s), ("correlation_id", correlation_id), ("priority", priority)):
+        if value is not None:
+            body[key] = value
+    return Call("POST", f"/v1/workflow/{_id(workflow_id)}/sweep", json=body, headers=_key(idempotency_key))
+
+
+def get_sweep(sweep_id: str) -> Call:
+    return Call("GET", f"/v1/sweep/{_id(sweep_id)}")
+
+
+def cancel_sweep(sweep_id: str) -> Call:
+    return Call("POST", f"/v1/sweep/{_id(sweep_id)}/cancel")
 
 
 def list_outputs(workflow_id: str) -> Call:

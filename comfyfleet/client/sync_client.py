@@ -79,6 +79,7 @@ class Client:
         name: str | None = None,
         timeout_s: int | None = None,
         correlation_id: str | None = None,
+        priority: int | None = None,
         idempotency_key: str | None = None,
     ) -> JSON:
         """Submit ``workflow`` (a dict, or a path to its JSON) with its ``$text`` ``params``,
@@ -92,6 +93,7 @@ class Client:
             name=name,
             timeout_s=timeout_s,
             correlation_id=correlation_id,
+            priority=priority,
             idempotency_key=idempotency_key,
         )
         return cast(JSON, self._call(call))
@@ -199,6 +201,7 @@ class Client:
         choices: Mapping[str, str] | None = None,
         timeout_s: int | None = None,
         correlation_id: str | None = None,
+        priority: int | None = None,
         idempotency_key: str | None = None,
     ) -> JSON:
         """A new workflow: the original with these parameters changed (the rest kept)."""
@@ -209,6 +212,7 @@ class Client:
             choices=choices,
             timeout_s=timeout_s,
             correlation_id=correlation_id,
+            priority=priority,
             idempotency_key=idempotency_key,
         )
         return cast(JSON, self._call(call))
@@ -236,6 +240,45 @@ class Client:
             idempotency_key=idempotency_key,
         )
         return str(self._call(call)).strip()
+
+    # --- sweeps ----------------------------------------------------------------------
+
+    def upload(self, source: FileSource, filename: str | None = None) -> JSON:
+        """Store a file once (a path or bytes); its ``sha256`` names it in a sweep's sets."""
+        return cast(JSON, self._call(calls.upload(source, filename)))
+
+    def sweep(
+        self,
+        workflow_id: str,
+        *,
+        grid: Mapping[str, Iterable[Any]] | None = None,
+        sets: Iterable[Mapping[str, Any]] | None = None,
+        timeout_s: int | None = None,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> JSON:
+        """A rerun of ``workflow_id`` for every combination of ``grid`` (``{"$prompt": [...],
+        "#sampler": [...]}``) or for each of ``sets``, all made or none; the sweep, its
+        workflows in the order of the sets."""
+        call = calls.sweep(
+            workflow_id,
+            grid=grid,
+            sets=sets,
+            timeout_s=timeout_s,
+            correlation_id=correlation_id,
+            priority=priority,
+            idempotency_key=idempotency_key,
+        )
+        return cast(JSON, self._call(call))
+
+    def get_sweep(self, sweep_id: str) -> JSON:
+        """The sweep's workflows in order and how many are in each status."""
+        return cast(JSON, self._call(calls.get_sweep(sweep_id)))
+
+    def cancel_sweep(self, sweep_id: str) -> JSON:
+        """Cancel what of the sweep has not finished; the sweep afterwards."""
+        return cast(JSON, self._call(calls.cancel_sweep(sweep_id)))
 
     # --- outputs ---------------------------------------------------------------------
 

@@ -52,6 +52,8 @@ def request_args(call: Call) -> dict[str, Any]:
     args: dict[str, Any] = {"params": call.query, "headers": call.headers}
     if call.json is not None:
         args["json"] = call.json
+    elif call.content is not None:
+        args["content"] = call.content
     elif call.parts:
         args["files"] = call.parts
     elif call.parts is not None:

@@ -322,23 +322,31 @@ class Store:
         """Insert a workflow, and the answer to its Idempotency-Key in the same transaction,
         so that a crash leaves both or neither. Raises :class:`KeyTaken` when the key went to
         a request that committed first."""
+        return (await self.add_workflows([workflow], receipt))[0]
 
-        # A Core INSERT of the object's columns: the ORM's unit of work for one new row cost
+    async def add_workflows(
+        self, workflows: list[Workflow], receipt: IdempotencyRecord | None = None
+    ) -> list[Workflow]:
+        """Insert workflows (a sweep's: all of them or none) and their Idempotency-Key's
+        answer in one transaction."""
+
+        # A Core INSERT of the objects' columns: the ORM's unit of work for one new row cost
         # as much as the rest of the transaction.
-        row = {column.key: getattr(workflow, column.key) for column in WORKFLOWS.columns}
+        rows = [{column.key: getattr(wf, column.key) for column in WORKFLOWS.columns} for wf in workflows]
 
-        def work(s: Session) -> Workflow:
-            s.connection().execute(reports.INSERT_WORKFLOW, row)
+        def work(s: Session) -> list[Workflow]:
+            s.connection().execute(reports.INSERT_WORKFLOW, rows)
             if receipt is not None:
                 s.add(receipt)
             _commit_receipt(s, receipt, lambda: self._fail.hit("before_workflow_commit"))
             self._fail.hit("after_workflow_commit")
-            return workflow
+            return workflows
 
         added = await self.run(work)
-        counted = self._last_day.get(added.account_id)
-        if counted is not None:
-            counted[1] += 1
+        for wf in added:
+            counted = self._last_day.get(wf.account_id)
+            if counted is not None:
+                counted[1] += 1
         return added
 
     async def get_workflow(self, account_id: str | None, workflow_id: str) -> Workflow:
@@ -370,7 +378,7 @@ class Store:
         self, account_id: str, offset: int, limit: int, filters: dict[str, str]
     ) -> tuple[list[Workflow], int]:
         conds: list[ColumnElement[bool]] = [col(Workflow.account_id) == account_id]
-        for key in ("status", "parent_id", "correlation_id"):
+        for key in ("status", "parent_id", "correlation_id", "sweep_id"):
             if key in filters:
                 conds.append(getattr(Workflow, key) == filters[key])
         if "tag" in filters:
@@ -388,6 +396,24 @@ class Store:
             return list(rows), int(total)
 
         return await self.run(work)
+
+    async def sweep_workflows(self, account_id: str, sweep_id: str) -> list[Workflow]:
+        """A sweep's workflows in the order of its sets, without their graphs; 404 if the
+        account has none by that id."""
+        query = (
+            select(Workflow)
+            .where(Workflow.account_id == account_id, Workflow.sweep_id == sweep_id)
+            .order_by(col(Workflow.created_at), col(Workflow.id))
+            .options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
+        )
+
+        def work(s: Session) -> list[Workflow]:
+            return list(s.exec(query))
+
+        rows = await self.run(work)
+        if not rows:
+            raise NotFound(f"sweep {sweep_id[:64]} not found")
+        return rows
 
     async def child_ids(self, workflow_id: str) -> list[str]:
         def work(s: Session) -> list[str]:

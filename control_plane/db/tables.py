@@ -105,6 +105,8 @@ class Workflow(SQLModel, table=True):
     progress: float | None = None
     correlation_id: str | None = Field(default=None, index=True)
     parent_id: str | None = Field(default=None, index=True)
+    # The workflows of one sweep (POST /v1/workflow/{id}/sweep) are followed and cancelled together.
+    sweep_id: str | None = Field(default=None, index=True)
     # Waiting workflows are dispatched highest priority first, then oldest first.
     priority: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     error_node: str | None = None

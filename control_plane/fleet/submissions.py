@@ -7,11 +7,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from control_plane.db.store import Store
-from control_plane.db.tables import Account, IdempotencyRecord, Workflow, new_workflow, tag_index, utcnow
+from control_plane.db.tables import (
+    Account,
+    IdempotencyRecord,
+    Workflow,
+    new_id,
+    new_workflow,
+    tag_index,
+    utcnow,
+)
 from control_plane.fleet.capabilities import Needs, Offers, check_values, missing, needs
 from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.rate_limits import RateLimiter
@@ -31,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # The Idempotency-Key's answer for a new workflow, stored in the transaction that creates it.
 Receipt = Callable[[Workflow], IdempotencyRecord | None]
+SweepReceipt = Callable[[list[Workflow]], IdempotencyRecord | None]
 
 
 @dataclass(frozen=True)
@@ -81,14 +90,20 @@ class Submissions:
                 f"{parameter_count} parameters sent; the {tier.name} tier allows {tier.max_parameters}"
             )
 
-    async def check_tier(self, account: Account, parameter_count: int) -> None:
-        """Parameters per request and workflows per day (a rerun that creates one counts)."""
+    async def check_tier(self, account: Account, parameter_count: int, workflows: int = 1) -> None:
+        """Parameters per request and workflows per day (a rerun that creates one counts, a
+        sweep counts each of its workflows)."""
         self.check_parameter_count(account, parameter_count)
         tier = self.tier(account)
         used = await self.store.workflows_last_day(account.id)
-        if used >= tier.max_workflows_per_day:
+        if used + workflows > tier.max_workflows_per_day:
+            if workflows == 1 or used >= tier.max_workflows_per_day:
+                raise Forbidden(
+                    f"workflow limit of the {tier.name} tier reached ({tier.max_workflows_per_day} a day)"
+                )
             raise Forbidden(
-                f"workflow limit of the {tier.name} tier reached ({tier.max_workflows_per_day} a day)"
+                f"this sweep makes {workflows} workflows; the {tier.name} tier allows "
+                f"{tier.max_workflows_per_day} a day and {tier.max_workflows_per_day - used} are left"
             )
 
     def resolve_timeout(self, account: Account, requested: str | None, fallback: int | None) -> int:
@@ -257,19 +272,78 @@ class Submissions:
         log.info("workflow %s is a rerun of %s", wf.id, original.id)
         return wf
 
+    async def sweep(
+        self,
+        account: Account,
+        original: Workflow,
+        sets: list[Sent],
+        options: Sent,
+        receipt: SweepReceipt | None = None,
+    ) -> list[Workflow]:
+        """A rerun with new parameters for each set, all made in one transaction or none:
+        every set is checked first, and the first bad one refuses the sweep with its number.
+        ``options`` carries what applies to all of them (timeout_s, correlation_id, priority).
+        The workflows wait in the order of their sets."""
+        before = WorkflowParams.of(original.workflow_params)
+        try:
+            parameters = declared_parameters(original.workflow_json)
+        except PlaceholderError as exc:
+            raise BadRequest(str(exc)) from exc
+        timeout_s = self.resolve_timeout(account, options.timeout_s, original.timeout_s)
+        priority = self.resolve_priority(account, options.priority, original.priority)
+        await self.check_tier(account, max(s.parameter_count for s in sets), workflows=len(sets))
+        sweep_id = new_id()
+        planned: list[tuple[Workflow, Needs]] = []
+        for number, sent in enumerate(sets, 1):
+            try:
+                values = merge_values(parameters, before.values, sent.texts, sent.choices, sent.files.keys())
+                need = await self.check_runner_available(
+                    account, original.tags, original.workflow_json, values
+                )
+            except (ParameterError, BadRequest) as exc:
+                raise BadRequest(f"set {number}: {exc}") from exc
+            params = WorkflowParams(values=values, files={**before.files, **sent.files})
+            wf = new_workflow(
+                account_id=account.id,
+                name=original.name,
+                tags=list(original.tags),
+                tag_index=tag_index(original.tags),
+                workflow_json=original.workflow_json,
+                workflow_params=params.stored(),
+                correlation_id=options.correlation_id or original.correlation_id,
+                parent_id=original.id,
+                sweep_id=sweep_id,
+                priority=priority,
+            )
+            planned.append((wf, need))
+        now = utcnow()
+        for number, (wf, _) in enumerate(planned):
+            # A microsecond apart, so that "oldest first" keeps the sets' order.
+            self._limit(account, wf, timeout_s, now + timedelta(microseconds=number))
+        workflows = [wf for wf, _ in planned]
+        added = await self.store.add_workflows(workflows, receipt(workflows) if receipt is not None else None)
+        for wf, need in planned:
+            self.fleet.enqueue(wf, need)
+        log.info("sweep %s: %d reruns of %s", sweep_id, len(added), original.id)
+        return added
+
     async def _add(
         self, account: Account, wf: Workflow, timeout_s: int, receipt: Receipt | None, need: Needs
     ) -> Workflow:
         """Store a new workflow with its limits and its first wait for a runner, then wake
         dispatch."""
-        now = utcnow()
+        self._limit(account, wf, timeout_s, utcnow())
+        wf = await self.store.add_workflow(wf, receipt(wf) if receipt is not None else None)
+        self.fleet.enqueue(wf, need)
+        return wf
+
+    def _limit(self, account: Account, wf: Workflow, timeout_s: int, now: datetime) -> None:
+        """A new workflow's times and limits: created now, and waiting for a runner for at
+        most its tier's queue limit."""
         wf.created_at = wf.updated_at = now
         wf.timeout_s = timeout_s
         wf.queue_timeout_s = self.tier(account).max_queue_s
         wf.deadline_at = now + timedelta(seconds=wf.queue_timeout_s)
-        wf = await self.store.add_workflow(wf, receipt(wf) if receipt is not None else None)
-        self.fleet.enqueue(wf, need)
-        return wf
 
 
 def _check_values(workflow_json: dict[str, Any], values: dict[str, str], capable: list[Offers]) -> None:

@@ -17,6 +17,7 @@ routes = web.RouteTableDef()
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 _WORKFLOW = {"$ref": "#/components/schemas/Workflow"}
+_SWEEP_VIEW = {"$ref": "#/components/schemas/Sweep"}
 _RUNNER = {"$ref": "#/components/schemas/Runner"}
 _TEMPLATE = {"$ref": "#/components/schemas/Template"}
 
@@ -59,6 +60,7 @@ SCHEMAS: dict[str, Any] = {
             "runner_id": _STRING_OR_NULL,
             "correlation_id": _STRING_OR_NULL,
             "parent_id": _STRING_OR_NULL,
+            "sweep_id": {**_STRING_OR_NULL, "description": "the sweep that made it, if one did"},
             "priority": {
                 "type": "integer",
                 "description": "waiting workflows go to runners highest priority first, then oldest first",
@@ -175,6 +177,23 @@ SCHEMAS: dict[str, Any] = {
             "src": {"type": "string"},
         },
     },
+    "Sweep": {
+        "type": "object",
+        "description": "a sweep's workflows, in the order of its sets",
+        "required": ["sweep_id", "parent_id", "total", "counts", "workflows"],
+        "properties": {
+            "sweep_id": {"type": "string"},
+            "parent_id": {"type": "string", "description": "the workflow each of them reruns"},
+            "total": {"type": "integer"},
+            "counts": {
+                "type": "object",
+                "description": "how many are in each status",
+                "additionalProperties": {"type": "integer"},
+            },
+            "workflows": {"type": "array", "items": _ANY_OBJECT},
+            "cancelled": {"type": "integer", "description": "in the answer to cancel: how many it cancelled"},
+        },
+    },
     "Runner": {
         "type": "object",
         "required": ["id", "name", "tags", "status", "created_at", "updated_at", "connected"],
@@ -263,7 +282,7 @@ _RUN_FIELDS = {
 
 
 _SCALAR = {"type": ["string", "number", "boolean"], "pattern": _NO_NUL}
-_FILE_OBJECT = {
+_FILE_OBJECT: dict[str, Any] = {
     "type": "object",
     "description": "a $file parameter in a JSON body: its bytes, a URL the control plane fetches, "
     "or the sha256 of a file the account uploaded (POST /v1/blob)",
@@ -318,6 +337,60 @@ _RERUN = _form(
     {"timeout_s": _TIMEOUT_S, "correlation_id": _RUN_FIELDS["correlation_id"], "priority": _PRIORITY}
 )
 _RUN_TEMPLATE = _form(_RUN_FIELDS)
+_FILE_PROPERTIES: dict[str, Any] = _FILE_OBJECT["properties"]
+_SWEEP_PARAMETERS: dict[str, Any] = {
+    "^[$][A-Za-z0-9_-]{1,255}$": {
+        "anyOf": [
+            _SCALAR,
+            {
+                "type": "object",
+                "required": ["sha256"],
+                "properties": {key: _FILE_PROPERTIES[key] for key in ("sha256", "filename", "content_type")},
+                "additionalProperties": False,
+            },
+        ]
+    },
+    "^#[A-Za-z0-9_-]{1,255}$": _SCALAR,
+}
+_SWEEP_SET = {"type": "object", "patternProperties": _SWEEP_PARAMETERS, "additionalProperties": False}
+_SWEEP_OPTIONS = {
+    "timeout_s": _TIMEOUT_S,
+    "correlation_id": _RUN_FIELDS["correlation_id"],
+    "priority": _PRIORITY,
+}
+_SWEEP = _json(
+    {
+        "type": "object",
+        "description": "a grid (every combination, the first name varying slowest) or a list of "
+        "sets, at most 1000 workflows; a $file is the sha256 of a file uploaded with POST /v1/blob",
+        "oneOf": [
+            {
+                "required": ["grid"],
+                "properties": {
+                    "grid": {
+                        "type": "object",
+                        "minProperties": 1,
+                        "patternProperties": {
+                            name: {"type": "array", "minItems": 1, "items": value}
+                            for name, value in _SWEEP_PARAMETERS.items()
+                        },
+                        "additionalProperties": False,
+                    },
+                    **_SWEEP_OPTIONS,
+                },
+                "additionalProperties": False,
+            },
+            {
+                "required": ["sets"],
+                "properties": {
+                    "sets": {"type": "array", "minItems": 1, "maxItems": 1000, "items": _SWEEP_SET},
+                    **_SWEEP_OPTIONS,
+                },
+                "additionalProperties": False,
+            },
+        ],
+    }
+)
 _TEMPLATE_FIELDS = {
     "name": {"type": "string", "maxLength": 200, "pattern": _NAMED},
     "description": _TEXT,
@@ -379,6 +452,7 @@ _WORKFLOW_FILTERS = [
     {"name": "tag", "in": "query", "schema": {"type": "string", "pattern": f"^{_TAG}$"}},
     {"name": "parent_id", "in": "query", "schema": _TEXT},
     {"name": "correlation_id", "in": "query", "schema": _TEXT},
+    {"name": "sweep_id", "in": "query", "schema": _TEXT},
 ]
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
@@ -457,7 +531,7 @@ OPERATIONS: list[Operation] = [
     (
         "get",
         "/v1/workflow",
-        "List workflows, newest first, filtered by status, tag, parent_id or correlation_id",
+        "List workflows, newest first, filtered by status, tag, parent_id, correlation_id or sweep_id",
         _C,
         None,
         [*_PAGING, *_WORKFLOW_FILTERS],
@@ -519,6 +593,33 @@ OPERATIONS: list[Operation] = [
         _RERUN,
         [_IDEMPOTENCY_KEY],
         {201: ("the new workflow", _WORKFLOW), **_errors(*_SUBMITS, 404)},
+    ),
+    (
+        "post",
+        "/v1/workflow/{id}/sweep",
+        "A sweep: a rerun with new parameters for each set of a grid or a list, all made or none",
+        _C,
+        _SWEEP,
+        [_IDEMPOTENCY_KEY],
+        {201: ("the sweep", _SWEEP_VIEW), **_errors(*_SUBMITS, 404)},
+    ),
+    (
+        "get",
+        "/v1/sweep/{id}",
+        "A sweep's workflows in the order of its sets, and how many are in each status",
+        _C,
+        None,
+        [],
+        {200: ("it", _SWEEP_VIEW), **_errors(400, 401, 404)},
+    ),
+    (
+        "post",
+        "/v1/sweep/{id}/cancel",
+        "Cancel every workflow of a sweep that has not finished",
+        _C,
+        None,
+        [],
+        {200: ("the sweep afterwards", _SWEEP_VIEW), **_errors(400, 401, 404)},
     ),
     (
         "post",

@@ -40,6 +40,7 @@ def workflow_view(
         runner_id=wf.runner_id,
         correlation_id=wf.correlation_id,
         parent_id=wf.parent_id,
+        sweep_id=wf.sweep_id,
         priority=wf.priority,
         error_node=wf.error_node,
         exception_type=wf.exception_type,

@@ -69,7 +69,9 @@ async def list_workflows(request: web.Request) -> web.Response:
     principal = await svc.auth.client(request)
     offset, limit = paging(request)
     filters = {
-        k: request.query[k] for k in ("status", "parent_id", "correlation_id", "tag") if k in request.query
+        k: request.query[k]
+        for k in ("status", "parent_id", "correlation_id", "sweep_id", "tag")
+        if k in request.query
     }
     if "status" in filters and filters["status"] not in set(WorkflowStatus):
         raise BadRequest(f"status must be one of {', '.join(WorkflowStatus)}")
