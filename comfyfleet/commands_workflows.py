@@ -1,4 +1,4 @@
-"""``comfyfleet workflows list | show | cancel | outputs``."""
+"""``comfyfleet workflows list | show | cancel | delete | outputs``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ def add(sub: Sub, common: argparse.ArgumentParser) -> None:
     cancel.add_argument("id")
     cancel.set_defaults(client_command=guarded(_cancel))
 
+    delete = verbs.add_parser("delete", parents=[common], help="delete a finished workflow and its outputs")
+    delete.add_argument("id")
+    delete.set_defaults(client_command=guarded(_delete))
+
     outputs = verbs.add_parser(
         "outputs", parents=[common], help="a workflow's outputs (--out DIR saves them)"
     )
@@ -99,6 +103,16 @@ def _cancel(args: argparse.Namespace) -> int:
         print_json(wf)
     else:
         print(f"workflow {wf['id']} {wf['status']}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        client.delete_workflow(args.id)
+    if args.json:
+        print_json({"id": args.id, "deleted": True})
+    else:
+        print(f"workflow {args.id} deleted")
     return 0
 
 

@@ -230,6 +230,9 @@ async def test_json_of_workflows_and_runners(fleet: Fleet) -> None:
     assert shown["status"] == "completed" and len(shown["tasks"]) == 5
     outputs = await json_of(fleet, "workflows", "outputs", wf["id"], "--out", str(fleet.tmp / "o"))
     assert saved_png(outputs["outputs"][0]["path"]) == (256, 256)  # the sample's default size
+    assert await json_of(fleet, "workflows", "delete", wf["id"]) == {"id": wf["id"], "deleted": True}
+    code, _, err = await comfyfleet("workflows", "show", wf["id"], *fleet.flags(), env=fleet.env())
+    assert code == 1 and "not found (HTTP 404)" in err
 
     runners = await json_of(fleet, "runners", "list")
     assert [r["name"] for r in runners["runners"]] == ["gpu-01"]

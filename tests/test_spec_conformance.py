@@ -33,7 +33,8 @@ EXAMPLES_PER_OPERATION = 18
 
 async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSession) -> dict[str, str]:
     """A completed workflow with an output (through a hand-rolled agent), a runner that stays
-    offline, one to delete, a template, a sweep: what the generated requests act on."""
+    offline, one to delete, a template, a sweep, a cancelled workflow to delete: what the
+    generated requests act on."""
     async with http.post(f"{base}/v1/runner", json={"name": "main"}, headers=client) as resp:
         runner = await resp.json()
     async with http.post(f"{base}/v1/runner", json={"name": "doomed"}, headers=client) as resp:
@@ -68,6 +69,10 @@ async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSe
             pass
     async with http.post(f"{base}/v1/workflow/{wf['id']}/sweep", json={"sets": [{}]}, headers=client) as resp:
         sweep = await resp.json()
+    async with http.post(f"{base}/v1/workflow", data=curl_form(SLOW), headers=client) as resp:
+        doomed_wf = await resp.json()
+    async with http.post(f"{base}/v1/workflow/{doomed_wf['id']}/cancel", headers=client) as resp:
+        assert resp.status == 200, await resp.text()
     return {
         "CF_RUNNER_ID": runner["id"],
         "CF_RUNNER_TOKEN": runner["token"],
@@ -76,6 +81,7 @@ async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSe
         "CF_WORKFLOW_ID": wf["id"],
         "CF_OUTPUT_ID": output["output_id"],
         "CF_SWEEP_ID": sweep["sweep_id"],
+        "CF_DOOMED_WORKFLOW_ID": doomed_wf["id"],
     }
 
 
@@ -123,6 +129,9 @@ async def test_schemathesis_finds_no_disagreement_between_the_spec_and_the_serve
             cwd=tmp_path,
         )
         out, _ = await proc.communicate()
+        # The workflow the other operations act on outlived the run (deletes took their own).
+        async with http.get(f"{base}/v1/workflow/{env['CF_WORKFLOW_ID']}", headers=client) as resp:
+            kept = resp.status
     finally:
         await served.stop()
     text = out.decode()
@@ -131,3 +140,4 @@ async def test_schemathesis_finds_no_disagreement_between_the_spec_and_the_serve
     assert result["test_cases"]["generated"] >= 1000, text[-3000:]
     assert result["failures"] == [] and result["errors"] == [], text[-6000:]
     assert proc.returncode == 0, text[-3000:]
+    assert kept == 200

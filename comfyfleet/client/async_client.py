@@ -128,6 +128,10 @@ class AsyncClient:
     async def cancel(self, workflow_id: str) -> JSON:
         return cast(JSON, await self._call(calls.cancel(workflow_id)))
 
+    async def delete_workflow(self, workflow_id: str) -> None:
+        """Delete a finished workflow with its outputs (a ``Conflict`` until it has finished)."""
+        await self._call(calls.delete_workflow(workflow_id))
+
     async def events(
         self,
         workflow_id: str,

@@ -155,6 +155,10 @@ def list_workflows(
     return Call("GET", "/v1/workflow", query=query)
 
 
+def delete_workflow(workflow_id: str) -> Call:
+    return Call("DELETE", f"/v1/workflow/{_id(workflow_id)}")
+
+
 def cancel(workflow_id: str) -> Call:
     return Call("POST", f"/v1/workflow/{_id(workflow_id)}/cancel")
 

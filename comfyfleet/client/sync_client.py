@@ -129,6 +129,10 @@ class Client:
     def cancel(self, workflow_id: str) -> JSON:
         return cast(JSON, self._call(calls.cancel(workflow_id)))
 
+    def delete_workflow(self, workflow_id: str) -> None:
+        """Delete a finished workflow with its outputs (a ``Conflict`` until it has finished)."""
+        self._call(calls.delete_workflow(workflow_id))
+
     def events(
         self,
         workflow_id: str,

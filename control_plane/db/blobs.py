@@ -45,6 +45,10 @@ class BlobStore:
         if self._holds[sha256] <= 0:
             del self._holds[sha256]
 
+    def held(self, sha256: str) -> bool:
+        """Held by some request in flight."""
+        return self._holds[sha256] > 0
+
     def held_elsewhere(self, sha256: str) -> bool:
         """Held by some request besides the one asking (which holds it once)."""
         return self._holds[sha256] > 1

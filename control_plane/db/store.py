@@ -34,6 +34,7 @@ from control_plane.db.tables import (
     Task,
     Template,
     Workflow,
+    WorkflowEvent,
     as_utc,
     lease_live,
     utcnow,
@@ -50,6 +51,7 @@ from control_plane.model.lifecycle import (
     start_next_attempt,
     task_end,
 )
+from control_plane.model.params import WorkflowParams
 
 # How long a retried attempt waits before it is dispatched: doubling per attempt up to this.
 _MAX_BACKOFF_S = 30.0
@@ -334,7 +336,15 @@ class Store:
         # as much as the rest of the transaction.
         rows = [{column.key: getattr(wf, column.key) for column in WORKFLOWS.columns} for wf in workflows]
 
+        parents = sorted({wf.parent_id for wf in workflows if wf.parent_id is not None})
+
         def work(s: Session) -> list[Workflow]:
+            for parent_id in parents:
+                # A rerun's original, held until this commits: a delete waits for it (and
+                # then sees the rerun use its files) or went first (and the rerun is a 404).
+                query = select(Workflow.id).where(Workflow.id == parent_id).with_for_update(read=True)
+                if s.exec(query).first() is None:
+                    raise NotFound(f"workflow {parent_id} was deleted")
             s.connection().execute(reports.INSERT_WORKFLOW, rows)
             if receipt is not None:
                 s.add(receipt)
@@ -589,6 +599,30 @@ class Store:
             s.add(wf)
             s.commit()
             return wf
+
+        return await self.run(work)
+
+    async def delete_workflow(self, account_id: str, workflow_id: str) -> list[str]:
+        """Delete a finished workflow with its tasks, outputs and events; the blobs (its inputs
+        and outputs) that nothing refers to any more, for the caller to remove once this has
+        committed. 409 while it has not finished."""
+
+        def work(s: Session) -> list[str]:
+            wf = _locked(s, workflow_id, without_graph=True)
+            if wf is None or wf.account_id != account_id:
+                raise NotFound(f"workflow {workflow_id} not found")
+            if wf.status not in TERMINAL:
+                raise Conflict(f"workflow {workflow_id} is {wf.status}; cancel it before deleting it")
+            files = WorkflowParams.of(wf.workflow_params).files.values()
+            outputs = s.exec(select(Output.sha256).where(Output.workflow_id == workflow_id))
+            candidates = {f.sha256 for f in files} | set(outputs)
+            c = s.connection()
+            for table in (Output, Task, WorkflowEvent):
+                c.execute(delete(table).where(table.workflow_id == workflow_id))  # type: ignore[arg-type]
+            c.execute(delete(Workflow).where(col(Workflow.id) == workflow_id))
+            unused = sorted(sha for sha in candidates if not _blob_referenced(s, sha))
+            s.commit()
+            return unused
 
         return await self.run(work)
 
@@ -1086,22 +1120,7 @@ class Store:
 
     async def blob_referenced(self, sha256: str) -> bool:
         """Whether any workflow (as an input), output or account's upload refers to the blob."""
-
-        def work(s: Session) -> bool:
-            if s.exec(select(AccountBlob.sha256).where(AccountBlob.sha256 == sha256).limit(1)).first():
-                return True
-            used_as_input = (
-                s.exec(
-                    select(Workflow.id)
-                    .where(cast(Workflow.workflow_params, String).contains(sha256))
-                    .limit(1)
-                )
-            ).first()
-            if used_as_input is not None:
-                return True
-            return (s.exec(select(Output.id).where(Output.sha256 == sha256).limit(1))).first() is not None
-
-        return await self.run(work)
+        return await self.run(lambda s: _blob_referenced(s, sha256))
 
     # -- figures -------------------------------------------------------------------------
 
@@ -1166,6 +1185,17 @@ class Store:
 
 
 _Owned = TypeVar("_Owned", Runner, Workflow, Template, Output)
+
+
+def _blob_referenced(s: Session, sha256: str) -> bool:
+    if s.exec(select(AccountBlob.sha256).where(AccountBlob.sha256 == sha256).limit(1)).first():
+        return True
+    used_as_input = s.exec(
+        select(Workflow.id).where(cast(Workflow.workflow_params, String).contains(sha256)).limit(1)
+    ).first()
+    if used_as_input is not None:
+        return True
+    return s.exec(select(Output.id).where(Output.sha256 == sha256).limit(1)).first() is not None
 
 
 def _locked(s: Session, workflow_id: str, *, without_graph: bool = False) -> Workflow | None:

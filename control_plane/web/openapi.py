@@ -547,6 +547,16 @@ OPERATIONS: list[Operation] = [
         {200: ("it", _WORKFLOW), **_errors(400, 401, 404)},
     ),
     (
+        "delete",
+        "/v1/workflow/{id}",
+        "Delete a finished workflow with its tasks, outputs and events, and the files nothing else "
+        "uses (409 until it has finished: cancel it first)",
+        _C,
+        None,
+        [],
+        {204: ("deleted", None), **_errors(400, 401, 404, 409)},
+    ),
+    (
         "post",
         "/v1/workflow/{id}/cancel",
         "Cancel a workflow that has not finished (400 once it has)",

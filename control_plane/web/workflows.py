@@ -121,6 +121,22 @@ async def cancel_workflow(request: web.Request) -> web.Response:
     return web.json_response(workflow_view(cancelled))
 
 
+@routes.delete("/v1/workflow/{id}")
+async def delete_workflow(request: web.Request) -> web.Response:
+    """A finished workflow, gone with its tasks, outputs and events, and the files (inputs,
+    outputs) no other workflow or upload uses. 409 while it runs: cancel it first."""
+    svc = services(request)
+    principal = await svc.auth.client(request)
+    unused = await svc.store.delete_workflow(principal.account.id, request.match_info["id"])
+    for sha256 in unused:
+        # A request in flight may be about to refer to the same bytes (it stored them again
+        # under the same address): it keeps them.
+        if not svc.blobs.held(sha256):
+            await svc.blobs.delete(sha256)
+    log.info("workflow %s deleted (%d files removed)", request.match_info["id"], len(unused))
+    return web.Response(status=204)
+
+
 @routes.get("/v1/workflow/{id}/outputs")
 async def list_outputs(request: web.Request) -> web.Response:
     svc = services(request)
