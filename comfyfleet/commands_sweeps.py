@@ -142,5 +142,5 @@ def _cancel(args: argparse.Namespace) -> int:
     if args.json:
         print_json(sweep)
     else:
-        print(f"sweep {sweep['sweep_id']}: {sweep['cancelled']} cancelled; now {_counts(sweep)}")
+        print(f"sweep {sweep['sweep_id']}: {sweep['cancelled_now']} cancelled; now {_counts(sweep)}")
     return 0

@@ -328,7 +328,7 @@ async def test_a_sweep_runs_every_combination_of_the_values_given_and_is_shown_a
     sweep_id = lines[4].split()[1].rstrip(":")
     shown = await json_of(fleet, "sweeps", "show", sweep_id)
     assert (shown["total"], shown["counts"], shown["parent_id"]) == (4, {"completed": 4}, wf["id"])
-    assert (await json_of(fleet, "sweeps", "cancel", sweep_id))["cancelled"] == 0
+    assert (await json_of(fleet, "sweeps", "cancel", sweep_id))["cancelled_now"] == 0
     queued = await json_of(fleet, "sweep", wf["id"], "-p", "prefix=c", "--priority", "5", "--no-wait")
     assert queued["total"] == 1 and queued["sweep_id"] != sweep_id
 

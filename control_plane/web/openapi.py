@@ -191,7 +191,10 @@ SCHEMAS: dict[str, Any] = {
                 "additionalProperties": {"type": "integer"},
             },
             "workflows": {"type": "array", "items": _ANY_OBJECT},
-            "cancelled": {"type": "integer", "description": "in the answer to cancel: how many it cancelled"},
+            "cancelled_now": {
+                "type": "integer",
+                "description": "in the answer to cancel: how many it cancelled",
+            },
         },
     },
     "Runner": {

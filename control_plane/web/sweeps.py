@@ -81,7 +81,7 @@ async def get_sweep(request: web.Request) -> web.Response:
 @routes.post("/v1/sweep/{id}/cancel")
 async def cancel_sweep(request: web.Request) -> web.Response:
     """Cancel every workflow of the sweep that has not finished; those that have keep their
-    results. Answers the sweep as it is afterwards, and how many this cancelled."""
+    results. Answers the sweep as it is afterwards, and how many this cancelled (``cancelled_now``)."""
     svc: Services = request.app[Services.KEY]
     principal = await svc.auth.client(request)
     sweep_id = request.match_info["id"]
@@ -90,7 +90,7 @@ async def cancel_sweep(request: web.Request) -> web.Response:
         if wf.status not in TERMINAL and await svc.fleet.cancel(wf) is not None:
             cancelled += 1
     workflows = await svc.store.sweep_workflows(principal.account.id, sweep_id)
-    return web.json_response(sweep_view(workflows) | {"cancelled": cancelled})
+    return web.json_response(sweep_view(workflows) | {"cancelled_now": cancelled})
 
 
 def sweep_view(workflows: list[Workflow]) -> dict[str, Any]:
