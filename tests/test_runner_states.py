@@ -18,7 +18,9 @@ async def test_a_connected_runners_heartbeat_is_kept_for_when_it_is_away(
     fleet, store = cp.services.fleet, cp.services.store
 
     async def connected() -> bool:
-        return cp.services.registry.get(runner["id"]) is not None
+        # Registered first, then the hello's state written (after the lease, on PostgreSQL).
+        stored = await store.get_runner(None, runner["id"])
+        return cp.services.registry.get(runner["id"]) is not None and stored.last_seen_at is not None
 
     await poll_until(connected)
     at_hello = (await store.get_runner(None, runner["id"])).last_seen_at
