@@ -20,6 +20,7 @@ from control_plane.db.schema import create_schema
 from control_plane.db.sole_server import sole_server
 from control_plane.db.store import Store
 from control_plane.db.tables import utcnow
+from control_plane.db.webhooks import WebhookStore
 from control_plane.failpoints import FailPoints
 from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.events import EventHub
@@ -35,9 +36,11 @@ from control_plane.web import reruns as api_reruns
 from control_plane.web import runners as api_runners
 from control_plane.web import sweeps as api_sweeps
 from control_plane.web import templates as api_templates
+from control_plane.web import webhooks as api_webhooks
 from control_plane.web import workflows as api_workflows
 from control_plane.web.forms import FORM_GATES, FormGates
 from control_plane.web.middleware import error_middleware, url_middleware
+from control_plane.webhooks.sender import WebhookSender
 from protocol.closing import Close
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ def create_app(settings: Settings) -> web.Application:
         api_workflows,
         api_reruns,
         api_sweeps,
+        api_webhooks,
         api_templates,
         api_runners,
         conductor,
@@ -82,12 +86,19 @@ def create_app(settings: Settings) -> web.Application:
             hub.journal = journal = EventJournal(store, EVENT_LOG_WRITE_S)
             fleet = Fleet(settings, store, registry, hub, blobs, figures)
             app[FORM_GATES] = FormGates()
-            app[Services.KEY] = Services(settings, store, blobs, hub, registry, fleet, Authenticator(store))
+            webhooks = WebhookStore(store.db)
+            sender = WebhookSender(settings, webhooks)
+            hub.on_status, fleet.on_runner_offline = sender.wake, sender.runner_offline
+            app[Services.KEY] = Services(
+                settings, store, blobs, hub, registry, fleet, Authenticator(store), webhooks
+            )
             await fleet.start()
+            sender.start()
             log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))
             collector = Collector()
             collector.install()
             yield
+            await sender.stop()
             await fleet.stop()
             await journal.close()
             await store.close()

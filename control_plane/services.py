@@ -14,6 +14,7 @@ from control_plane.db.blobs import BlobStore
 from control_plane.db.rows import WorkflowState
 from control_plane.db.store import Store
 from control_plane.db.tables import Workflow
+from control_plane.db.webhooks import WebhookStore
 from control_plane.fleet.admission import Admission
 from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.events import EventHub
@@ -35,13 +36,16 @@ class Services:
     registry: Registry
     fleet: Fleet
     auth: Authenticator
+    webhooks: WebhookStore
     rate_limits: RateLimiter = field(default_factory=RateLimiter)
     admission: Admission = field(init=False)
     submissions: Submissions = field(init=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings.max_handshakes, self.settings.handshake_queue)
-        self.submissions = Submissions(self.settings, self.store, self.registry, self.fleet, self.rate_limits)
+        self.submissions = Submissions(
+            self.settings, self.store, self.registry, self.fleet, self.rate_limits, self.webhooks
+        )
 
     def live_runner(self, runner_id: str) -> dict[str, object] | None:
         conn = self.registry.get(runner_id)

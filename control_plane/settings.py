@@ -115,6 +115,21 @@ class Settings:
     # and never from a private, loopback or link-local address unless this allows it.
     input_fetch_timeout_s: float = 30.0
     fetch_private_urls: bool = False
+    # Webhooks: never to a private, loopback or link-local address unless this allows it.
+    webhook_private_urls: bool = False
+    # What a receiver has to answer one delivery attempt in.
+    webhook_timeout_s: float = 10.0
+    # The pause after a failed attempt: this, doubled per attempt, up to webhook_max_backoff_s;
+    # a delivery is given up on (failed) once it is webhook_give_up_s old.
+    webhook_backoff_s: float = 5.0
+    webhook_max_backoff_s: float = 3600.0
+    webhook_give_up_s: float = 24 * 3600.0
+    # An endpoint whose every attempt has failed for this long is disabled, with the reason.
+    webhook_disable_after_s: float = 24 * 3600.0
+    # How often the outbox is looked at when nothing here woke the sender.
+    webhook_poll_s: float = 1.0
+    # The control plane's address as receivers should see it: outputs' URLs in payloads.
+    public_url: str = ""
 
     @property
     def resolved_database_url(self) -> str:
@@ -142,9 +157,23 @@ class Settings:
             raise ValueError("node_report_write_s must be positive")
         if self.input_fetch_timeout_s <= 0:
             raise ValueError("input_fetch_timeout_s must be positive")
+        self._validate_webhooks()
         if self.retry_backoff_s < 0 or self.deadline_sweep_s <= 0:
             raise ValueError("retry_backoff_s must not be negative and deadline_sweep_s must be positive")
         return self
+
+    def _validate_webhooks(self) -> None:
+        if min(self.webhook_timeout_s, self.webhook_poll_s, self.webhook_give_up_s) <= 0:
+            raise ValueError("webhook_timeout_s, webhook_poll_s and webhook_give_up_s must be positive")
+        if self.webhook_backoff_s < 0 or self.webhook_max_backoff_s < self.webhook_backoff_s:
+            raise ValueError("webhook_backoff_s must not be negative nor above webhook_max_backoff_s")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("public_url must start with http:// or https://")
+
+    @property
+    def base_url(self) -> str:
+        """Where receivers reach this control plane: public_url, else its own address."""
+        return self.public_url.rstrip("/") if self.public_url else f"http://{self.host}:{self.port}"
 
 
 def _default_replica_id() -> str:

@@ -48,14 +48,27 @@ def test_package_imports_only_what_it_may(package: str) -> None:
 
 # Inside the control plane, dependencies point down: the HTTP and agent fronts use the fleet,
 # the fleet uses the database, and everything may use the model (and the settings and fail
-# points, which are plain values). ``services`` and ``auth`` are what both fronts share;
-# ``app`` puts it all together.
+# points, which are plain values; and the check of where it may connect). The webhook sender
+# sits beside the fronts: it reads the fleet's events and the database. ``services`` and
+# ``auth`` are what both fronts share; ``app`` puts it all together.
 LAYERS = {
     "model": {"model", "settings", "failpoints"},
     "db": {"db", "model", "settings", "failpoints"},
-    "fleet": {"fleet", "db", "model", "settings", "failpoints"},
+    "fleet": {"fleet", "db", "model", "settings", "failpoints", "public_addresses"},
+    "webhooks": {"webhooks", "fleet", "db", "model", "settings", "failpoints", "public_addresses"},
     "agents": {"agents", "fleet", "db", "model", "settings", "failpoints", "services", "auth"},
-    "web": {"web", "fleet", "db", "model", "settings", "failpoints", "services", "auth"},
+    "web": {
+        "web",
+        "webhooks",
+        "fleet",
+        "db",
+        "model",
+        "settings",
+        "failpoints",
+        "services",
+        "auth",
+        "public_addresses",
+    },
 }
 
 
@@ -88,7 +101,7 @@ def test_control_plane_layers_depend_only_downwards(layer: str) -> None:
 
 
 def test_the_low_modules_import_no_layer() -> None:
-    for name in ("settings", "failpoints"):
+    for name in ("settings", "failpoints", "public_addresses"):
         assert control_plane_parts(ROOT / "control_plane" / f"{name}.py") <= {"failpoints"}, name
 
 

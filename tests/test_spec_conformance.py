@@ -33,8 +33,8 @@ EXAMPLES_PER_OPERATION = 18
 
 async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSession) -> dict[str, str]:
     """A completed workflow with an output (through a hand-rolled agent), a runner that stays
-    offline, one to delete, a template, a sweep, a cancelled workflow to delete: what the
-    generated requests act on."""
+    offline, one to delete, a template, a sweep, a cancelled workflow to delete, two webhooks
+    (one to delete): what the generated requests act on."""
     async with http.post(f"{base}/v1/runner", json={"name": "main"}, headers=client) as resp:
         runner = await resp.json()
     async with http.post(f"{base}/v1/runner", json={"name": "doomed"}, headers=client) as resp:
@@ -73,6 +73,12 @@ async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSe
         doomed_wf = await resp.json()
     async with http.post(f"{base}/v1/workflow/{doomed_wf['id']}/cancel", headers=client) as resp:
         assert resp.status == 200, await resp.text()
+    hooks = []
+    for name in ("kept", "doomed"):
+        body = {"url": f"https://{name}.example.org/hook", "events": ["workflow.completed"]}
+        async with http.post(f"{base}/v1/webhook", json=body, headers=client) as resp:
+            assert resp.status == 201, await resp.text()
+            hooks.append(await resp.json())
     return {
         "CF_RUNNER_ID": runner["id"],
         "CF_RUNNER_TOKEN": runner["token"],
@@ -82,6 +88,8 @@ async def make_objects(base: str, client: dict[str, str], http: aiohttp.ClientSe
         "CF_OUTPUT_ID": output["output_id"],
         "CF_SWEEP_ID": sweep["sweep_id"],
         "CF_DOOMED_WORKFLOW_ID": doomed_wf["id"],
+        "CF_WEBHOOK_ID": hooks[0]["id"],
+        "CF_DOOMED_WEBHOOK_ID": hooks[1]["id"],
     }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Table
 from sqlmodel import Field, SQLModel
 
-from control_plane.model.lifecycle import TaskStatus, WorkflowStatus
+from control_plane.model.lifecycle import DeliveryStatus, TaskStatus, WorkflowStatus
 
 
 def utcnow() -> datetime:
@@ -43,6 +43,9 @@ class Account(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True)
     name: str = Field(unique=True, index=True)
     tier: str = "free"
+    # Signs the webhooks sent to the URLs workflows name themselves (``webhook_url``); made
+    # and shown by ``POST /v1/webhook-secret``.
+    webhook_secret: str | None = None
     created_at: datetime = _created()
 
 
@@ -107,6 +110,8 @@ class Workflow(SQLModel, table=True):
     parent_id: str | None = Field(default=None, index=True)
     # The workflows of one sweep (POST /v1/workflow/{id}/sweep) are followed and cancelled together.
     sweep_id: str | None = Field(default=None, index=True)
+    # Told when the workflow ends (completed, failed, cancelled), signed with the account's secret.
+    webhook_url: str | None = None
     # Waiting workflows are dispatched highest priority first, then oldest first.
     priority: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     error_node: str | None = None
@@ -248,6 +253,61 @@ class IdempotencyRecord(SQLModel, table=True):
     status: int
     body: str
     created_at: datetime = _created()
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """An account's webhook: the events it wants, and how its deliveries have been going."""
+
+    __tablename__ = "webhook_endpoint"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    url: str
+    events: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    description: str = ""
+    secret: str
+    status: str = "active"  # active | disabled
+    disabled_reason: str | None = None
+    # The first failed attempt since its last success: failing for long enough disables it.
+    failing_since: datetime | None = _ts()
+    created_at: datetime = _created()
+    updated_at: datetime = _created()
+
+
+class WebhookChange(SQLModel, table=True):
+    """A workflow's status changed while someone wanted to hear of it: written by a trigger in
+    the transaction of the change itself (migration 0009), so none is ever lost or made up;
+    turned into deliveries by the sender (``webhooks/sender.py``)."""
+
+    __tablename__ = "webhook_change"
+    id: int | None = Field(default=None, primary_key=True)
+    workflow_id: str
+    account_id: str
+    status: str
+    attempt: int
+    changed_at: datetime = _created()
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One message to one URL, sent until it is answered with a 2xx or given up on. Its id is
+    the ``webhook-id`` of every attempt, by which a receiver drops repeats."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (Index("ix_webhook_delivery_due", "status", "next_attempt_at"),)
+    id: str = Field(primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    endpoint_id: str | None = Field(default=None, index=True)
+    url: str
+    event_type: str
+    workflow_id: str | None = Field(default=None, index=True)
+    # The body, exactly as every attempt sends it.
+    payload: str
+    status: str = DeliveryStatus.PENDING
+    attempts: int = 0
+    next_attempt_at: datetime = _created()
+    # Each attempt: {at, status_code, error, duration_ms}.
+    attempt_log: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _created()
+    delivered_at: datetime | None = _ts()
 
 
 def table_of(model: type[SQLModel]) -> Table:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -132,6 +132,9 @@ class Fleet:
         self.stopping = False  # set when the control plane shuts down
         # The other control planes on a shared database, once started (replicas.py).
         self.replicas: Replicas | None = None
+        # Told of a runner that did not come back in time, with the workflows it held that
+        # went back to waiting (the webhook sender's runner.offline).
+        self.on_runner_offline: Callable[[str, list[str]], Awaitable[None]] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -411,17 +414,22 @@ class Fleet:
         self.kick()
 
     async def runner_disconnected(self, conn: AgentConnection, *, left: bool = False) -> None:
+        """A runner that left on purpose is offline now, and its jobs go elsewhere; one that
+        dropped gets its grace period to come back (and keep its jobs) before it is."""
         self.changed()
         await self.node_reports.flush_runner(conn.runner_id)
-        if not conn.jobs:
+        if not left:
+            self._start_grace(conn.runner_id)
             return
-        if left:
+        requeued = []
+        if conn.jobs:
             for workflow_id, attempt in (await self.store.held_by(conn.runner_id)).items():
                 await self._requeue(
                     workflow_id, attempt, conn.runner_id, f"runner {conn.name} left before running it"
                 )
-        else:
-            self._start_grace(conn.runner_id)
+                requeued.append(workflow_id)
+        if self.on_runner_offline is not None:
+            await self.on_runner_offline(conn.runner_id, requeued)
 
     async def runner_deleted(self, runner_id: str) -> None:
         """A deleted runner will not come back: its work goes elsewhere now, not after grace."""
@@ -432,7 +440,9 @@ class Fleet:
             await self._requeue(workflow_id, attempt, runner_id, "its runner was deleted")
 
     def _start_grace(self, runner_id: str) -> None:
-        if runner_id in self._grace:
+        # Shutting down, the runners are sent away on purpose: whoever serves next gives them
+        # (and their jobs) a grace period when it starts.
+        if runner_id in self._grace or self.stopping:
             return
         loop = asyncio.get_running_loop()
         self._grace[runner_id] = loop.call_later(
@@ -451,10 +461,14 @@ class Fleet:
         if self.replicas is not None and await self.replicas.holder(runner_id) is not None:
             return  # it came back to another control plane on the database
         reason = f"runner {runner_id} did not come back within {self.settings.runner_grace_s:g} s"
+        requeued = []
         for workflow_id, attempt in (await self.store.held_by(runner_id)).items():
             if self.registry.get(runner_id) is not None:
                 return  # it came back while we were at it: its hello reconciles the rest
             await self._requeue(workflow_id, attempt, runner_id, reason)
+            requeued.append(workflow_id)
+        if self.on_runner_offline is not None:
+            await self.on_runner_offline(runner_id, requeued)
 
     def _fault(self, kind: str, reason: str, **extra: Any) -> Fault:
         return Fault(

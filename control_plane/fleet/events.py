@@ -43,6 +43,8 @@ class EventHub:
         self.relay: Relay | None = None
         # Logs what is published here, and numbers it (unset: events have no ids).
         self.journal: EventJournal | None = None
+        # Told of every status published here (the webhook sender: the outbox may have grown).
+        self.on_status: Callable[[], None] | None = None
 
     @contextmanager
     def subscribe(self, workflow_id: str) -> Iterator[asyncio.Queue[Event]]:
@@ -78,6 +80,8 @@ class EventHub:
         self.deliver(workflow_id, name, data, event_id)
         if self.relay is not None:
             self.relay(workflow_id, name, data, event_id)
+        if name == "status" and self.on_status is not None:
+            self.on_status()
 
     def deliver(
         self, workflow_id: str, name: EventName, data: dict[str, Any], event_id: str | None = None

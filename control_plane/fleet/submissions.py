@@ -20,12 +20,14 @@ from control_plane.db.tables import (
     tag_index,
     utcnow,
 )
+from control_plane.db.webhooks import WebhookStore
 from control_plane.fleet.capabilities import Needs, Offers, check_values, missing, needs
 from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.rate_limits import RateLimiter
 from control_plane.fleet.registry import Registry, tags_match
 from control_plane.model.errors import BadRequest, Forbidden, TooManyRequests
 from control_plane.model.params import FileRef, WorkflowParams
+from control_plane.public_addresses import check_target
 from control_plane.settings import Settings, Tier
 from protocol.placeholders import (
     ParameterError,
@@ -37,6 +39,7 @@ from protocol.placeholders import (
 
 log = logging.getLogger(__name__)
 
+_PRIVATE = "webhook_private_urls"
 # The Idempotency-Key's answer for a new workflow, stored in the transaction that creates it.
 Receipt = Callable[[Workflow], IdempotencyRecord | None]
 SweepReceipt = Callable[[list[Workflow]], IdempotencyRecord | None]
@@ -52,6 +55,7 @@ class Sent:
     timeout_s: str | None = None
     correlation_id: str | None = None
     priority: str | None = None
+    webhook_url: str | None = None
 
     @property
     def parameter_count(self) -> int:
@@ -60,13 +64,20 @@ class Sent:
 
 class Submissions:
     def __init__(
-        self, settings: Settings, store: Store, registry: Registry, fleet: Fleet, rate_limits: RateLimiter
+        self,
+        settings: Settings,
+        store: Store,
+        registry: Registry,
+        fleet: Fleet,
+        rate_limits: RateLimiter,
+        webhooks: WebhookStore,
     ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
         self.fleet = fleet
         self.rate_limits = rate_limits
+        self.webhooks = webhooks
 
     def tier(self, account: Account) -> Tier:
         return self.settings.tiers.get(account.tier) or self.settings.tiers["free"]
@@ -138,6 +149,24 @@ class Submissions:
                 "(higher runs first)"
             )
         return value
+
+    async def resolve_webhook_url(
+        self, account: Account, requested: str | None, fallback: str | None
+    ) -> str | None:
+        """The URL told of the workflow's end: the one sent (checked, and only once the account
+        has the secret that signs it), else the original's on a rerun."""
+        if requested is None or not requested.strip():
+            return fallback
+        try:
+            url = await check_target(requested, "webhook_url", self.settings.webhook_private_urls, _PRIVATE)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        if not await self.webhooks.account_secret(account.id):
+            raise BadRequest(
+                "webhook_url is signed with the account's webhook secret, which it has not made yet: "
+                "POST /v1/webhook-secret makes it (and shows it once)"
+            )
+        return url
 
     async def check_runner_available(
         self, account: Account, tags: list[str], workflow_json: dict[str, Any], values: dict[str, str]
@@ -223,6 +252,7 @@ class Submissions:
             raise BadRequest(str(exc)) from exc
         timeout_s = self.resolve_timeout(account, sent.timeout_s, default_timeout_s)
         priority = self.resolve_priority(account, sent.priority)
+        webhook_url = await self.resolve_webhook_url(account, sent.webhook_url, None)
         await self.check_tier(account, sent.parameter_count)
         need = await self.check_runner_available(account, tags, workflow_json, values)
         params = WorkflowParams(values=values, files={n: f for n, f in sent.files.items() if n in parameters})
@@ -235,6 +265,7 @@ class Submissions:
             workflow_params=params.stored(),
             correlation_id=sent.correlation_id,
             priority=priority,
+            webhook_url=webhook_url,
         )
         wf = await self._add(account, wf, timeout_s, receipt, need)
         log.info("workflow %s accepted for account %s", wf.id, account.name)
@@ -254,20 +285,11 @@ class Submissions:
             raise BadRequest(str(exc)) from exc
         timeout_s = self.resolve_timeout(account, sent.timeout_s, original.timeout_s)
         priority = self.resolve_priority(account, sent.priority, original.priority)
+        webhook_url = await self.resolve_webhook_url(account, sent.webhook_url, original.webhook_url)
         await self.check_tier(account, sent.parameter_count)
         need = await self.check_runner_available(account, original.tags, original.workflow_json, values)
         params = WorkflowParams(values=values, files={**before.files, **sent.files})
-        wf = new_workflow(
-            account_id=account.id,
-            name=original.name,
-            tags=list(original.tags),
-            tag_index=tag_index(original.tags),
-            workflow_json=original.workflow_json,
-            workflow_params=params.stored(),
-            correlation_id=sent.correlation_id or original.correlation_id,
-            parent_id=original.id,
-            priority=priority,
-        )
+        wf = _rerun_of(original, params, sent.correlation_id, priority=priority, webhook_url=webhook_url)
         wf = await self._add(account, wf, timeout_s, receipt, need)
         log.info("workflow %s is a rerun of %s", wf.id, original.id)
         return wf
@@ -291,6 +313,7 @@ class Submissions:
             raise BadRequest(str(exc)) from exc
         timeout_s = self.resolve_timeout(account, options.timeout_s, original.timeout_s)
         priority = self.resolve_priority(account, options.priority, original.priority)
+        webhook_url = await self.resolve_webhook_url(account, options.webhook_url, original.webhook_url)
         await self.check_tier(account, max(s.parameter_count for s in sets), workflows=len(sets))
         sweep_id = new_id()
         planned: list[tuple[Workflow, Needs]] = []
@@ -303,17 +326,13 @@ class Submissions:
             except (ParameterError, BadRequest) as exc:
                 raise BadRequest(f"set {number}: {exc}") from exc
             params = WorkflowParams(values=values, files={**before.files, **sent.files})
-            wf = new_workflow(
-                account_id=account.id,
-                name=original.name,
-                tags=list(original.tags),
-                tag_index=tag_index(original.tags),
-                workflow_json=original.workflow_json,
-                workflow_params=params.stored(),
-                correlation_id=options.correlation_id or original.correlation_id,
-                parent_id=original.id,
-                sweep_id=sweep_id,
+            wf = _rerun_of(
+                original,
+                params,
+                options.correlation_id,
                 priority=priority,
+                webhook_url=webhook_url,
+                sweep_id=sweep_id,
             )
             planned.append((wf, need))
         now = utcnow()
@@ -344,6 +363,23 @@ class Submissions:
         wf.timeout_s = timeout_s
         wf.queue_timeout_s = self.tier(account).max_queue_s
         wf.deadline_at = now + timedelta(seconds=wf.queue_timeout_s)
+
+
+def _rerun_of(
+    original: Workflow, params: WorkflowParams, correlation_id: str | None, **fields: Any
+) -> Workflow:
+    """A new workflow with the original's structure, name and tags, and these parameters."""
+    return new_workflow(
+        account_id=original.account_id,
+        name=original.name,
+        tags=list(original.tags),
+        tag_index=tag_index(original.tags),
+        workflow_json=original.workflow_json,
+        workflow_params=params.stored(),
+        correlation_id=correlation_id or original.correlation_id,
+        parent_id=original.id,
+        **fields,
+    )
 
 
 def _check_values(workflow_json: dict[str, Any], values: dict[str, str], capable: list[Offers]) -> None:

@@ -27,6 +27,14 @@ class WorkflowStatus(StrEnum):
     INVALID = "invalid"  # ComfyUI refused the prompt
 
 
+class DeliveryStatus(StrEnum):
+    """A webhook delivery: sent until answered with a 2xx, or given up on."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
 class TaskStatus(StrEnum):
     """A node's task, in Conductor's words."""
 

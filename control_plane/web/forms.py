@@ -40,7 +40,7 @@ MAX_NAME_CHARS = 200
 PLAIN_PARTS = 16
 # The plain fields a submission (and a template run) takes, beside workflow_json, $name
 # parameters and #name choices.
-SUBMIT_FIELDS = ("name", "tags", "correlation_id", "timeout_s", "priority")
+SUBMIT_FIELDS = ("name", "tags", "correlation_id", "timeout_s", "priority", "webhook_url")
 _MAX_URLENCODED_BYTES = 1024 * 1024
 # A workflow larger than this is parsed off the event loop.
 _PARSE_ON_LOOP_BYTES = 256 * 1024
@@ -110,6 +110,7 @@ class SubmittedForm:
             timeout_s=self.fields.get("timeout_s"),
             correlation_id=self.text_field("correlation_id", 255),
             priority=self.fields.get("priority"),
+            webhook_url=self.fields.get("webhook_url"),
         )
 
     def text_field(self, name: str, max_chars: int) -> str | None:

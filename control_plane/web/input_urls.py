@@ -1,27 +1,23 @@
 """A ``$file`` parameter given as an ``http(s)`` URL: the control plane fetches it, streamed
 into the blob store, within the request's size cap and a time limit.
 
-A URL is somebody else's to choose, and the control plane sits inside the operator's
-network: every address a fetch would connect to is checked, the URL's own and those its
-name resolves to, at each redirect, and a private, loopback, link-local or otherwise
-non-public one is refused unless the operator allows them (``fetch_private_urls``).
+A URL is somebody else's to choose: every address a fetch would connect to is checked, at
+each redirect (``public_addresses.py``), and a non-public one is refused unless the
+operator allows them (``fetch_private_urls``).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
 from control_plane.db.blobs import BlobStore, StoredBlob
 from control_plane.model.errors import BadRequest, TooLarge
+from control_plane.public_addresses import PublicOnly, private_literal, refusal
 
 MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
@@ -34,57 +30,18 @@ class Fetched:
     content_type: str | None
 
 
-class _Refused(OSError):
-    pass
-
-
-def _public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    return ip.is_global and not ip.is_multicast
-
-
-class _PublicOnly(AbstractResolver):
-    """Resolves as usual and refuses names that lead to a non-public address (checked here,
-    where the connection is made, so a name cannot change its answer between a check and
-    the connect)."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-        self.refused: tuple[str, str] | None = None
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
-        for result in found:
-            if not _public(result["host"]):
-                self.refused = (host, result["host"])
-                raise _Refused(f"{host} is {result['host']}")
-        return found
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 def _checked_url(url: str, what: str, allow_private: bool) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadRequest(f"{what}: a URL must be http:// or https:// with a host, not {url[:200]!r}")
-    host = parts.hostname
     try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        return url  # a name: checked as it resolves
-    if not allow_private and not _public(str(literal)):
-        raise BadRequest(_refusal(what, host, str(literal)))
+        literal = private_literal(url)
+    except ValueError as exc:
+        raise BadRequest(f"{what}: {exc}") from None
+    if literal is not None and not allow_private:
+        raise BadRequest(_refusal(what, urlsplit(url).hostname or literal, literal))
     return url
 
 
 def _refusal(what: str, host: str, address: str) -> str:
-    return (
-        f"{what}: {host} is a private, loopback or link-local address ({address}); the control "
-        "plane fetches only from public addresses unless its operator allows others (fetch_private_urls)"
-    )
+    return refusal(what, host, address, "fetch_private_urls")
 
 
 def _filename(url: str, given: str | None) -> str:
@@ -106,7 +63,7 @@ async def fetch(
 ) -> Fetched:
     """Fetch ``url`` (the parameter ``what``) into the blob store; :class:`BadRequest` with
     the reason when it cannot be had."""
-    resolver = None if allow_private else _PublicOnly()
+    resolver = None if allow_private else PublicOnly()
     connector = aiohttp.TCPConnector(resolver=resolver) if resolver is not None else aiohttp.TCPConnector()
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:

@@ -10,7 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.model.lifecycle import ConductorStatus, TaskStatus, WorkflowStatus
+from control_plane.model.lifecycle import ConductorStatus, DeliveryStatus, TaskStatus, WorkflowStatus
+from control_plane.webhooks.events import EVENT_TYPES
 
 routes = web.RouteTableDef()
 
@@ -18,6 +19,8 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 _WORKFLOW = {"$ref": "#/components/schemas/Workflow"}
 _SWEEP_VIEW = {"$ref": "#/components/schemas/Sweep"}
+_WEBHOOK = {"$ref": "#/components/schemas/Webhook"}
+_DELIVERY = {"$ref": "#/components/schemas/Delivery"}
 _RUNNER = {"$ref": "#/components/schemas/Runner"}
 _TEMPLATE = {"$ref": "#/components/schemas/Template"}
 
@@ -61,6 +64,10 @@ SCHEMAS: dict[str, Any] = {
             "correlation_id": _STRING_OR_NULL,
             "parent_id": _STRING_OR_NULL,
             "sweep_id": {**_STRING_OR_NULL, "description": "the sweep that made it, if one did"},
+            "webhook_url": {
+                **_STRING_OR_NULL,
+                "description": "told when it ends, signed with the account's secret",
+            },
             "priority": {
                 "type": "integer",
                 "description": "waiting workflows go to runners highest priority first, then oldest first",
@@ -197,6 +204,42 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Webhook": {
+        "type": "object",
+        "required": ["id", "url", "events", "status", "created_at", "updated_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "url": {"type": "string"},
+            "events": {"type": "array", "items": {"enum": list(EVENT_TYPES)}},
+            "description": {"type": "string"},
+            "status": {"enum": ["active", "disabled"]},
+            "disabled_reason": _STRING_OR_NULL,
+            "failing_since": _TIME_OR_NULL,
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"},
+            "secret": {"type": "string", "description": "only in the answer to create, shown once"},
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "required": ["id", "url", "event_type", "status", "attempts", "created_at"],
+        "properties": {
+            "id": {"type": "string", "description": "the webhook-id of every attempt"},
+            "webhook_id": _STRING_OR_NULL,
+            "url": {"type": "string"},
+            "event_type": {"enum": list(EVENT_TYPES)},
+            "workflow_id": _STRING_OR_NULL,
+            "status": {"enum": [s.value for s in DeliveryStatus]},
+            "attempts": {
+                "type": "array",
+                "description": "each attempt: at, status_code, error, answer, duration_ms",
+                "items": _ANY_OBJECT,
+            },
+            "next_attempt_at": _TIME_OR_NULL,
+            "created_at": {"type": "string", "format": "date-time"},
+            "delivered_at": _TIME_OR_NULL,
+        },
+    },
     "Runner": {
         "type": "object",
         "required": ["id", "name", "tags", "status", "created_at", "updated_at", "connected"],
@@ -275,12 +318,20 @@ _PRIORITY = {
     "description": "higher runs first among the account's waiting workflows, up to the tier's "
     "maximum (free 1, pro 5, enterprise 10); 0 without it, a rerun's original's on a rerun",
 }
+_WEBHOOK_URL = {
+    "type": "string",
+    "maxLength": 2000,
+    "pattern": _NO_NUL,
+    "description": "told when the workflow ends (a public http(s) URL), signed with the account's "
+    "secret (POST /v1/webhook-secret first); a rerun keeps its original's",
+}
 _RUN_FIELDS = {
     "name": {"type": "string", "maxLength": 200, "pattern": _NO_NUL},
     "tags": {"type": "string", "pattern": _TAG_LIST, "description": "comma-separated, at most 10"},
     "correlation_id": {"type": "string", "maxLength": 255, "pattern": _NO_NUL},
     "timeout_s": _TIMEOUT_S,
     "priority": _PRIORITY,
+    "webhook_url": _WEBHOOK_URL,
 }
 
 
@@ -337,7 +388,12 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 _SUBMIT = _form({"workflow_json": _WORKFLOW_JSON, **_RUN_FIELDS}, ("workflow_json",))
 _RERUN = _form(
-    {"timeout_s": _TIMEOUT_S, "correlation_id": _RUN_FIELDS["correlation_id"], "priority": _PRIORITY}
+    {
+        "timeout_s": _TIMEOUT_S,
+        "correlation_id": _RUN_FIELDS["correlation_id"],
+        "priority": _PRIORITY,
+        "webhook_url": _WEBHOOK_URL,
+    }
 )
 _RUN_TEMPLATE = _form(_RUN_FIELDS)
 _FILE_PROPERTIES: dict[str, Any] = _FILE_OBJECT["properties"]
@@ -360,6 +416,7 @@ _SWEEP_OPTIONS = {
     "timeout_s": _TIMEOUT_S,
     "correlation_id": _RUN_FIELDS["correlation_id"],
     "priority": _PRIORITY,
+    "webhook_url": _WEBHOOK_URL,
 }
 _SWEEP = _json(
     {
@@ -438,6 +495,26 @@ _RERUN_FROM_TASK = _json(
                 "description": "parameter values by name ($name, #name or name)",
             },
         },
+        "additionalProperties": False,
+    }
+)
+_WEBHOOK_FIELDS = {
+    "url": {"type": "string", "maxLength": 2000, "pattern": _NO_NUL},
+    "events": {"type": "array", "minItems": 1, "items": {"enum": list(EVENT_TYPES)}},
+    "description": {"type": "string", "maxLength": 200, "pattern": _NO_NUL},
+}
+_NEW_WEBHOOK = _json(
+    {
+        "type": "object",
+        "required": ["url", "events"],
+        "properties": _WEBHOOK_FIELDS,
+        "additionalProperties": False,
+    }
+)
+_WEBHOOK_CHANGE = _json(
+    {
+        "type": "object",
+        "properties": {**_WEBHOOK_FIELDS, "status": {"enum": ["active", "disabled"]}},
         "additionalProperties": False,
     }
 )
@@ -633,6 +710,78 @@ OPERATIONS: list[Operation] = [
         None,
         [],
         {200: ("the sweep afterwards", _SWEEP_VIEW), **_errors(400, 401, 404)},
+    ),
+    (
+        "get",
+        "/v1/workflow/{id}/deliveries",
+        "The webhook deliveries about a workflow (to the account's webhooks and its webhook_url)",
+        _C,
+        None,
+        _PAGING,
+        {200: ("a page", _list_of("deliveries", _DELIVERY)), **_errors(400, 401, 404)},
+    ),
+    (
+        "post",
+        "/v1/webhook",
+        "A webhook: the events it wants at a public URL, signed with its secret (shown once)",
+        _C,
+        _NEW_WEBHOOK,
+        [],
+        {201: ("the webhook, with its secret", _WEBHOOK), **_errors(400, 401)},
+    ),
+    (
+        "get",
+        "/v1/webhook",
+        "The account's webhooks",
+        _C,
+        None,
+        _PAGING,
+        {200: ("a page", _list_of("webhooks", _WEBHOOK)), **_errors(400, 401)},
+    ),
+    (
+        "get",
+        "/v1/webhook/{id}",
+        "A webhook and how its deliveries are going",
+        _C,
+        None,
+        [],
+        {200: ("it", _WEBHOOK), **_errors(400, 401, 404)},
+    ),
+    (
+        "put",
+        "/v1/webhook/{id}",
+        "Change a webhook's url, events or description; status active turns a disabled one on again",
+        _C,
+        _WEBHOOK_CHANGE,
+        [],
+        {200: ("it, changed", _WEBHOOK), **_errors(400, 401, 404)},
+    ),
+    (
+        "delete",
+        "/v1/webhook/{id}",
+        "Delete a webhook (what it had still to send is dropped)",
+        _C,
+        None,
+        [],
+        {204: ("deleted", None), **_errors(400, 401, 404)},
+    ),
+    (
+        "get",
+        "/v1/webhook/{id}/deliveries",
+        "A webhook's deliveries, newest first, each with every attempt's answer",
+        _C,
+        None,
+        _PAGING,
+        {200: ("a page", _list_of("deliveries", _DELIVERY)), **_errors(400, 401, 404)},
+    ),
+    (
+        "post",
+        "/v1/webhook-secret",
+        "Make or replace the secret that signs deliveries to workflows' webhook_url (shown once)",
+        _C,
+        None,
+        [],
+        {201: ("the secret", _ANY_OBJECT), **_errors(401)},
     ),
     (
         "post",

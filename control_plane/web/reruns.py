@@ -30,9 +30,10 @@ async def rerun_with_new_parameters(request: web.Request) -> web.Response:
         if fixed:
             raise BadRequest(
                 f"a rerun copies {', '.join(fixed)} from the original; "
-                "send only $text, $file and #choice parameters (and timeout_s, correlation_id, priority)"
+                "send only $text, $file and #choice parameters "
+                "(and timeout_s, correlation_id, priority, webhook_url)"
             )
-        form.only("timeout_s", "correlation_id", "priority")
+        form.only("timeout_s", "correlation_id", "priority", "webhook_url")
 
         async def produce(claim: idempotency.Claim | None) -> web.Response:
             wf = await svc.submissions.rerun_with_parameters(

@@ -27,7 +27,7 @@ from control_plane.web.multipart import media_type
 from control_plane.web.views import workflow_summary
 
 routes = web.RouteTableDef()
-_OPTIONS = ("timeout_s", "correlation_id", "priority")
+_OPTIONS = ("timeout_s", "correlation_id", "priority", "webhook_url")
 # A sweep's body names files and values; it never needs the size of a submission's.
 _MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -56,6 +56,7 @@ async def sweep(request: web.Request) -> web.Response:
         timeout_s=_option(body, "timeout_s", int),
         correlation_id=_option(body, "correlation_id", str),
         priority=_option(body, "priority", int),
+        webhook_url=_option(body, "webhook_url", str),
     )
     if options.correlation_id is not None and len(options.correlation_id) > 255:
         raise BadRequest("correlation_id is at most 255 characters")

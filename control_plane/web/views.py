@@ -41,6 +41,7 @@ def workflow_view(
         correlation_id=wf.correlation_id,
         parent_id=wf.parent_id,
         sweep_id=wf.sweep_id,
+        webhook_url=wf.webhook_url,
         priority=wf.priority,
         error_node=wf.error_node,
         exception_type=wf.exception_type,
