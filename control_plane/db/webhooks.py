@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
 from control_plane.db.database import Database
@@ -185,7 +186,12 @@ class WebhookStore:
             changes = list(s.exec(query))
             endpoints: dict[str, list[WebhookEndpoint]] = {}
             for change in changes:
-                workflow = s.get(Workflow, change.workflow_id)
+                # Its graph, which can be large, is no part of any payload.
+                workflow = s.exec(
+                    select(Workflow)
+                    .where(Workflow.id == change.workflow_id)
+                    .options(defer(Workflow.workflow_json))  # type: ignore[arg-type]
+                ).first()
                 if workflow is not None:  # a workflow deleted since has nothing to announce
                     if change.account_id not in endpoints:
                         endpoints[change.account_id] = _active(s, change.account_id)
