@@ -33,6 +33,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--port", type=int, default=None, help="listen port [COMFYFLEET_PORT, 8080]")
     p.add_argument("--data-dir", default=None, help="SQLite file and blobs [COMFYFLEET_DATA_DIR, ./data]")
     p.add_argument("--database-url", default=None, help="e.g. postgresql://… [COMFYFLEET_DATABASE_URL]")
+    p.add_argument(
+        "--blob-url",
+        default=None,
+        help="where inputs and outputs go: s3://bucket/prefix (AWS_* environment) or a folder "
+        "[COMFYFLEET_BLOB_URL, <data-dir>/blobs]",
+    )
     p.add_argument("--config", type=Path, default=None, help="TOML settings file [COMFYFLEET_CONFIG]")
     p.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") == "1")
     p.add_argument(
@@ -110,7 +116,13 @@ def _serve(args: argparse.Namespace) -> int:
     from control_plane.settings import load_settings
 
     settings = load_settings(
-        {"host": args.host, "port": args.port, "data_dir": args.data_dir, "database_url": args.database_url},
+        {
+            "host": args.host,
+            "port": args.port,
+            "data_dir": args.data_dir,
+            "database_url": args.database_url,
+            "blob_url": args.blob_url,
+        },
         config_file=args.config,
     )
     logs.configure(json_lines=args.log_json)

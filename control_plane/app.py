@@ -14,7 +14,7 @@ from control_plane.agents import endpoint as agent_ws
 from control_plane.agents import files as agent_http
 from control_plane.auth import Authenticator
 from control_plane.collector import Collector
-from control_plane.db.blobs import BlobStore
+from control_plane.db.blobs import open_blob_store
 from control_plane.db.engine import make_engine
 from control_plane.db.schema import create_schema
 from control_plane.db.sole_server import sole_server
@@ -80,8 +80,8 @@ def create_app(settings: Settings) -> web.Application:
             await create_schema(engine)
             store = Store(engine, FailPoints(failpoints.parse(settings.failpoints)))
             await store.forget_idempotent_before(utcnow() - timedelta(seconds=idempotency.KEEP_S))
-            blobs = BlobStore(settings.blob_dir)
-            await asyncio.to_thread(blobs.setup)
+            blobs = open_blob_store(settings.blob_url, settings.blob_dir, presign_s=settings.blob_presign_s)
+            await blobs.setup()
             hub, registry = EventHub(), Registry()
             hub.journal = journal = EventJournal(store, EVENT_LOG_WRITE_S)
             fleet = Fleet(settings, store, registry, hub, blobs, figures)
@@ -94,7 +94,11 @@ def create_app(settings: Settings) -> web.Application:
             )
             await fleet.start()
             sender.start()
-            log.info("control plane ready (database %s)", engine.url.render_as_string(hide_password=True))
+            log.info(
+                "control plane ready (database %s, blobs %s)",
+                engine.url.render_as_string(hide_password=True),
+                blobs.describe(),
+            )
             collector = Collector()
             collector.install()
             yield
@@ -102,6 +106,7 @@ def create_app(settings: Settings) -> web.Application:
             await fleet.stop()
             await journal.close()
             await store.close()
+            await blobs.close()
             collector.remove()
 
     async def close_agents(app: web.Application) -> None:

@@ -130,6 +130,12 @@ class Settings:
     webhook_poll_s: float = 1.0
     # The control plane's address as receivers should see it: outputs' URLs in payloads.
     public_url: str = ""
+    # Where inputs and outputs are kept: empty for <data_dir>/blobs, a folder, or
+    # s3://bucket/prefix (endpoint, region and credentials from the AWS_* environment).
+    blob_url: str = ""
+    # Downloads from object storage are presigned URLs valid this long; 0 streams the bytes
+    # through the control plane instead (for a store its clients and agents cannot reach).
+    blob_presign_s: float = 300.0
 
     @property
     def resolved_database_url(self) -> str:
@@ -158,6 +164,7 @@ class Settings:
         if self.input_fetch_timeout_s <= 0:
             raise ValueError("input_fetch_timeout_s must be positive")
         self._validate_webhooks()
+        self._validate_blobs()
         if self.retry_backoff_s < 0 or self.deadline_sweep_s <= 0:
             raise ValueError("retry_backoff_s must not be negative and deadline_sweep_s must be positive")
         return self
@@ -169,6 +176,16 @@ class Settings:
             raise ValueError("webhook_backoff_s must not be negative nor above webhook_max_backoff_s")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ValueError("public_url must start with http:// or https://")
+
+    def _validate_blobs(self) -> None:
+        if self.blob_presign_s < 0:
+            raise ValueError("blob_presign_s must not be negative")
+        if "://" in self.blob_url and not self.blob_url.startswith(("s3://", "file://")):
+            raise ValueError(
+                f"blob_url {self.blob_url!r}: use s3://bucket/prefix, a folder or file:///folder"
+            )
+        if self.blob_url.startswith("s3://") and not self.blob_url.removeprefix("s3://").split("/")[0]:
+            raise ValueError(f"blob_url {self.blob_url!r} names no bucket (s3://bucket/prefix)")
 
     @property
     def base_url(self) -> str:

@@ -22,6 +22,7 @@ from comfyfleet.throwaway_postgres import PgServer
 from control_plane.app import create_app
 from control_plane.services import Services
 from control_plane.settings import Settings
+from tests.s3_server import S3Server
 
 
 @dataclass
@@ -170,6 +171,38 @@ async def database_url(request: pytest.FixtureRequest) -> str:
 async def cp(tmp_path: Path, http: aiohttp.ClientSession, database_url: str) -> AsyncIterator[ControlPlane]:
     runner, base, app, settings = await start_control_plane(
         tmp_path, runner_grace_s=2.0, heartbeat_s=1.0, database_url=database_url
+    )
+    yield ControlPlane(base, settings, app, runner, http)
+    await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["disk", "s3"])
+async def blob_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The blob tests run on both stores: local disk and an S3-speaking server (a bucket of
+    their own, reached as any S3 is, through the AWS_* environment)."""
+    if request.param == "disk":
+        return ""
+    server: S3Server = request.getfixturevalue("s3_server")
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{await server.new_bucket()}/blobs"
+
+
+@pytest.fixture
+async def blob_cp(
+    tmp_path: Path, http: aiohttp.ClientSession, database_url: str, blob_url: str
+) -> AsyncIterator[ControlPlane]:
+    """A control plane on each database with each blob store."""
+    runner, base, app, settings = await start_control_plane(
+        tmp_path, runner_grace_s=2.0, heartbeat_s=1.0, database_url=database_url, blob_url=blob_url
     )
     yield ControlPlane(base, settings, app, runner, http)
     await runner.cleanup()

@@ -9,9 +9,16 @@ import hashlib
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import AgentFactory, ControlPlane, png_bytes
 from tests.test_e2e import WORKFLOW, curl_form
+
+
+@pytest.fixture
+def cp(blob_cp: ControlPlane) -> ControlPlane:
+    """Deleting works the same on every blob store (and every database)."""
+    return blob_cp
 
 
 async def _run(cp: ControlPlane, image: bytes, prompt: str = "fox") -> dict[str, Any]:
@@ -39,23 +46,23 @@ async def test_a_deleted_workflow_is_gone_with_the_files_only_it_used(
     sibling = await _run(cp, shared, "sibling")
     own_sha, shared_sha = hashlib.sha256(own).hexdigest(), hashlib.sha256(shared).hexdigest()
     outputs = await _outputs(cp, doomed["id"])
-    assert outputs and all(blobs.exists(o["sha256"]) for o in outputs)
+    assert outputs and all([await blobs.exists(o["sha256"]) for o in outputs])
 
     status, _ = await cp.request("DELETE", f"/v1/workflow/{doomed['id']}")
     assert status == 204
     for path in (f"/v1/workflow/{doomed['id']}", f"/v1/workflow/{doomed['id']}/outputs", outputs[0]["src"]):
         status, body = await cp.request("GET", path)
         assert status == 404, (path, body)
-    assert not blobs.exists(own_sha)
+    assert not await blobs.exists(own_sha)
     # Its outputs' bytes differ from the others' only where the others' do too: each output
     # file is gone unless another workflow made the same bytes.
     others = {o["sha256"] for wf in (keeper, sibling) for o in await _outputs(cp, wf["id"])}
     for output in outputs:
-        assert blobs.exists(output["sha256"]) == (output["sha256"] in others)
+        assert await blobs.exists(output["sha256"]) == (output["sha256"] in others)
 
     status, _ = await cp.request("DELETE", f"/v1/workflow/{keeper['id']}")
     assert status == 204
-    assert blobs.exists(shared_sha)  # the sibling still uses it
+    assert await blobs.exists(shared_sha)  # the sibling still uses it
     rerun = await cp.request(
         "POST", f"/v1/workflow/{sibling['id']}/rerun", data=aiohttp.FormData({"$prompt": "again"})
     )
@@ -112,7 +119,7 @@ async def test_reruns_racing_a_delete_either_keep_their_files_or_are_refused(
     refused = [body for status, body in answers if status != 201]
     assert made and all(b["status"] == 404 for b in refused), refused
     # Whichever way each one went, a rerun that was made has its input, and runs.
-    assert blobs_present(cp, sha)
+    assert await blobs_present(cp, sha)
     for wf in made:
         assert (await cp.wait_for_status(wf["id"], {"completed"}))["status"] == "completed"
 
@@ -141,7 +148,7 @@ async def test_a_rerun_whose_original_is_deleted_while_it_is_being_checked_is_a_
     await asyncio.wait_for(checked.wait(), 30)
     status, _ = await cp.request("DELETE", f"/v1/workflow/{original['id']}")
     assert status == 204
-    assert not blobs_present(cp, hashlib.sha256(image).hexdigest())
+    assert not await blobs_present(cp, hashlib.sha256(image).hexdigest())
     go_on.set()
     status, body = await rerun
     assert (status, body["message"]) == (404, f"workflow {original['id']} was deleted")
@@ -149,5 +156,5 @@ async def test_a_rerun_whose_original_is_deleted_while_it_is_being_checked_is_a_
     assert status == 200 and listing["total"] == 0
 
 
-def blobs_present(cp: ControlPlane, sha: str) -> bool:
-    return cp.services.blobs.exists(sha)
+async def blobs_present(cp: ControlPlane, sha: str) -> bool:
+    return await cp.services.blobs.exists(sha)

@@ -289,7 +289,7 @@ async def test_an_output_over_the_limits_is_a_413_before_its_body(
         for where, want in ((url2, 413), (url.replace("attempt=1", "attempt=2"), 409)):
             status, answer = await cp.request("PUT", where, headers=other_headers, data=other)
             assert status == want, answer
-            assert not cp.services.blobs.exists(hashlib.sha256(other).hexdigest())
+            assert not await cp.services.blobs.exists(hashlib.sha256(other).hexdigest())
         await ws.close()
     finally:
         await runner1.cleanup()
@@ -313,7 +313,7 @@ async def test_an_output_that_is_not_what_its_sha256_says_is_a_400_and_kept_nowh
                 "PUT", url, headers={**auth, "X-Content-SHA256": claimed}, data=sent
             )
             assert status == 400 and "sha256 mismatch" in answer["message"], (size, answer)
-            assert not cp.services.blobs.exists(hashlib.sha256(sent).hexdigest())
+            assert not await cp.services.blobs.exists(hashlib.sha256(sent).hexdigest())
             # Sent for an attempt the runner does not hold, that is what it is told.
             status, answer = await cp.request(
                 "PUT",

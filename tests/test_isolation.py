@@ -140,7 +140,7 @@ async def test_agent_routes_refuse_client_tokens_and_other_accounts_runners(
     sha = hashlib.sha256(body).hexdigest()
     status, _ = await cp.request("PUT", outputs, headers={**bob, "X-Content-SHA256": sha}, data=body)
     assert status == 404
-    assert not cp.services.blobs.exists(sha)
+    assert not await cp.services.blobs.exists(sha)
     url = cp.base.replace("http", "ws") + "/v1/agent/connect"
     for headers in (client, {}):
         async with connect(url, additional_headers=headers) as ws:

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
-from control_plane.db.blobs import BlobStore
+from control_plane.db.blobs import DiskBlobStore
 from control_plane.db.store import Fault
 from control_plane.db.tables import Workflow
 from control_plane.fleet.registry import AgentConnection
@@ -119,8 +119,8 @@ async def test_open_event_streams_end_when_the_control_plane_stops(
 
 
 async def test_a_failed_upload_keeps_a_blob_another_request_relies_on(tmp_path: Path) -> None:
-    blobs = BlobStore(tmp_path)
-    blobs.setup()
+    blobs = DiskBlobStore(tmp_path)
+    await blobs.setup()
 
     async def chunks() -> Any:
         yield b"same bytes"
@@ -138,7 +138,7 @@ async def test_a_failed_upload_keeps_a_blob_another_request_relies_on(tmp_path: 
 
     await _discard(failing, blobs, nowhere)  # the other request still holds it
     _release(failing, blobs)
-    assert blobs.exists(stored.sha256)
+    assert await blobs.exists(stored.sha256)
     _release(succeeding, blobs)
 
     async def referenced(_: str) -> bool:
@@ -147,10 +147,10 @@ async def test_a_failed_upload_keeps_a_blob_another_request_relies_on(tmp_path: 
     again = SubmittedForm(new_blobs=[stored.sha256], held=[stored.sha256])
     blobs.hold(stored.sha256)
     await _discard(again, blobs, referenced)  # a workflow refers to it
-    assert blobs.exists(stored.sha256)
+    assert await blobs.exists(stored.sha256)
     again = SubmittedForm(new_blobs=[stored.sha256], held=[stored.sha256])
     await _discard(again, blobs, nowhere)  # nobody: it goes
-    assert not blobs.exists(stored.sha256)
+    assert not await blobs.exists(stored.sha256)
 
 
 def test_download_names_survive_quotes_and_non_ascii() -> None:

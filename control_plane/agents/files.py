@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from control_plane.db.blobs import SHA256, StoredBlob
+from control_plane.db.blobs import SHA256, Download, StoredBlob
 from control_plane.db.tables import Output
 from control_plane.fleet.events import output_event
 from control_plane.model.errors import BadRequest, Conflict, DomainError, NotFound, PayloadTooLarge
@@ -37,7 +37,7 @@ async def download_input(request: web.Request) -> web.StreamResponse:
     files = WorkflowParams.of(wf.workflow_params).files.values()
     if not runs_on(wf, runner.id) or sha not in {f.sha256 for f in files}:
         raise NotFound("no such file for this job")
-    return web.FileResponse(svc.blobs.path(sha), headers={"Content-Type": "application/octet-stream"})
+    return await svc.blobs.response(request, sha, Download("application/octet-stream"))
 
 
 def _int_or_none(raw: str | None) -> int | None:

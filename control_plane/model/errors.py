@@ -11,6 +11,7 @@ them into JSON answers, in one place.
      ├── PayloadTooLarge   413 (an agent's upload past its limits, refused before its body)
      ├── Unprocessable     422 (an idempotency key reused with another body)
      ├── TooManyRequests   429 (a submit rate limit; ``retry_after_s`` goes in Retry-After)
+     ├── Unavailable       503 (a store the control plane relies on cannot be reached)
      └── GatewayTimeout    504 (a runner did not answer in time)
 
 Nothing below the API layer raises ``web.HTTP*``.
@@ -65,6 +66,10 @@ class TooManyRequests(DomainError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Unavailable(DomainError):
+    status = 503
 
 
 class GatewayTimeout(DomainError):

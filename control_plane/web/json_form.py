@@ -158,7 +158,7 @@ async def _uploaded(
     inputs: JsonInputs,
 ) -> FileRef:
     blob = await inputs.store.account_blob(inputs.account_id, sha256)
-    if blob is None or not blobs.exists(sha256):
+    if blob is None or not await blobs.exists(sha256):
         raise BadRequest(f"{name}: this account uploaded no file with sha256 {sha256[:64]} (POST /v1/blob)")
     return FileRef(
         sha256=blob.sha256,

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from control_plane.db.blobs import Download
 from control_plane.db.rows import WorkflowState
 from control_plane.fleet.events import Event, EventName, output_event, status_event
 from control_plane.fleet.journal import behind
@@ -151,17 +152,17 @@ async def download_output(request: web.Request) -> web.StreamResponse:
     svc = services(request)
     principal = await svc.auth.client(request)
     out = await svc.store.get_output(principal.account.id, request.match_info["id"])
-    return web.FileResponse(
-        svc.blobs.path(out.sha256),
-        headers={
-            "Content-Type": safe_content_type(out.content_type),
-            "Content-Disposition": content_disposition(out.filename),
+    download = Download(
+        content_type=safe_content_type(out.content_type),
+        content_disposition=content_disposition(out.filename),
+        headers=(
             # The type a runner declared is not to be second-guessed into something a
             # browser runs, here on the control plane's own origin.
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-        },
+            ("X-Content-Type-Options", "nosniff"),
+            ("Content-Security-Policy", "default-src 'none'; sandbox"),
+        ),
     )
+    return await svc.blobs.response(request, out.sha256, download)
 
 
 # Kinds of output a browser only displays. Anything else (HTML, SVG, scripts) is served as
