@@ -27,6 +27,7 @@ from control_plane.fleet.events import EventHub
 from control_plane.fleet.journal import EventJournal
 from control_plane.fleet.metrics import METRICS_KEY, Metrics
 from control_plane.fleet.registry import Registry
+from control_plane.fleet.retention import Retention
 from control_plane.services import Services
 from control_plane.settings import Settings
 from control_plane.web import conductor, dashboard, idempotency, openapi, uploads
@@ -88,12 +89,14 @@ def create_app(settings: Settings) -> web.Application:
             app[FORM_GATES] = FormGates()
             webhooks = WebhookStore(store.db)
             sender = WebhookSender(settings, webhooks)
+            retention = Retention(settings, store, blobs)
             hub.on_status, fleet.on_runner_offline = sender.wake, sender.runner_offline
             app[Services.KEY] = Services(
-                settings, store, blobs, hub, registry, fleet, Authenticator(store), webhooks
+                settings, store, blobs, hub, registry, fleet, Authenticator(store), webhooks, retention
             )
             await fleet.start()
             sender.start()
+            retention.start()
             log.info(
                 "control plane ready (database %s, blobs %s)",
                 engine.url.render_as_string(hide_password=True),
@@ -102,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
             collector = Collector()
             collector.install()
             yield
+            await retention.stop()
             await sender.stop()
             await fleet.stop()
             await journal.close()

@@ -20,6 +20,7 @@ from control_plane.fleet.dispatch import Fleet
 from control_plane.fleet.events import EventHub
 from control_plane.fleet.rate_limits import RateLimiter
 from control_plane.fleet.registry import Registry
+from control_plane.fleet.retention import Retention
 from control_plane.fleet.submissions import Submissions
 from control_plane.model.lifecycle import WorkflowStatus
 from control_plane.settings import Settings
@@ -37,6 +38,7 @@ class Services:
     fleet: Fleet
     auth: Authenticator
     webhooks: WebhookStore
+    retention: Retention
     rate_limits: RateLimiter = field(default_factory=RateLimiter)
     admission: Admission = field(init=False)
     submissions: Submissions = field(init=False)

@@ -32,6 +32,9 @@ class Tier:
     # A workflow may ask for a priority from 0 (the default) up to this: waiting workflows
     # are dispatched highest priority first, then oldest first.
     max_priority: int = 0
+    # A finished workflow's files (inputs, outputs) are removed this many days after it
+    # finished; 0 keeps them until the workflow is deleted.
+    retention_days: float = 0
 
 
 DEFAULT_TIERS: dict[str, Tier] = {
@@ -45,6 +48,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         submits_per_s=2.0,
         submit_burst=20,
         max_priority=1,
+        retention_days=7,
     ),
     "pro": Tier(
         "pro",
@@ -56,6 +60,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         submits_per_s=20.0,
         submit_burst=200,
         max_priority=5,
+        retention_days=30,
     ),
     "enterprise": Tier(
         "enterprise",
@@ -67,6 +72,7 @@ DEFAULT_TIERS: dict[str, Tier] = {
         submits_per_s=1000.0,
         submit_burst=5000,
         max_priority=10,
+        retention_days=90,
     ),
 }
 
@@ -136,6 +142,8 @@ class Settings:
     # Downloads from object storage are presigned URLs valid this long; 0 streams the bytes
     # through the control plane instead (for a store its clients and agents cannot reach).
     blob_presign_s: float = 300.0
+    # How often finished workflows past their tier's retention period are looked for.
+    retention_sweep_s: float = 300.0
 
     @property
     def resolved_database_url(self) -> str:
@@ -178,6 +186,8 @@ class Settings:
             raise ValueError("public_url must start with http:// or https://")
 
     def _validate_blobs(self) -> None:
+        if self.retention_sweep_s <= 0 or any(t.retention_days < 0 for t in self.tiers.values()):
+            raise ValueError("retention_sweep_s must be positive and no tier's retention_days negative")
         if self.blob_presign_s < 0:
             raise ValueError("blob_presign_s must not be negative")
         if "://" in self.blob_url and not self.blob_url.startswith(("s3://", "file://")):

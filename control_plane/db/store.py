@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import String, cast, delete, func, text, update
+from sqlalchemy import and_, delete, func, or_, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import defer
@@ -35,6 +35,7 @@ from control_plane.db.tables import (
     Template,
     Workflow,
     WorkflowEvent,
+    WorkflowInput,
     as_utc,
     lease_live,
     utcnow,
@@ -340,11 +341,20 @@ class Store:
 
         def work(s: Session) -> list[Workflow]:
             for parent_id in parents:
-                # A rerun's original, held until this commits: a delete waits for it (and
-                # then sees the rerun use its files) or went first (and the rerun is a 404).
-                query = select(Workflow.id).where(Workflow.id == parent_id).with_for_update(read=True)
-                if s.exec(query).first() is None:
+                # A rerun's original, held until this commits: a delete or the retention
+                # sweep waits for it (and then sees the rerun use its files) or went first
+                # (and the rerun is a 404, or a 409 with the files gone).
+                query = (
+                    select(Workflow.files_removed_at, Workflow.workflow_params)
+                    .where(Workflow.id == parent_id)
+                    .with_for_update(read=True)
+                )
+                found = s.exec(query).first()
+                if found is None:
                     raise NotFound(f"workflow {parent_id} was deleted")
+                removed_at, params = found
+                if removed_at is not None and _uses_files_of(workflows, parent_id, dict(params)):
+                    raise Conflict(_files_removed(parent_id, removed_at))
             s.connection().execute(reports.INSERT_WORKFLOW, rows)
             if receipt is not None:
                 s.add(receipt)
@@ -626,6 +636,54 @@ class Store:
 
         return await self.run(work)
 
+    async def due_for_file_removal(
+        self, periods: dict[str, timedelta], now: datetime, limit: int
+    ) -> list[str]:
+        """Finished workflows, oldest first, whose files are past their account's tier's
+        retention period (``periods``: by tier name)."""
+        past = [
+            and_(col(Account.tier) == tier, col(Workflow.completed_at) < now - period)
+            for tier, period in periods.items()
+        ]
+        query = (
+            select(Workflow.id)
+            .join(Account, col(Account.id) == col(Workflow.account_id))
+            .where(col(Workflow.files_removed_at).is_(None), col(Workflow.status).in_(TERMINAL), or_(*past))
+            .order_by(col(Workflow.completed_at))
+            .limit(limit)
+        )
+        return await self.run(lambda s: list(s.exec(query)))
+
+    async def remove_files(
+        self, workflow_id: str, periods: dict[str, timedelta], now: datetime
+    ) -> list[str] | None:
+        """Its tier's retention over, a finished workflow loses its outputs and its references
+        to its inputs and is marked ``files_removed_at``, in one transaction that locks it;
+        returns the blobs nothing refers to any more, for the caller to remove once this has
+        committed. ``None`` when it is no longer due (rerun meanwhile, or already done)."""
+
+        def work(s: Session) -> list[str] | None:
+            wf = _locked(s, workflow_id, without_graph=True)
+            if wf is None or wf.status not in TERMINAL or wf.files_removed_at is not None:
+                return None
+            tier = s.exec(select(Account.tier).where(Account.id == wf.account_id)).one()
+            period = periods.get(tier)
+            if period is None or wf.completed_at is None or as_utc(wf.completed_at) >= now - period:
+                return None
+            c = s.connection()
+            inputs = c.execute(select(WorkflowInput.sha256).where(WorkflowInput.workflow_id == workflow_id))
+            outputs = c.execute(select(Output.sha256).where(Output.workflow_id == workflow_id))
+            candidates = set(inputs.scalars()) | set(outputs.scalars())
+            for table in (Output, WorkflowInput):
+                c.execute(delete(table).where(table.workflow_id == workflow_id))  # type: ignore[arg-type]
+            wf.files_removed_at = now
+            s.add(wf)
+            unused = sorted(sha for sha in candidates if not _blob_referenced(s, sha))
+            s.commit()
+            return unused
+
+        return await self.run(work)
+
     async def inflight_workflows(self) -> list[Workflow]:
         """Workflows held by a runner that have not finished; without their graphs (read once,
         when the control plane starts)."""
@@ -873,6 +931,8 @@ class Store:
             wf = _locked(s, workflow_id)
             if wf is None or wf.attempt != expected_attempt:
                 return None
+            if wf.files_removed_at is not None and WorkflowParams.of(wf.workflow_params).files:
+                raise Conflict(_files_removed(wf.id, wf.files_removed_at))
             old_tasks = s.exec(
                 select(Task).where(Task.workflow_id == workflow_id, Task.attempt == expected_attempt)
             )
@@ -1188,14 +1248,30 @@ _Owned = TypeVar("_Owned", Runner, Workflow, Template, Output)
 
 
 def _blob_referenced(s: Session, sha256: str) -> bool:
-    if s.exec(select(AccountBlob.sha256).where(AccountBlob.sha256 == sha256).limit(1)).first():
-        return True
-    used_as_input = s.exec(
-        select(Workflow.id).where(cast(Workflow.workflow_params, String).contains(sha256)).limit(1)
-    ).first()
-    if used_as_input is not None:
-        return True
-    return s.exec(select(Output.id).where(Output.sha256 == sha256).limit(1)).first() is not None
+    """An account's upload, a workflow's input or an output: three indexed look-ups."""
+    c = s.connection()
+    for table in (AccountBlob, WorkflowInput, Output):
+        query = select(table.sha256).where(table.sha256 == sha256).limit(1)
+        if c.execute(query).first() is not None:
+            return True
+    return False
+
+
+def _shas(params: dict[str, Any]) -> set[str]:
+    return {f.sha256 for f in WorkflowParams.of(params).files.values()}
+
+
+def _uses_files_of(workflows: list[Workflow], parent_id: str, parent_params: dict[str, Any]) -> bool:
+    """Whether a rerun keeps any of its original's files (rather than only new ones)."""
+    theirs = _shas(parent_params)
+    return any(_shas(wf.workflow_params) & theirs for wf in workflows if wf.parent_id == parent_id)
+
+
+def _files_removed(workflow_id: str, when: datetime) -> str:
+    return (
+        f"the files of workflow {workflow_id} were removed on {as_utc(when):%Y-%m-%d} (its tier's "
+        "retention period): submit it again with its files"
+    )
 
 
 def _locked(s: Session, workflow_id: str, *, without_graph: bool = False) -> Workflow | None:

@@ -84,7 +84,10 @@ class Runner(SQLModel, table=True):
 
 
 class Workflow(SQLModel, table=True):
-    __table_args__ = (Index("ix_workflow_account_created", "account_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_workflow_account_created", "account_id", "created_at"),
+        Index("ix_workflow_retention", "files_removed_at", "completed_at"),
+    )
     id: str = Field(default_factory=new_id, primary_key=True)
     account_id: str = Field(foreign_key="account.id", index=True)
     name: str
@@ -114,6 +117,8 @@ class Workflow(SQLModel, table=True):
     webhook_url: str | None = None
     # Waiting workflows are dispatched highest priority first, then oldest first.
     priority: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    # When its files (inputs and outputs) were removed, its tier's retention period over.
+    files_removed_at: datetime | None = _ts()
     error_node: str | None = None
     exception_type: str | None = None
     exception_message: str | None = None
@@ -207,8 +212,17 @@ class Output(SQLModel, table=True):
     kind: str
     content_type: str
     size_bytes: int
-    sha256: str
+    sha256: str = Field(index=True)
     created_at: datetime = _created()
+
+
+class WorkflowInput(SQLModel, table=True):
+    """A workflow's reference to one of its input files, kept by database triggers as
+    workflows are inserted and deleted: what tells an unused blob from one in use."""
+
+    __tablename__ = "workflow_input"
+    workflow_id: str = Field(primary_key=True)
+    sha256: str = Field(primary_key=True, index=True)
 
 
 class WorkflowEvent(SQLModel, table=True):

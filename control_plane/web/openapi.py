@@ -89,6 +89,10 @@ SCHEMAS: dict[str, Any] = {
             },
             "timeout_s": {"type": "integer"},
             "queue_timeout_s": {"type": "integer"},
+            "files_removed_at": {
+                **_TIME_OR_NULL,
+                "description": "when its inputs and outputs were removed, its tier's retention period over",
+            },
             "reruns": {"type": "array", "items": {"type": "string"}},
             "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
         },
@@ -682,7 +686,7 @@ OPERATIONS: list[Operation] = [
         _C,
         _RERUN,
         [_IDEMPOTENCY_KEY],
-        {201: ("the new workflow", _WORKFLOW), **_errors(*_SUBMITS, 404)},
+        {201: ("the new workflow", _WORKFLOW), **_errors(*_SUBMITS, 404, 409)},
     ),
     (
         "post",
@@ -691,7 +695,7 @@ OPERATIONS: list[Operation] = [
         _C,
         _SWEEP,
         [_IDEMPOTENCY_KEY],
-        {201: ("the sweep", _SWEEP_VIEW), **_errors(*_SUBMITS, 404)},
+        {201: ("the sweep", _SWEEP_VIEW), **_errors(*_SUBMITS, 404, 409)},
     ),
     (
         "get",

@@ -52,6 +52,7 @@ def workflow_view(
         attempts=wf.attempt_log,
         timeout_s=wf.timeout_s,
         queue_timeout_s=wf.queue_timeout_s,
+        files_removed_at=iso(wf.files_removed_at),
     )
     if children is not None:
         view["reruns"] = children
