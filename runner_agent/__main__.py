@@ -78,6 +78,14 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
         "--comfyui; it must listen on that URL. Restarted when it dies, stopped with the agent",
     )
     parser.add_argument(
+        "--comfyui-dir",
+        dest="comfyui_dirs",
+        action="append",
+        metavar="DIR",
+        help="the folder of each --comfyui instance (holding its input/ and output/), in the same "
+        "order, when it runs on this host: a job's files there are removed once it is acknowledged",
+    )
+    parser.add_argument(
         "--comfyui-header",
         dest="comfyui_headers",
         action="append",
@@ -146,7 +154,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
             "log_json",
         )
     }
-    for name in ("comfyui_urls", "comfyui_gpus", "comfyui_cmds"):
+    for name in ("comfyui_urls", "comfyui_gpus", "comfyui_cmds", "comfyui_dirs"):
         values = getattr(args, name, None)
         if values:
             flags[name] = tuple(values)

@@ -35,6 +35,7 @@ from protocol.messages import (
     Welcome,
 )
 from runner_agent.capacity import NvmlProbe, devices_of_instances, probe_capacity
+from runner_agent.comfyui_files import remove_job_files
 from runner_agent.config import AgentSettings
 from runner_agent.connection import (
     Connect,
@@ -458,7 +459,21 @@ class Agent:
     def _forget(self, key: JobKey) -> None:
         execution = self.unacked.pop(key, None)
         if execution is not None:
-            self._spawn(execution.folder.remove())
+            self._spawn(self._clean_up(execution, done_with=True))
+
+    async def _clean_up(self, execution: JobExecution, *, done_with: bool) -> None:
+        """The job's folder; and once the control plane is done with the job (it has the last
+        report, or cancelled it after that was sent), its files in ComfyUI's folders."""
+        comfyui_dir = execution.deps.comfyui_dir
+        if done_with and comfyui_dir is not None:
+            workflow_id = execution.job.workflow_id
+            # Another attempt of the workflow here uses the same input subfolder.
+            others = any(k[0] == workflow_id and k != execution.key for k in (*self.jobs, *self.unacked))
+            removed = await remove_job_files(
+                comfyui_dir, workflow_id, await execution.folder.saved_outputs(), inputs=not others
+            )
+            log.info("%s: %d files removed from ComfyUI's folders", execution.tag, removed)
+        await execution.folder.remove()
 
     def _start(self, job: Job) -> None:
         key = (job.workflow_id, job.attempt)
@@ -512,7 +527,7 @@ class Agent:
             if execution.final is not None and not execution.acked:
                 self.unacked[execution.key] = execution
             else:
-                await execution.folder.remove()
+                await self._clean_up(execution, done_with=execution.acked)
         await self._ready()
 
     async def _ready(self) -> None:

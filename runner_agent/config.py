@@ -5,8 +5,8 @@ be set in the environment as ``COMFYFLEET_AGENT_X``; the four that every deploym
 have short names: ``COMFYFLEET_SERVER``, ``COMFYFLEET_TOKEN``, ``COMFYFLEET_COMFYUI`` and
 ``COMFYFLEET_CONFIG`` (the TOML file). The agent-only names carry ``AGENT_`` so that they
 never collide with the control plane's ``COMFYFLEET_DATA_DIR`` and friends on a shared host.
-List settings (``comfyui_urls``, ``comfyui_gpus``, ``comfyui_cmds``) take a JSON array in the
-environment, or a single value.
+List settings (``comfyui_urls``, ``comfyui_gpus``, ``comfyui_cmds``, ``comfyui_dirs``) take a
+JSON array in the environment, or a single value.
 
 The TOML file holds the settings by field name, either at the top level or under an
 ``[agent]`` table (so one file can configure the control plane and the agent).
@@ -77,6 +77,9 @@ class AgentSettings:
     comfyui_gpus: tuple[int, ...] = ()
     # Shell-style commands the agent starts and supervises, one per instance (or none).
     comfyui_cmds: tuple[str, ...] = ()
+    # Each instance's own folder (holding input/ and output/), one per instance, when it
+    # runs on this host: a job's files there are removed once the job is acknowledged.
+    comfyui_dirs: tuple[str, ...] = ()
     # Sent with every request to ComfyUI, for one behind an authenticating proxy.
     comfyui_headers: dict[str, str] = field(default_factory=dict, repr=False)
     # Jobs run at once on each instance.
@@ -123,6 +126,7 @@ class AgentSettings:
         gpus = tuple(self.comfyui_gpus) or tuple(range(len(urls)))
         object.__setattr__(self, "comfyui_gpus", gpus)
         object.__setattr__(self, "comfyui_cmds", tuple(self.comfyui_cmds))
+        object.__setattr__(self, "comfyui_dirs", tuple(self.comfyui_dirs))
 
     @property
     def total_slots(self) -> int:
@@ -181,6 +185,11 @@ class AgentSettings:
             )
         for cmd in self.comfyui_cmds:
             _check_command(cmd)
+        if self.comfyui_dirs and len(self.comfyui_dirs) != len(self.comfyui_urls):
+            raise SettingsError(
+                f"comfyui_dirs (--comfyui-dir) has {len(self.comfyui_dirs)} folder(s) for "
+                f"{len(self.comfyui_urls)} ComfyUI instance(s): give one per --comfyui, or none"
+            )
 
     def _check_numbers(self) -> None:
         if self.slots < 1:

@@ -45,6 +45,7 @@ from runner_agent.comfyui import (
     PromptRejected,
     queue_position,
 )
+from runner_agent.comfyui_files import input_subfolder
 from runner_agent.config import AgentSettings
 from runner_agent.control_files import AttemptSuperseded, ControlPlaneFiles, OutputRefused, TransferError
 from runner_agent.files import (
@@ -66,8 +67,6 @@ T = TypeVar("T")
 JobKey = tuple[str, int]
 Send = Callable[[JobUpdate | JobDone], Awaitable[None]]
 
-# ComfyUI's input folder gets one subfolder per workflow so that jobs never collide.
-INPUT_SUBFOLDER = "comfyfleet"
 # While stopping a prompt, how soon to look at ComfyUI's queue again (doubling to the max).
 _STOP_RECHECK_S = 0.05
 _STOP_RECHECK_MAX_S = 1.0
@@ -83,6 +82,9 @@ class ExecutorDeps:
     files: ControlPlaneFiles
     # The instance did not answer: take it out of service now (the heartbeat brings it back).
     on_unreachable: Callable[[str], None]
+    # The instance's own folder, when it runs on this host: a job's files there are removed
+    # once the control plane has them.
+    comfyui_dir: Path | None = None
 
 
 class _Stopped(Exception):
@@ -321,7 +323,7 @@ class JobExecution:
         """Download each input file and put it into ComfyUI's input folder; returns the
         name each got there, by parameter name."""
         names: dict[str, str] = {}
-        subfolder = f"{INPUT_SUBFOLDER}/{safe_filename(self.job.workflow_id)}"
+        subfolder = input_subfolder(self.job.workflow_id)
         used: set[str] = set()
         for number, file in enumerate(self.job.files):
             stored = await self.deps.files.download_input(file, folder / f"{number}.bin", tag=self.tag)
@@ -483,6 +485,8 @@ class JobExecution:
                     sha256=stored.sha256,
                     size_bytes=stored.size_bytes,
                     path=relative,
+                    subfolder=found.subfolder,
+                    folder_type=found.folder_type,
                 )
             )
         result = SavedResult(saved, texts)

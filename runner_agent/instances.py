@@ -12,6 +12,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from runner_agent.comfy_info import ComfyUIInfoCache
@@ -102,7 +103,14 @@ def build_instances(
                 slots=settings.slots,
                 comfy=comfy,
                 info=info,
-                deps=ExecutorDeps(settings, comfy, info, files, functools.partial(on_unreachable, number)),
+                deps=ExecutorDeps(
+                    settings,
+                    comfy,
+                    info,
+                    files,
+                    functools.partial(on_unreachable, number),
+                    comfyui_dir=Path(settings.comfyui_dirs[number]) if settings.comfyui_dirs else None,
+                ),
                 supervised=supervised,
                 process_down="starting" if supervised else None,
             )

@@ -55,6 +55,10 @@ class SavedOutput:
     sha256: str
     size_bytes: int
     path: str  # relative to the job folder
+    # Where ComfyUI keeps it (its history's subfolder and type): removed from there once
+    # the job is acknowledged, when the agent knows ComfyUI's folder.
+    subfolder: str = ""
+    folder_type: str = "output"
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -121,6 +125,15 @@ class JobFolder:
 
     async def drop_inputs(self) -> None:
         await asyncio.to_thread(shutil.rmtree, self.inputs, True)
+
+    async def saved_outputs(self) -> list[SavedOutput]:
+        """The outputs ``result.json`` lists (none when the job made none or never finished)."""
+        try:
+            result = await asyncio.to_thread(_read_json, self.path / "result.json")
+            return [SavedOutput(**o) for o in result["outputs"]] if result is not None else []
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: result.json cannot be read: %s", self.path.name, exc)
+            return []
 
     async def remove(self) -> None:
         await asyncio.to_thread(shutil.rmtree, self.path, True)
