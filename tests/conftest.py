@@ -249,6 +249,28 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[AgentFactory]:
             await asyncio.wait_for(task, 10)
 
 
+async def rerun_held_after_its_checks(
+    cp: ControlPlane, workflow_id: str, prompt: str
+) -> tuple[asyncio.Task[tuple[int, Any]], asyncio.Event]:
+    """A rerun of the workflow (``$prompt`` new), held once it has been checked and before it
+    is inserted: a race's other side goes in there. Setting the event lets it go on."""
+    submissions = cp.services.submissions
+    checked, go_on = asyncio.Event(), asyncio.Event()
+    check = submissions.check_runner_available
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        need = await check(*args, **kwargs)
+        checked.set()
+        await go_on.wait()
+        return need
+
+    submissions.check_runner_available = held  # type: ignore[method-assign]
+    data = aiohttp.FormData({"$prompt": prompt})
+    rerun = asyncio.create_task(cp.request("POST", f"/v1/workflow/{workflow_id}/rerun", data=data))
+    await asyncio.wait_for(checked.wait(), 30)
+    return rerun, go_on
+
+
 async def poll_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
     """Until ``check()`` holds, looking again every 50 ms; TimeoutError past the deadline.
     For state that sends no event (a file on disk, another process)."""

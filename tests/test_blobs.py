@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from control_plane.db.blobs import BlobStore, DiskBlobStore, open_blob_store
 from control_plane.db.blobs.s3 import PART_BYTES, S3BlobStore
@@ -141,64 +142,66 @@ async def _one_output(cp: ControlPlane, sim: str, start_agent: AgentFactory) -> 
     return next(o for o in listing["outputs"] if o["node_id"] == "5")
 
 
+@pytest.fixture
+async def s3_plane(
+    tmp_path: Path, http: aiohttp.ClientSession, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Awaitable[ControlPlane]]]:
+    """Starts a control plane on a bucket of its own of the S3 server, with these settings."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    started: list[web.AppRunner] = []
+
+    async def start(**settings: Any) -> ControlPlane:
+        blob_url = f"s3://{await s3_server.new_bucket()}/p"
+        runner, base, app, resolved = await start_control_plane(tmp_path, blob_url=blob_url, **settings)
+        started.append(runner)
+        return ControlPlane(base, resolved, app, runner, http)
+
+    yield start
+    for runner in started:
+        await runner.cleanup()
+
+
 async def test_an_s3_download_is_a_presigned_url_that_names_the_file_and_expires(
-    tmp_path: Path,
-    http: aiohttp.ClientSession,
+    s3_plane: Callable[..., Awaitable[ControlPlane]],
     s3_server: S3Server,
-    monkeypatch: pytest.MonkeyPatch,
+    http: aiohttp.ClientSession,
     sim: str,
     start_agent: AgentFactory,
 ) -> None:
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    blob_url = f"s3://{await s3_server.new_bucket()}/p"
-    runner, base, app, settings = await start_control_plane(tmp_path, blob_url=blob_url, blob_presign_s=120)
-    cp = ControlPlane(base, settings, app, runner, http)
-    try:
-        output = await _one_output(cp, sim, start_agent)
-        headers = await cp.headers()
-        async with http.get(base + output["src"], headers=headers, allow_redirects=False) as resp:
-            assert resp.status == 302
-            location = resp.headers["Location"]
-        assert location.startswith(s3_server.endpoint + "/")
-        assert parse_qs(urlsplit(location).query)["X-Amz-Expires"] == ["120"]
-        # The URL is the credential: no token goes with it.
-        async with http.get(location) as resp:
-            body = await resp.read()
-            assert resp.status == 200, body[:300]
-            assert resp.headers["Content-Type"] == "image/png"
-            assert output["filename"] in resp.headers["Content-Disposition"]
-        assert hashlib.sha256(body).hexdigest() == output["sha256"]
-        # Someone else's token gets no URL at all.
-        status, _ = await cp.request("GET", output["src"], account="mallory")
-        assert status == 404
-    finally:
-        await runner.cleanup()
+    cp = await s3_plane(blob_presign_s=120)
+    output = await _one_output(cp, sim, start_agent)
+    async with http.get(cp.base + output["src"], headers=await cp.headers(), allow_redirects=False) as resp:
+        assert resp.status == 302
+        location = resp.headers["Location"]
+    assert location.startswith(s3_server.endpoint + "/")
+    assert parse_qs(urlsplit(location).query)["X-Amz-Expires"] == ["120"]
+    # The URL is the credential: no token goes with it.
+    async with http.get(location) as resp:
+        body = await resp.read()
+        assert resp.status == 200, body[:300]
+        assert resp.headers["Content-Type"] == "image/png"
+        assert output["filename"] in resp.headers["Content-Disposition"]
+    assert hashlib.sha256(body).hexdigest() == output["sha256"]
+    # Someone else's token gets no URL at all.
+    status, _ = await cp.request("GET", output["src"], account="mallory")
+    assert status == 404
 
 
 async def test_with_presigning_off_the_control_plane_streams_s3_bytes_itself(
-    tmp_path: Path,
+    s3_plane: Callable[..., Awaitable[ControlPlane]],
     http: aiohttp.ClientSession,
-    s3_server: S3Server,
-    monkeypatch: pytest.MonkeyPatch,
     sim: str,
     start_agent: AgentFactory,
 ) -> None:
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    blob_url = f"s3://{await s3_server.new_bucket()}"
-    runner, base, app, settings = await start_control_plane(tmp_path, blob_url=blob_url, blob_presign_s=0)
-    cp = ControlPlane(base, settings, app, runner, http)
-    try:
-        output = await _one_output(cp, sim, start_agent)
-        async with http.get(base + output["src"], headers=await cp.headers(), allow_redirects=False) as resp:
-            body = await resp.read()
-            assert resp.status == 200
-            assert resp.headers["X-Content-Type-Options"] == "nosniff"
-            assert resp.headers["Content-Length"] == str(output["size"])
-        assert hashlib.sha256(body).hexdigest() == output["sha256"]
-    finally:
-        await runner.cleanup()
+    cp = await s3_plane(blob_presign_s=0)
+    output = await _one_output(cp, sim, start_agent)
+    async with http.get(cp.base + output["src"], headers=await cp.headers(), allow_redirects=False) as resp:
+        body = await resp.read()
+        assert resp.status == 200
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["Content-Length"] == str(output["size"])
+    assert hashlib.sha256(body).hexdigest() == output["sha256"]
 
 
 async def test_a_control_plane_whose_bucket_is_missing_says_so_at_start(

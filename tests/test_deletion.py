@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import AgentFactory, ControlPlane, png_bytes
+from tests.conftest import AgentFactory, ControlPlane, png_bytes, rerun_held_after_its_checks
 from tests.test_e2e import WORKFLOW, curl_form
 
 
@@ -132,20 +132,7 @@ async def test_a_rerun_whose_original_is_deleted_while_it_is_being_checked_is_a_
     image = png_bytes((3, 1, 4))
     original = await _run(cp, image)
     # The rerun is held between its checks and its insert, and the delete goes in there.
-    submissions = cp.services.submissions
-    checked, go_on = asyncio.Event(), asyncio.Event()
-    check = submissions.check_runner_available
-
-    async def held(*args: Any, **kwargs: Any) -> Any:
-        need = await check(*args, **kwargs)
-        checked.set()
-        await go_on.wait()
-        return need
-
-    submissions.check_runner_available = held  # type: ignore[method-assign]
-    data = aiohttp.FormData({"$prompt": "late"})
-    rerun = asyncio.create_task(cp.request("POST", f"/v1/workflow/{original['id']}/rerun", data=data))
-    await asyncio.wait_for(checked.wait(), 30)
+    rerun, go_on = await rerun_held_after_its_checks(cp, original["id"], "late")
     status, _ = await cp.request("DELETE", f"/v1/workflow/{original['id']}")
     assert status == 204
     assert not await blobs_present(cp, hashlib.sha256(image).hexdigest())

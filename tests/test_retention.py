@@ -14,7 +14,14 @@ import aiohttp
 from sqlalchemy import update
 
 from control_plane.db.tables import Workflow, utcnow
-from tests.conftest import AgentFactory, ControlPlane, png_bytes, poll_until, start_control_plane
+from tests.conftest import (
+    AgentFactory,
+    ControlPlane,
+    png_bytes,
+    poll_until,
+    rerun_held_after_its_checks,
+    start_control_plane,
+)
 from tests.test_e2e import WORKFLOW, curl_form
 
 
@@ -142,20 +149,7 @@ async def test_a_rerun_held_between_its_checks_and_its_insert_while_the_sweep_ru
     image = png_bytes((5, 9, 5))
     original = await _run(cp, image, "orig")
     await _age(cp, 8, original["id"])
-    submissions = cp.services.submissions
-    checked, go_on = asyncio.Event(), asyncio.Event()
-    check = submissions.check_runner_available
-
-    async def held(*args: Any, **kwargs: Any) -> Any:
-        need = await check(*args, **kwargs)
-        checked.set()
-        await go_on.wait()
-        return need
-
-    submissions.check_runner_available = held  # type: ignore[method-assign]
-    data = aiohttp.FormData({"$prompt": "late"})
-    rerun = asyncio.create_task(cp.request("POST", f"/v1/workflow/{original['id']}/rerun", data=data))
-    await asyncio.wait_for(checked.wait(), 30)
+    rerun, go_on = await rerun_held_after_its_checks(cp, original["id"], "late")
     assert (await cp.services.retention.sweep()).workflows == 1
     assert not await cp.services.blobs.exists(sha(image))
     go_on.set()
