@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from comfyfleet import logs
-from control_plane.db.refusals import DatabaseInUse, SchemaTooNew
+from control_plane.db.refusals import BlobStoreUnusable, DatabaseInUse, SchemaTooNew
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             from comfyfleet.demo import run_demo
 
             return run_demo(args)
-    except (DatabaseInUse, SchemaTooNew) as exc:
+    except (DatabaseInUse, SchemaTooNew, BlobStoreUnusable) as exc:
         print(f"comfyfleet: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # settings and arguments that do not validate

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from comfyfleet.processes import free_port
 from control_plane.db.blobs import BlobStore, DiskBlobStore, open_blob_store
 from control_plane.db.blobs.s3 import PART_BYTES, S3BlobStore
+from control_plane.db.refusals import BlobStoreUnusable
 from control_plane.model.errors import BadRequest, TooLarge
 from control_plane.settings import load_settings
 from tests.conftest import AgentFactory, ControlPlane, png_bytes, read_png, start_control_plane
@@ -210,7 +213,7 @@ async def test_a_control_plane_whose_bucket_is_missing_says_so_at_start(
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     store = open_blob_store("s3://no-such-bucket-here/x", tmp_path, presign_s=60)
-    with pytest.raises(RuntimeError, match="blob store s3://no-such-bucket-here/x/ cannot be used"):
+    with pytest.raises(BlobStoreUnusable, match="blob store s3://no-such-bucket-here/x/ cannot be used"):
         await asyncio.wait_for(store.setup(), 60)
 
 
@@ -224,3 +227,30 @@ async def test_a_control_plane_whose_bucket_is_missing_says_so_at_start(
 def test_a_blob_url_that_names_no_store_is_refused_with_what_to_write(blob_url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_settings({"blob_url": blob_url}, environ={})
+
+
+async def test_serve_on_a_bucket_that_does_not_exist_says_so_and_exits_2(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    env = {**os.environ, **s3_server.env, "COMFYFLEET_BLOB_URL": "s3://no-such-bucket-here/x"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "comfyfleet",
+        "serve",
+        "--data-dir",
+        str(tmp_path),
+        "--port",
+        str(free_port()),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert (
+        err.decode()
+        .strip()
+        .splitlines()[-1]
+        .startswith("comfyfleet: error: blob store s3://no-such-bucket-here/x/ cannot be used")
+    )

@@ -1,4 +1,4 @@
-"""Why a control plane refuses to start on a database. Kept apart from what raises them, so
+"""Why a control plane refuses to start on a database or a blob store. Kept apart from what raises them, so
 that the command line can name them without importing the database layer (a client
 command starts in a fraction of the time)."""
 
@@ -11,3 +11,7 @@ class DatabaseInUse(RuntimeError):
 
 class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer version that this one cannot serve (``schema.py``)."""
+
+
+class BlobStoreUnusable(RuntimeError):
+    """The object store named by ``blob_url`` cannot be reached or has no such bucket."""

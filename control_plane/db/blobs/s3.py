@@ -37,6 +37,7 @@ from control_plane.db.blobs.store import (
     checked_sha256,
     digest_of,
 )
+from control_plane.db.refusals import BlobStoreUnusable
 from control_plane.model.errors import NotFound, Unavailable
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class S3BlobStore(BlobStore):
             await self.client.head_bucket(Bucket=self.bucket)
         except (ClientError, BotoCoreError) as exc:
             await self.close()
-            raise RuntimeError(f"blob store {self.describe()} cannot be used: {exc}") from exc
+            raise BlobStoreUnusable(f"blob store {self.describe()} cannot be used: {exc}") from exc
         await self._abort_stale_uploads()
 
     async def _abort_stale_uploads(self) -> None:
